@@ -1,0 +1,123 @@
+"""The fixed evaluation set, `data/eval/`: data, never a stage output.
+
+Built once by `labelgate evalset freeze` from Label Studio ground truth (annotations marked
+ground truth), then frozen: the folder is DVC-tracked and its hash is recorded with every
+evaluation and decision. Its images never enter training (prepare drops them by sha256).
+
+    manifest.jsonl   {task_id, image_sha256, label}, sorted by task id
+    images.tar       image bytes, members named by sha256
+    meta.json        {hash, n, classes, frozen_at, source}
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines import images, rawstore
+from pipelines.files import atomic_write_bytes, atomic_write_json, read_json, read_jsonl, sha256_bytes
+from pipelines.settings import Params
+
+
+class EvalSetError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    x: np.ndarray            # (N, S, S) uint8, preprocessed like training
+    y: np.ndarray            # (N,) int64 class indices
+    task_ids: list[int]
+    shas: list[str]
+    hash: str                # sha256 of manifest.jsonl, which names every image by sha256
+
+
+def _manifest_bytes(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+
+
+def freeze(state: rawstore.RawState, out_dir: str | Path, *, params: Params,
+           force: bool = False) -> dict:
+    """Write data/eval/ from the tasks whose annotations are marked ground truth and agree."""
+    from pipelines.validate import chosen_label  # one copy of "what did this annotation choose"
+
+    out_dir = Path(out_dir)
+    if (out_dir / "meta.json").exists() and not force:
+        raise EvalSetError(f"{out_dir} is already frozen (hash {read_json(out_dir / 'meta.json')['hash'][:12]}); "
+                           "changing the fixed eval set needs --force and a re-baseline")
+    rows, blobs, skipped = [], {}, []
+    for task_id in sorted(state.tasks):
+        gt = [chosen_label(a) for a in state.tasks[task_id].get("annotations") or []
+              if a.get("ground_truth") and not a.get("was_cancelled")]
+        if not gt:
+            continue
+        image = state.images.get(task_id) or {}
+        sha = image.get("sha256")
+        label = gt[0]
+        if len(set(gt)) != 1 or label not in params.base.classes:
+            skipped.append({"task_id": task_id, "reason": f"ground truth unusable: {gt}"})
+            continue
+        if not sha or sha not in state.packs:
+            skipped.append({"task_id": task_id, "reason": "image not available"})
+            continue
+        data = state.image_bytes(sha)
+        try:
+            images.inspect(data)
+        except images.BadImage as exc:
+            skipped.append({"task_id": task_id, "reason": f"image: {exc}"})
+            continue
+        if sha in blobs:
+            continue  # the same image twice adds nothing to an evaluation
+        blobs[sha] = data
+        rows.append({"task_id": task_id, "image_sha256": sha, "label": label})
+    if not rows:
+        raise EvalSetError("no ground-truth annotations found: mark annotations as ground truth "
+                           "in Label Studio, pull, then freeze")
+    manifest = _manifest_bytes(rows)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tar:
+        for sha in sorted(blobs):
+            info = tarfile.TarInfo(sha)
+            info.size = len(blobs[sha])
+            tar.addfile(info, io.BytesIO(blobs[sha]))
+    atomic_write_bytes(out_dir / "images.tar", buf.getvalue())
+    atomic_write_bytes(out_dir / "manifest.jsonl", manifest)
+    meta = {"hash": sha256_bytes(manifest), "n": len(rows), "classes": list(params.base.classes),
+            "frozen_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "skipped": skipped}
+    atomic_write_json(out_dir / "meta.json", meta)  # written last: its presence means "frozen"
+    return meta
+
+
+def load(eval_dir: str | Path, *, params: Params) -> EvalSet:
+    eval_dir = Path(eval_dir)
+    if not (eval_dir / "meta.json").exists():
+        raise EvalSetError(f"no fixed eval set in {eval_dir}: run `labelgate evalset freeze`")
+    manifest = (eval_dir / "manifest.jsonl").read_bytes()
+    digest = sha256_bytes(manifest)
+    meta = read_json(eval_dir / "meta.json")
+    if digest != meta["hash"]:
+        raise EvalSetError(f"{eval_dir}/manifest.jsonl changed since it was frozen "
+                           f"(hash {digest[:12]} != {meta['hash'][:12]})")
+    rows = read_jsonl(eval_dir / "manifest.jsonl")
+    with tarfile.open(eval_dir / "images.tar", "r:") as tar:
+        blobs = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for sha, data in blobs.items():
+        if sha256_bytes(data) != sha:
+            raise EvalSetError(f"{eval_dir}/images.tar: image {sha[:12]} does not match its hash")
+    index = {c: i for i, c in enumerate(params.base.classes)}
+    return EvalSet(x=images.stack([blobs[r["image_sha256"]] for r in rows], params.base.image_size),
+                   y=np.array([index[r["label"]] for r in rows], dtype=np.int64),
+                   task_ids=[r["task_id"] for r in rows],
+                   shas=[r["image_sha256"] for r in rows], hash=digest)
+
+
+def shas(eval_dir: str | Path) -> set[str]:
+    """sha256 of every eval image (empty if no eval set yet)."""
+    path = Path(eval_dir) / "manifest.jsonl"
+    return {r["image_sha256"] for r in read_jsonl(path)} if path.exists() else set()

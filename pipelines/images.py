@@ -1,0 +1,76 @@
+"""Image decoding and preprocessing — one copy, used by validate, prepare, evalset and predict,
+so the production model sees exactly what training saw."""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Formats annotators' images may come in; anything else (even if Pillow could open it) is
+# quarantined. Pillow's decompression-bomb *warning* becomes an error (see `_open`).
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"})
+
+
+class BadImage(ValueError):
+    """The bytes are not an acceptable image; the message is the quarantine reason."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    mode: str
+    format: str
+
+
+def _open(data: bytes) -> Image.Image:
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+            img.load()  # decodes every pixel: truncated files fail here, not later
+        except Image.DecompressionBombWarning as exc:
+            raise BadImage(f"decompression bomb refused: {exc}") from None
+        except Image.DecompressionBombError as exc:
+            raise BadImage(f"decompression bomb refused: {exc}") from None
+        except Image.UnidentifiedImageError:
+            raise BadImage("not an image in an accepted format "
+                           f"({', '.join(sorted(ALLOWED_FORMATS))})") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise BadImage(f"corrupt image: {exc}") from None
+    return img
+
+
+def inspect(data: bytes) -> ImageInfo:
+    """Decode fully and describe; raises BadImage with a readable reason."""
+    img = _open(data)
+    lo, hi = img.convert("L").getextrema()
+    if lo == hi:
+        raise BadImage(f"blank image (every pixel is {lo})")
+    return ImageInfo(width=img.width, height=img.height, mode=img.mode, format=img.format or "?")
+
+
+def to_array(data: bytes, size: int) -> np.ndarray:
+    """`(size, size)` uint8 grayscale: EXIF orientation applied, bilinear resize."""
+    img = ImageOps.exif_transpose(_open(data))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))  # digits: light ink on dark
+        img = Image.alpha_composite(background, img)
+    img = img.convert("L")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def stack(blobs: list[bytes], size: int) -> np.ndarray:
+    """`(N, size, size)` uint8 — one array per split, never one file per image."""
+    out = np.empty((len(blobs), size, size), dtype=np.uint8)  # 784 B per 28x28 image
+    for i, blob in enumerate(blobs):
+        out[i] = to_array(blob, size)
+    return out

@@ -1,0 +1,253 @@
+"""Everything labelgate says to Label Studio. The only module that imports `label_studio_sdk`.
+
+Security rules kept here, in one place:
+- the API key comes from the environment (or the embedded server's git-ignored credentials file),
+  is never logged, and is never part of an error message or a repr;
+- images are fetched only from the configured Label Studio origin; redirects are refused, so the
+  key can't follow one to another host; every fetch has connect/read timeouts and a byte cap.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+from xml.sax.saxutils import quoteattr
+
+import httpx
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+
+FROM_NAME = "label"  # <Choices name=...> in the generated labeling config
+TO_NAME = "image"    # <Image name=...>
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio is unreachable, refused the key, or answered something unusable."""
+
+
+class ImageFetchError(ValueError):
+    """One image could not be fetched safely; the task is quarantined with this reason."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    url: str
+    api_key: str = field(repr=False)  # never shown, never logged
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        parts = urlsplit(self.url)
+        return parts.scheme, parts.netloc
+
+
+def credentials_file(studio_dir: str | Path) -> Path:
+    return Path(studio_dir) / "credentials.json"
+
+
+def connection_from_env(studio_dir: str | Path | None = None) -> Connection:
+    """LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, else the embedded server's credentials file."""
+    url = os.environ.get("LABEL_STUDIO_URL")
+    key = os.environ.get("LABEL_STUDIO_API_KEY")
+    if (not url or not key) and studio_dir is not None and credentials_file(studio_dir).exists():
+        creds = json.loads(credentials_file(studio_dir).read_text())
+        url, key = url or creds["url"], key or creds["api_key"]
+    if not url or not key:
+        raise LabelStudioError(
+            "No Label Studio configured: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, "
+            "or start the embedded server with `labelgate studio up`.")
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+        raise LabelStudioError(f"LABEL_STUDIO_URL must be an http(s) URL, got {url!r}")
+    return Connection(url=url.rstrip("/"), api_key=key)
+
+
+def label_config(classes: tuple[str, ...] | list[str]) -> str:
+    """Image-classification labeling config; class names are XML-escaped (they are untrusted)."""
+    choices = "".join(f"<Choice value={quoteattr(c)}/>" for c in classes)
+    return (f'<View><Image name="{TO_NAME}" value="$image"/>'
+            f'<Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInLine="true">'
+            f"{choices}</Choices></View>")
+
+
+def choice_result(label: str) -> list[dict]:
+    """The `result` of an annotation or prediction choosing `label`."""
+    return [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
+             "value": {"choices": [label]}}]
+
+
+class Studio:
+    """A connected Label Studio: `Studio(conn).check()` fails fast with an actionable message."""
+
+    def __init__(self, conn: Connection, *, connect_timeout_s: float = 5.0,
+                 read_timeout_s: float = 60.0) -> None:
+        self.conn = conn
+        self._timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
+        self._client = LabelStudio(base_url=conn.url, api_key=conn.api_key,
+                                   httpx_client=httpx.Client(timeout=self._timeout,
+                                                             follow_redirects=False))
+        # Image fetches get their own client: no redirects, same timeouts; the key is added per
+        # request, and only after the origin check.
+        self._http = httpx.Client(timeout=self._timeout, follow_redirects=False)
+
+    # -- error mapping ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        url = self.conn.url
+        try:
+            yield
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise LabelStudioError(
+                f"Cannot reach Label Studio at {url} while {what} ({type(exc).__name__}). "
+                "Check that the server is running (`labelgate studio status`) and that "
+                "LABEL_STUDIO_URL points at it.") from None
+        except httpx.TimeoutException:
+            raise LabelStudioError(f"Label Studio at {url} timed out while {what}.") from None
+        except httpx.HTTPError as exc:
+            raise LabelStudioError(f"HTTP error talking to Label Studio at {url} while {what}: "
+                                   f"{type(exc).__name__}") from None
+        except ApiError as exc:
+            # str(ApiError) embeds response headers (session cookies): never show it whole.
+            if exc.status_code in (401, 403):
+                raise LabelStudioError(
+                    f"Label Studio at {url} rejected the API key (HTTP {exc.status_code}) while "
+                    f"{what}. Check LABEL_STUDIO_API_KEY: it may be wrong, revoked or rotated.") from None
+            body = exc.body if isinstance(exc.body, (dict, list, str)) else repr(exc.body)
+            raise LabelStudioError(f"Label Studio at {url} answered HTTP {exc.status_code} while "
+                                   f"{what}: {str(body)[:300]}") from None
+        except json.JSONDecodeError:
+            raise LabelStudioError(f"Label Studio at {url} sent a response that is not JSON "
+                                   f"while {what}.") from None
+
+    def check(self) -> int:
+        """Fail fast if unreachable or the key is wrong; return the user id."""
+        with self._call("checking the API key"):
+            return self._client.users.whoami().id
+
+    # -- projects -----------------------------------------------------------------------------
+    def find_project(self, title: str) -> int | None:
+        with self._call("listing projects"):
+            for project in self._client.projects.list(page_size=100):
+                if project.title == title:
+                    return project.id
+        return None
+
+    def require_project(self, title: str) -> int:
+        found = self.find_project(title)
+        if found is None:
+            raise LabelStudioError(f"No project titled {title!r} in Label Studio at {self.conn.url}. "
+                                   "Check studio.project_title in params.yaml, or run `labelgate demo`.")
+        return found
+
+    def ensure_project(self, title: str, classes: tuple[str, ...]) -> tuple[int, bool]:
+        """(project id, created?) — the project titled `title`, created with our config if new."""
+        found = self.find_project(title)
+        if found is not None:
+            return found, False
+        with self._call("creating the project"):
+            project = self._client.projects.create(
+                title=title, label_config=label_config(classes),
+                description="Managed by labelgate: pick the digit you see.")
+        return project.id, True
+
+    def project_classes(self, project_id: int) -> list[str]:
+        """The class names of the project's Choices, as configured in Label Studio now."""
+        with self._call("reading the labeling config"):
+            project = self._client.projects.get(project_id)
+        parsed = project.parsed_label_config or {}
+        return list(parsed.get(FROM_NAME, {}).get("labels", []))
+
+    def add_local_storage(self, project_id: int, path: str) -> None:
+        """Connect a folder under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (no sync: tasks name files)."""
+        with self._call("connecting local file storage"):
+            self._client.import_storage.local.create(project=project_id, path=path,
+                                                     use_blob_urls=True, title="labelgate images")
+
+    def import_tasks(self, project_id: int, tasks: list[dict]) -> list[int]:
+        """Import tasks, optionally with their annotations, in one call; returns task ids."""
+        with self._call(f"importing {len(tasks)} tasks"):
+            resp = self._client.projects.import_tasks(project_id, request=tasks,
+                                                      return_task_ids=True)
+        return list(resp.task_ids or [])
+
+    def ensure_user(self, username: str) -> int:
+        """Id of an annotator account (created if missing). Demo/testing helper."""
+        email = f"{username}@labelgate.local"
+        with self._call("listing users"):
+            for user in self._client.users.list():
+                if user.email == email:
+                    return user.id
+        with self._call("creating a user"):
+            return self._client.users.create(username=username, email=email,
+                                             first_name=username).id
+
+    # -- reading ------------------------------------------------------------------------------
+    def export_annotated(self, project_id: int) -> list[dict]:
+        """Every task with at least one annotation (skipped ones included), as Label Studio's JSON
+        export: `[{"id", "data", "annotations": [{"id", "result", "was_cancelled", ...}]}]`."""
+        with self._call("exporting annotations"):
+            raw = b"".join(self._client.projects.exports.download_sync(project_id,
+                                                                         export_type="JSON"))
+            tasks = json.loads(raw)
+        if not isinstance(tasks, list):
+            raise LabelStudioError(f"Label Studio at {self.conn.url} returned an export that is "
+                                   "not a list of tasks.")
+        return tasks
+
+    def unlabeled_tasks(self, project_id: int, *, without_model_version: str | None = None) -> list[dict]:
+        """`[{"id", "data"}]` of tasks nobody has annotated or skipped yet, optionally only those
+        without a prediction from `without_model_version` (so re-runs push nothing twice)."""
+        out = []
+        with self._call("listing tasks"):
+            for task in self._client.tasks.list(project=project_id, fields="all", page_size=500):
+                if task.total_annotations or task.cancelled_annotations:
+                    continue
+                versions = {getattr(p, "model_version", None) if not isinstance(p, dict)
+                            else p.get("model_version") for p in (task.predictions or [])}
+                if without_model_version is not None and without_model_version in versions:
+                    continue
+                out.append({"id": task.id, "data": dict(task.data)})
+        return out
+
+    def create_predictions(self, project_id: int, predictions: list[dict]) -> int:
+        """Bulk-import `[{"task", "result", "score", "model_version"}]`; returns the count."""
+        if not predictions:
+            return 0
+        with self._call(f"importing {len(predictions)} predictions"):
+            resp = self._client.projects.import_predictions(project_id, request=predictions)
+        return int(getattr(resp, "created", None) or len(predictions))
+
+    # -- images -------------------------------------------------------------------------------
+    def fetch_image(self, url: str, *, max_bytes: int) -> bytes:
+        """Bytes of a task's image. Only the configured origin; no redirects; capped size.
+        Raises ImageFetchError (quarantine-worthy) or LabelStudioError (server down/key)."""
+        absolute = urljoin(self.conn.url + "/", url)
+        parts = urlsplit(absolute)
+        if (parts.scheme, parts.netloc) != self.conn.origin:
+            raise ImageFetchError(f"image host not allowed: {parts.netloc or url!r} "
+                                  f"(only {self.conn.origin[1]} is trusted with the API key)")
+        headers = {"Authorization": f"Token {self.conn.api_key}"}
+        with self._call(f"downloading image {parts.path}"):
+            with self._http.stream("GET", absolute, headers=headers) as resp:
+                if resp.status_code in (401, 403):
+                    raise ApiError(status_code=resp.status_code, body="image download refused")
+                if resp.is_redirect:
+                    raise ImageFetchError(f"image URL redirects (HTTP {resp.status_code}); "
+                                          "redirects are refused")
+                if resp.status_code != 200:
+                    raise ImageFetchError(f"image download failed: HTTP {resp.status_code}")
+                declared = resp.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise ImageFetchError(f"image larger than {max_bytes} bytes ({declared})")
+                chunks, size = [], 0
+                for chunk in resp.iter_bytes():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ImageFetchError(f"image larger than {max_bytes} bytes")
+                    chunks.append(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self._http.close()

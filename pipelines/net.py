@@ -1,0 +1,74 @@
+"""The CNN, its input normalisation, batched inference, and its safetensors file format."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ARCH = "convnet-32-64-128"
+
+
+class Net(nn.Module):
+    """conv32 -> conv64 -> maxpool -> fc128 -> classes: the classic MNIST shape.
+    Input `(N, 1, S, S)` float, output `(N, K)` logits."""
+
+    def __init__(self, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten())
+        side = (image_size - 4) // 2  # two valid 3x3 convs, one 2x2 pool: 28 -> 12
+        self.head = nn.Sequential(
+            nn.Linear(64 * side * side, 128), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
+    """`(N, S, S)` uint8 on any device -> `(N, 1, S, S)` float in [-1, 1], on the same device.
+    Done per batch on the device, so the dataset itself stays uint8 (1 B per pixel)."""
+    return (x_uint8.unsqueeze(1).float() - 127.5) / 127.5
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: np.ndarray | torch.Tensor, *, device: torch.device,
+                  batch_size: int = 1024) -> np.ndarray:
+    """`(N, S, S)` uint8 -> `(N, K)` float32 class probabilities."""
+    model.eval()
+    xs = torch.as_tensor(x).to(device)
+    out = [torch.softmax(model(normalize(xs[i:i + batch_size])).float(), dim=1).cpu()
+           for i in range(0, len(xs), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def save(model: Net, path: str | Path, *, classes: tuple[str, ...], image_size: int) -> Path:
+    """safetensors only (no pickle): tensors + the metadata needed to rebuild the net."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"arch": ARCH, "classes": json.dumps(list(classes)),
+                                         "image_size": str(image_size)})
+    tmp.replace(path)
+    return path
+
+
+def load(path: str | Path, *, device: torch.device) -> tuple[Net, tuple[str, ...], int]:
+    """(model, classes, image_size). Callers verify the file's sha256 first (registry.verify)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("arch") != ARCH:
+        raise ValueError(f"{path}: unknown model architecture {meta.get('arch')!r}")
+    classes = tuple(json.loads(meta["classes"]))
+    image_size = int(meta["image_size"])
+    model = Net(len(classes), image_size)
+    model.load_state_dict(load_file(str(path), device="cpu"))
+    return model.to(device).eval(), classes, image_size

@@ -1,0 +1,101 @@
+"""The raw store: immutable pull snapshots under `data/raw/pulls/NNNNNN/`.
+
+Each snapshot holds what one pull saw change, in a handful of files (DVC is slow with many small
+files, so images are packed):
+
+    tasks.jsonl    Label Studio's JSON export of each new or changed task, one task per line
+    images.jsonl   one line per fetched task image: {task_id, url, sha256 | null, error | null}
+    removed.json   task ids that had annotations before and have none now
+    images.tar     image bytes, members named by sha256 (content-addressed; only new images)
+    meta.json      pull metadata and the cursor: fingerprint of every task seen so far
+
+A snapshot directory appears by one atomic rename, so a pull killed at any point leaves either
+no snapshot or a whole one. The current dataset is the replay of all snapshots in order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.files import read_json, read_jsonl
+
+PULLS = "pulls"
+
+
+def fingerprint(task: dict) -> str:
+    """Changes when any annotation of the task is added, edited, skipped or deleted."""
+    keyed = [{k: a.get(k) for k in ("id", "result", "was_cancelled", "ground_truth",
+                                    "completed_by", "updated_at")}
+             for a in sorted(task.get("annotations") or [], key=lambda a: a.get("id", 0))]
+    body = json.dumps({"data": task.get("data"), "annotations": keyed}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def snapshot_dirs(raw_dir: str | Path) -> list[Path]:
+    root = Path(raw_dir) / PULLS
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def clean_partial(raw_dir: str | Path) -> None:
+    """Remove leftovers of a pull that was killed before its atomic rename."""
+    root = Path(raw_dir) / PULLS
+    if root.exists():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p)
+
+
+def latest_meta(raw_dir: str | Path) -> dict | None:
+    dirs = snapshot_dirs(raw_dir)
+    return read_json(dirs[-1] / "meta.json") if dirs else None
+
+
+@dataclass
+class RawState:
+    """The replay of every snapshot: the current tasks and where each image's bytes live."""
+    tasks: dict[int, dict] = field(default_factory=dict)         # task id -> exported task
+    images: dict[int, dict] = field(default_factory=dict)        # task id -> images.jsonl row
+    packs: dict[str, tuple[Path, int, int]] = field(default_factory=dict)  # sha -> (tar, off, len)
+    snapshots: int = 0
+
+    def image_bytes(self, sha256: str) -> bytes:
+        tar, offset, size = self.packs[sha256]
+        with open(tar, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+
+def load(raw_dir: str | Path) -> RawState:
+    state = RawState()
+    for snap in snapshot_dirs(raw_dir):
+        state.snapshots += 1
+        for task in read_jsonl(snap / "tasks.jsonl"):
+            state.tasks[int(task["id"])] = task
+        for row in read_jsonl(snap / "images.jsonl"):
+            state.images[int(row["task_id"])] = row
+        for task_id in read_json(snap / "removed.json"):
+            state.tasks.pop(int(task_id), None)
+            state.images.pop(int(task_id), None)
+        tar_path = snap / "images.tar"
+        if tar_path.exists():
+            with tarfile.open(tar_path, "r:") as tar:
+                for member in tar.getmembers():
+                    state.packs[member.name] = (tar_path, member.offset_data, member.size)
+    return state
+
+
+def dataset_version(raw_dir: str | Path) -> str:
+    """`pulls-NNNNNN-<hash>`: names the snapshot sequence a dataset was built from."""
+    dirs = snapshot_dirs(raw_dir)
+    if not dirs:
+        return "empty"
+    h = hashlib.sha256()
+    for d in dirs:
+        h.update((d / "meta.json").read_bytes())
+    return f"pulls-{dirs[-1].name}-{h.hexdigest()[:12]}"

@@ -1,0 +1,192 @@
+"""params.yaml -> typed, frozen settings. The one loader; every stage reads its section from here.
+
+An invalid file is a `ParamsError` naming the key (``train.epochs``) and what was expected, so a
+typo never reaches a stage as a silent default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable, or a key has the wrong type/value."""
+
+
+@dataclass(frozen=True)
+class Base:
+    seed: int
+    classes: tuple[str, ...]
+    image_size: int  # pixels per side after preprocessing
+
+
+@dataclass(frozen=True)
+class Studio:
+    project_title: str
+    image_key: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Pull:
+    connect_timeout_s: float
+    read_timeout_s: float
+    max_image_bytes: int
+
+
+@dataclass(frozen=True)
+class Validate:
+    allowed_modes: tuple[str, ...]
+    min_side: int
+    max_side: int
+    min_per_class: int
+
+
+@dataclass(frozen=True)
+class Prepare:
+    val_fraction: float
+
+
+@dataclass(frozen=True)
+class Train:
+    epochs: int
+    batch_size: int
+    lr: float
+    device: str
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Gate:
+    min_accuracy: float
+    max_accuracy_drop: float
+    max_class_recall_drop: float
+
+
+@dataclass(frozen=True)
+class Schedule:
+    cron: str
+
+
+@dataclass(frozen=True)
+class Params:
+    base: Base
+    studio: Studio
+    pull: Pull
+    validate: Validate
+    prepare: Prepare
+    train: Train
+    evaluate: Evaluate
+    gate: Gate
+    schedule: Schedule
+
+
+# Checks beyond the type, keyed by dotted name: (predicate, what it must be).
+_RULES: dict[str, tuple[typing.Callable[[object], bool], str]] = {
+    "base.image_size": (lambda v: 8 <= v <= 512, "between 8 and 512"),
+    "base.classes": (lambda v: len(v) >= 2 and len(set(v)) == len(v) and all(v),
+                     "at least two distinct, non-empty class names"),
+    "studio.port": (lambda v: 1 <= v <= 65535, "a TCP port (1-65535)"),
+    "pull.connect_timeout_s": (lambda v: v > 0, "> 0"),
+    "pull.read_timeout_s": (lambda v: v > 0, "> 0"),
+    "pull.max_image_bytes": (lambda v: v > 0, "> 0"),
+    "validate.min_side": (lambda v: v >= 1, ">= 1"),
+    "validate.max_side": (lambda v: v >= 1, ">= 1"),
+    "validate.min_per_class": (lambda v: v >= 0, ">= 0"),
+    "prepare.val_fraction": (lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)"),
+    "train.epochs": (lambda v: v >= 1, ">= 1"),
+    "train.batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.lr": (lambda v: v > 0, "> 0"),
+    "train.device": (lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
+    "evaluate.batch_size": (lambda v: v >= 1, ">= 1"),
+    "gate.min_accuracy": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
+    "gate.max_accuracy_drop": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
+    "gate.max_class_recall_drop": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
+    "schedule.cron": (lambda v: len(v.split()) == 5, "a 5-field cron expression"),
+}
+
+
+def _coerce(key: str, tp: object, value: object) -> object:
+    def bad(what: str) -> ParamsError:
+        return ParamsError(f"params.yaml: {key} must be {what}, got {value!r}")
+
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if typing.get_origin(tp) is tuple:  # tuple[str, ...]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        return tuple(value)
+    raise TypeError(f"unsupported settings type {tp!r} for {key}")  # a bug here, not in the file
+
+
+def _section(name: str, cls: type, raw: object) -> object:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params.yaml: section '{name}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown key {name}.{unknown[0]} (known: {', '.join(names)})")
+    values = {}
+    for field in names:
+        key = f"{name}.{field}"
+        if field not in raw:
+            raise ParamsError(f"params.yaml: missing key {key}")
+        value = _coerce(key, hints[field], raw[field])
+        rule = _RULES.get(key)
+        if rule and not rule[0](value):
+            raise ParamsError(f"params.yaml: {key} must be {rule[1]}, got {raw[field]!r}")
+        values[field] = value
+    return cls(**values)
+
+
+def parse(raw: object) -> Params:
+    """Typed settings from an already-parsed YAML document."""
+    if not isinstance(raw, dict):
+        raise ParamsError("params.yaml: the top level must be a mapping of sections")
+    hints = typing.get_type_hints(Params)
+    sections = {}
+    for name, cls in hints.items():
+        if name not in raw:
+            raise ParamsError(f"params.yaml: missing section '{name}'")
+        sections[name] = _section(name, cls, raw[name])
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown section '{unknown[0]}'")
+    params = Params(**sections)
+    if params.validate.min_side > params.validate.max_side:
+        raise ParamsError("params.yaml: validate.min_side must not exceed validate.max_side")
+    return params
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"params file not found: {path} (run from the project root or pass --params)") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse(raw)

@@ -1,0 +1,163 @@
+"""The embedded Label Studio server: `labelgate studio up|down|status`.
+
+Label Studio runs from its own virtualenv (`.venv-studio`): it pins python-json-logger, redis and
+pytz below what Prefect needs, so the two can't share one. It binds to 127.0.0.1 only; its data
+(SQLite, uploads, the SECRET_KEY that signs tokens) and a generated admin account live in a
+git-ignored folder. The API key is written to a 0600 file there and never printed in full.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from pipelines.files import atomic_write_json, read_json
+from pipelines.labelstudio import Connection, credentials_file
+
+STARTUP_TIMEOUT_S = 180  # first start runs migrations: ~37 s on 2 cores, give slow disks room
+
+
+class StudioError(RuntimeError):
+    pass
+
+
+def studio_bin() -> Path:
+    """LABELGATE_STUDIO_BIN, else the `label-studio` of `.venv-studio` next to this checkout."""
+    env = os.environ.get("LABELGATE_STUDIO_BIN")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / ".venv-studio" / "bin" / "label-studio"
+
+
+def _pid(studio_dir: Path) -> int | None:
+    try:
+        pid = int((studio_dir / "server.pid").read_text().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+    return pid
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def masked(key: str) -> str:
+    return f"{key[:4]}…{key[-2:]}" if len(key) > 8 else "…"
+
+
+def status(studio_dir: str | Path) -> dict:
+    studio_dir = Path(studio_dir)
+    creds_path = credentials_file(studio_dir)
+    creds = read_json(creds_path) if creds_path.exists() else None
+    pid = _pid(studio_dir)
+    url = creds["url"] if creds else None
+    return {"running": bool(pid and url and _healthy(url)), "pid": pid, "url": url,
+            "data_dir": str(studio_dir)}
+
+
+def up(studio_dir: str | Path, *, port: int) -> Connection:
+    """Start (or reuse) the embedded server; return a connection to it."""
+    studio_dir = Path(studio_dir).resolve()
+    studio_dir.mkdir(parents=True, exist_ok=True)
+    files_root = studio_dir / "files"
+    files_root.mkdir(exist_ok=True)
+    creds_path = credentials_file(studio_dir)
+    if creds_path.exists():
+        creds = read_json(creds_path)
+    else:
+        creds = {"url": f"http://127.0.0.1:{port}", "username": "admin@labelgate.local",
+                 "password": secrets.token_urlsafe(18), "api_key": secrets.token_hex(20)}
+        atomic_write_json(creds_path, creds)
+        os.chmod(creds_path, 0o600)
+    conn = Connection(url=creds["url"], api_key=creds["api_key"])
+    if _pid(studio_dir) and _healthy(conn.url):
+        return conn
+    port = int(conn.url.rsplit(":", 1)[1])
+    if not _port_free(port):
+        # Label Studio would silently pick another port; refuse instead of guessing.
+        raise StudioError(f"port {port} on 127.0.0.1 is taken by another program; free it or "
+                          f"delete {creds_path} and set studio.port in params.yaml")
+    exe = studio_bin()
+    if not exe.exists():
+        raise StudioError(f"Label Studio is not installed at {exe}; run `make setup` "
+                          "(or set LABELGATE_STUDIO_BIN)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")}
+    env.update({
+        "LABEL_STUDIO_BASE_DATA_DIR": str(studio_dir / "data"),
+        "LABEL_STUDIO_USERNAME": creds["username"],
+        "LABEL_STUDIO_PASSWORD": creds["password"],
+        "LABEL_STUDIO_USER_TOKEN": creds["api_key"],      # applied on first start only
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(files_root),  # default root is `/`
+        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+        "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
+        "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
+        "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
+    })
+    log = open(studio_dir / "server.log", "ab")
+    proc = subprocess.Popen(
+        [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+         "--host", conn.url],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        start_new_session=True)  # outlives the CLI call; `studio down` stops it
+    (studio_dir / "server.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StudioError(f"Label Studio exited with code {proc.returncode} while starting; "
+                              f"see {studio_dir / 'server.log'}")
+        if _healthy(conn.url):
+            return conn
+        time.sleep(0.5)
+    down(studio_dir)
+    raise StudioError(f"Label Studio did not answer {conn.url}/health within "
+                      f"{STARTUP_TIMEOUT_S} s; see {studio_dir / 'server.log'}")
+
+
+def down(studio_dir: str | Path) -> bool:
+    """Stop the embedded server (SIGTERM to its process group). True if one was running."""
+    studio_dir = Path(studio_dir)
+    pid = _pid(studio_dir)
+    if pid is None:
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    for _ in range(100):
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child (tests): reap it
+                break
+        except ChildProcessError:
+            pass  # started by another process (the usual CLI case)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(pid, signal.SIGKILL)
+    (studio_dir / "server.pid").unlink(missing_ok=True)
+    print(f"stopped Label Studio (pid {pid})", file=sys.stderr)
+    return True
