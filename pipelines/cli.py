@@ -1,0 +1,237 @@
+"""`labelgate` — the command line. Each command is a thin wrapper over a module's function."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipelines.layout import Layout
+
+
+def _quiet_env(layout: Layout) -> None:
+    """Per-workspace Prefect home; no telemetry from any tool. Before Prefect is imported."""
+    os.environ.setdefault("PREFECT_HOME", str(layout.state / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def _connect(layout: Layout, params):
+    from pipelines.labelstudio import Studio, connection_from_env
+    studio = Studio(connection_from_env(layout.studio),
+                    connect_timeout_s=params.pull.connect_timeout_s,
+                    read_timeout_s=params.pull.read_timeout_s)
+    studio.check()
+    return studio
+
+
+def cmd_studio(args, layout: Layout, params) -> int:
+    from pipelines import studio
+    if args.action == "up":
+        conn = studio.up(layout.studio, port=params.studio.port)
+        print(f"Label Studio running at {conn.url} (API key {studio.masked(conn.api_key)}, "
+              f"full key in {layout.studio / 'credentials.json'})")
+    elif args.action == "down":
+        if not studio.down(layout.studio):
+            print("Label Studio was not running")
+    else:
+        s = studio.status(layout.studio)
+        print(f"Label Studio: {'running at ' + s['url'] if s['running'] else 'not running'} "
+              f"(data in {s['data_dir']})")
+    return 0
+
+
+def cmd_pull(args, layout: Layout, params) -> int:
+    from pipelines import dvcrepo, pull
+    st = _connect(layout, params)
+    result = pull.run(layout.raw, studio=st, project_id=st.require_project(
+        params.studio.project_title), params=params)
+    dvcrepo.ensure_repo(layout.root)
+    dvcrepo.add(layout.root, layout.raw)  # a no-op when nothing changed
+    if result["snapshot"]:
+        print(f"pulled snapshot {result['snapshot']}: {result['changed']} new/changed tasks, "
+              f"{result['removed']} removed, {result['images_fetched']} images")
+    else:
+        print(f"nothing new in Label Studio ({result['exported']} annotated tasks, unchanged)")
+    return 0
+
+
+def cmd_evalset(args, layout: Layout, params) -> int:
+    from pipelines import dvcrepo, evalset, rawstore
+    meta = evalset.freeze(rawstore.load(layout.raw), layout.eval, params=params, force=args.force)
+    dvcrepo.ensure_repo(layout.root)
+    dvcrepo.add(layout.root, layout.eval)
+    print(f"froze the eval set: {meta['n']} images, hash {meta['hash'][:12]} "
+          f"({len(meta['skipped'])} ground-truth tasks unusable)")
+    return 0
+
+
+def _print_run(summary: dict, layout: Layout) -> None:
+    if summary["status"] == "skipped":
+        print(f"skipped: {summary['reason']}")
+        return
+    if summary["status"] == "no-op":
+        print(f"no new annotations: not retraining. Production unchanged; last verdict "
+              f"{summary.get('verdict')} on dataset {summary.get('dataset_version')}.")
+        return
+    v, p, t = summary["validate"], summary["prepare"], summary["train"]
+    reasons = ", ".join(f"{k} {n}" for k, n in sorted(v["quarantine_reasons"].items()))
+    prod = summary["production_accuracy"]
+    event = summary["promotion"]
+    print(f"dataset version  {summary['dataset_version']}")
+    print(f"tasks pulled     {v['tasks']} annotated tasks in {v['snapshots']} snapshot(s)")
+    print(f"accepted         {v['accepted']}")
+    print(f"quarantined      {v['quarantined']}" + (f"  ({reasons})" if reasons else ""))
+    print(f"prepared         train {p['train']}, val {p['val']}, disputed {p['disputed']}, "
+          f"excluded as eval images {p['excluded_eval_overlap']}")
+    print(f"trained          {t['epochs']} epochs on {t['device']} in {t['seconds']} s, "
+          f"val accuracy {t['val_acc']:.4f}")
+    print(f"fixed eval set   candidate accuracy {summary['candidate_accuracy']:.4f}"
+          + (f", production {prod:.4f}" if prod is not None else ", no production model yet")
+          + f" (eval set {summary['eval_hash'][:12]})")
+    print(f"gate verdict     {summary['verdict']} -> {event['event']} {event.get('id', '')}")
+    if summary.get("preannotate"):
+        print(f"pre-annotations  {summary['preannotate']['pushed']} unlabeled tasks "
+              f"({summary['preannotate'].get('model_version')})")
+    print(f"report           {summary['report']}")
+
+
+def cmd_run(args, layout: Layout, params) -> int:
+    from pipelines.flows import retrain
+    summary = retrain(root=str(layout.root), force=args.force)
+    _print_run(summary, layout)
+    return 0
+
+
+def cmd_demo(args, layout: Layout, params) -> int:
+    from pipelines import demo, studio
+    conn = studio.up(layout.studio, port=params.studio.port)
+    st = _connect(layout, params)
+    project_id, created = st.ensure_project(params.studio.project_title, params.base.classes)
+    if created:
+        counts = demo.seed(st, project_id, layout.studio / "files", params.base.classes)
+        print(f"demo project created and seeded: {counts}")
+    else:
+        print(f"reusing Label Studio project {project_id}")
+    if not (layout.eval / "meta.json").exists():
+        cmd_pull(args, layout, params)
+        cmd_evalset(argparse.Namespace(force=False), layout, params)
+    rc = cmd_run(argparse.Namespace(force=False), layout, params)
+    print(f"annotators       {conn.url}/projects/{project_id}  "
+          f"(login in {layout.studio / 'credentials.json'})")
+    return rc
+
+
+def cmd_status(args, layout: Layout, params) -> int:
+    from pipelines import rawstore, registry
+    from pipelines.files import read_json
+    prod = registry.production(layout.registry)
+    print(f"production model  {prod['id'] + ' (since ' + prod['since'] + ', accuracy ' + str(prod['metrics'].get('accuracy', prod['metrics'].get('val_acc'))) + ')' if prod else 'none'}")
+    print(f"dataset version   {rawstore.dataset_version(layout.raw)}")
+    if layout.last_run.exists():
+        last = read_json(layout.last_run)
+        print(f"last run          {last.get('finished_at')} verdict {last.get('verdict')}"
+              + (f", last checked {last['checked_at']}" if last.get("checked_at") else ""))
+    else:
+        print("last run          none")
+    return 0
+
+
+def cmd_rollback(args, layout: Layout, params) -> int:
+    from pipelines import registry
+    pointer = registry.rollback(layout.registry, to=args.to, reason=args.reason)
+    print(f"production is now {pointer['id']} (was {pointer['previous']})")
+    return 0
+
+
+def cmd_serve(args, layout: Layout, params) -> int:
+    from pipelines.flows import retrain
+    print(f"serving labelgate-retrain on cron {params.schedule.cron!r}; Ctrl-C to stop")
+    retrain.serve(name="labelgate-retrain", cron=params.schedule.cron,
+                  parameters={"root": str(layout.root)})
+    return 0
+
+
+def cmd_predict(args, layout: Layout, params) -> int:
+    from pipelines import images, net, registry
+    from pipelines.device import pick_device
+    import numpy as np
+    device = pick_device(params.train.device)
+    loaded = registry.load_production(layout.registry, device=device)
+    if loaded is None:
+        print("no production model yet: run `labelgate run` first", file=sys.stderr)
+        return 1
+    model, classes, size, pointer = loaded
+    rc = 0
+    arrays, names = [], []
+    for path in args.images:
+        try:
+            arrays.append(images.to_array(Path(path).read_bytes(), size))
+            names.append(path)
+        except (OSError, images.BadImage) as exc:
+            print(f"{path}: cannot read: {exc}", file=sys.stderr)
+            rc = 1
+    if arrays:
+        probs = net.predict_proba(model, np.stack(arrays), device=device)
+        for name, p in zip(names, probs):
+            print(f"{name}\t{classes[int(p.argmax())]}\t{p.max():.4f}\t({pointer['id']})")
+    return rc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="labelgate", description=(
+        "Label Studio annotations -> validated, versioned data -> a CNN that is promoted only "
+        "when it passes regression tests on a fixed eval set."))
+    ap.add_argument("--root", default=".", help="workspace (holds params.yaml, dvc.yaml)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("studio", help="embedded Label Studio server: up | down | status")
+    s.add_argument("action", choices=("up", "down", "status"))
+    s.set_defaults(fn=cmd_studio)
+    sub.add_parser("demo", help="start Label Studio, seed the digits demo, run the flow"
+                   ).set_defaults(fn=cmd_demo)
+    sub.add_parser("pull", help="pull new/changed annotations into data/raw (dvc add)"
+                   ).set_defaults(fn=cmd_pull)
+    s = sub.add_parser("run", help="the whole retraining flow (Prefect)")
+    s.add_argument("--force", action="store_true", help="retrain even with no new labels")
+    s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("evalset", help="freeze the fixed eval set from ground truth")
+    s.add_argument("action", choices=("freeze",))
+    s.add_argument("--force", action="store_true", help="replace an existing eval set")
+    s.set_defaults(fn=cmd_evalset)
+    sub.add_parser("status", help="production model, last run, dataset version"
+                   ).set_defaults(fn=cmd_status)
+    s = sub.add_parser("rollback", help="put the previous production model back")
+    s.add_argument("--to", help="registry id to restore (default: the previous one)")
+    s.add_argument("--reason", default="", help="recorded in the ledger")
+    s.set_defaults(fn=cmd_rollback)
+    sub.add_parser("serve", help="Prefect deployment on the cron schedule in params.yaml"
+                   ).set_defaults(fn=cmd_serve)
+    s = sub.add_parser("predict", help="classify images with the production model")
+    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.set_defaults(fn=cmd_predict)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    layout = Layout(args.root)
+    _quiet_env(layout)
+    from pipelines import settings
+    from pipelines.dvcrepo import DvcError
+    from pipelines.evalset import EvalSetError
+    from pipelines.labelstudio import LabelStudioError
+    from pipelines.pull import PullError
+    from pipelines.registry import RegistryError
+    from pipelines.studio import StudioError
+    try:
+        params = settings.load(layout.params)
+        return args.fn(args, layout, params)
+    except (settings.ParamsError, LabelStudioError, PullError, StudioError, DvcError,
+            EvalSetError, RegistryError) as exc:
+        print(f"labelgate {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The retraining flow: Label Studio -> pull -> version -> validate -> prepare -> train ->
+evaluate -> gate -> promote -> pre-annotations. One Prefect task per stage, so each is visible
+and retryable in the Prefect UI; the work itself is in the stage modules (dvc.yaml runs the
+same commands). Only the tasks that touch the network retry.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from pipelines import dvcrepo, preannotate, promote, pull, rawstore
+from pipelines.files import Busy, atomic_write_json, exclusive, read_json, sha256_file
+from pipelines.labelstudio import Studio, connection_from_env
+from pipelines.layout import Layout
+from pipelines.settings import Params, load
+
+STAGES = ("validate", "prepare", "train", "evaluate", "gate")  # dvc.yaml, in order
+
+
+def _studio(layout: Layout, params: Params) -> Studio:
+    studio = Studio(connection_from_env(layout.studio),
+                    connect_timeout_s=params.pull.connect_timeout_s,
+                    read_timeout_s=params.pull.read_timeout_s)
+    studio.check()
+    return studio
+
+
+@task(name="pull", retries=2, retry_delay_seconds=5)
+def pull_task(root: str) -> dict:
+    layout, params = Layout(root), load(Path(root) / "params.yaml")
+    studio = _studio(layout, params)
+    project_id = studio.require_project(params.studio.project_title)
+    return pull.run(layout.raw, studio=studio, project_id=project_id, params=params)
+
+
+@task(name="version")
+def version_task(root: str) -> str:
+    layout = Layout(root)
+    dvcrepo.add(root, layout.raw)
+    return rawstore.dataset_version(layout.raw)
+
+
+@task(name="stage")
+def stage_task(root: str, stage: str) -> str:
+    out = dvcrepo.repro_stage(root, stage)
+    get_run_logger().info("dvc stage %s:\n%s", stage, "\n".join(out.strip().splitlines()[-6:]))
+    return out
+
+
+@task(name="promote")
+def promote_task(root: str, dataset_version: str) -> dict:
+    layout = Layout(root)
+    return promote.run(layout.candidate_model, layout.decision, layout.registry,
+                       dataset_version=dataset_version, params_hash=sha256_file(layout.params),
+                       metrics=read_json(layout.candidate_metrics))
+
+
+@task(name="preannotate", retries=2, retry_delay_seconds=5)
+def preannotate_task(root: str) -> dict:
+    layout, params = Layout(root), load(Path(root) / "params.yaml")
+    studio = _studio(layout, params)
+    project_id = studio.require_project(params.studio.project_title)
+    return preannotate.run(studio, project_id, layout.registry, params=params)
+
+
+@flow(name="labelgate-retrain", log_prints=True)
+def retrain(root: str = ".", force: bool = False) -> dict:
+    """One retraining run. Returns a summary dict (also written to .labelgate/last_run.json)."""
+    layout = Layout(root)
+    logger = get_run_logger()
+    try:
+        with exclusive(layout.run_lock):
+            return _retrain(layout, force=force)
+    except Busy:
+        logger.warning("another retraining run is in progress (%s); this trigger is skipped",
+                       layout.run_lock)
+        return {"status": "skipped", "reason": "another run is in progress"}
+
+
+def _retrain(layout: Layout, *, force: bool) -> dict:
+    logger = get_run_logger()
+    root = str(layout.root)
+    dvcrepo.ensure_repo(root)
+    pulled = pull_task(root)
+    version = rawstore.dataset_version(layout.raw)
+    last = read_json(layout.last_run) if layout.last_run.exists() else None
+    if (pulled["snapshot"] is None and not force and last
+            and last.get("dataset_version") == version and last.get("status") == "done"):
+        summary = {**last, "status": "no-op", "pull": pulled, "checked_at": _now(),
+                   "reason": "no new or changed annotations since the last run; not retraining"}
+        logger.info(summary["reason"])
+        atomic_write_json(layout.last_run, {**last, "checked_at": summary["checked_at"]})
+        return summary
+    version = version_task(root)
+    for stage in STAGES:
+        stage_task(root, stage)
+    decision = read_json(layout.decision)
+    create_markdown_artifact(markdown=layout.report.read_text(), key="gate-report",
+                             description=f"gate verdict {decision['verdict']}")
+    event = promote_task(root, version)
+    pre = preannotate_task(root) if event["event"] == "promoted" else None
+    summary = {"status": "done", "finished_at": _now(), "dataset_version": version,
+               "pull": pulled, "validate": read_json(layout.validated / "summary.json"),
+               "prepare": read_json(layout.prepared / "summary.json"),
+               "train": read_json(layout.candidate_metrics),
+               "verdict": decision["verdict"], "candidate_accuracy": decision["candidate_accuracy"],
+               "production_accuracy": decision["production_accuracy"],
+               "eval_hash": decision["eval_hash"], "promotion": event, "preannotate": pre,
+               "report": str(layout.report)}
+    atomic_write_json(layout.last_run, summary)
+    return summary
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
