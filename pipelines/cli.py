@@ -127,7 +127,11 @@ def cmd_status(args, layout: Layout, params) -> int:
     from pipelines import rawstore, registry
     from pipelines.files import read_json
     prod = registry.production(layout.registry)
-    print(f"production model  {prod['id'] + ' (since ' + prod['since'] + ', accuracy ' + str(prod['metrics'].get('accuracy', prod['metrics'].get('val_acc'))) + ')' if prod else 'none'}")
+    if prod:
+        print(f"production model  {prod['id']} since {prod['since']} "
+              f"(fixed-eval accuracy {prod['metrics'].get('eval_accuracy', 0):.4f}, via {prod['via']})")
+    else:
+        print("production model  none")
     print(f"dataset version   {rawstore.dataset_version(layout.raw)}")
     if layout.last_run.exists():
         last = read_json(layout.last_run)

@@ -46,9 +46,12 @@ def _annotation(label: str, user: int, *, ground_truth: bool = False) -> dict:
 
 
 def seed(studio: Studio, project_id: int, files_root: Path, classes: tuple[str, ...], *,
-         seed: int = 0) -> dict:
+         seed: int = 0, limit: int | None = None, eval_tasks: int = EVAL_TASKS,
+         unlabeled_tasks: int = UNLABELED_TASKS) -> dict:
+    """Import the demo tasks (the first `limit` scans, all by default) with their annotations."""
     folder = files_root / "demo"
     names, truth = write_images(folder)
+    names, truth = names[:limit], truth[:limit]
     studio.add_local_storage(project_id, str(folder))
     users = [studio.ensure_user(name) for name in ANNOTATORS]
     reviewer = studio.check()
@@ -60,10 +63,10 @@ def seed(studio: Studio, project_id: int, files_root: Path, classes: tuple[str, 
     for rank, i in enumerate(order):
         task = {"data": {"image": f"/data/local-files/?d=demo/{names[i]}"}}
         label = classes[truth[i]]
-        if rank < EVAL_TASKS:
+        if rank < eval_tasks:
             task["annotations"] = [_annotation(label, reviewer, ground_truth=True)]
             counts["eval_ground_truth"] += 1
-        elif rank < EVAL_TASKS + UNLABELED_TASKS:
+        elif rank < eval_tasks + unlabeled_tasks:
             counts["unlabeled"] += 1
         else:
             r = rng.random()

@@ -211,6 +211,13 @@ class Studio:
                 out.append({"id": task.id, "data": dict(task.data)})
         return out
 
+    def predictions(self, project_id: int) -> list[dict]:
+        """`[{"task", "model_version", "score", "result"}]` of every prediction in the project."""
+        with self._call("listing predictions"):
+            return [{"task": p.task, "model_version": p.model_version, "score": p.score,
+                     "result": p.result}
+                    for p in self._client.predictions.list(project=project_id)]
+
     def create_predictions(self, project_id: int, predictions: list[dict]) -> int:
         """Bulk-import `[{"task", "result", "score", "model_version"}]`; returns the count."""
         if not predictions:

@@ -54,8 +54,11 @@ def save(model: Net, path: str | Path, *, classes: tuple[str, ...], image_size: 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"arch": ARCH, "classes": json.dumps(list(classes)),
-                                         "image_size": str(image_size)})
+    # One metadata key: safetensors writes metadata from a hash map in arbitrary order, and
+    # byte-identical files for identical weights keep the sha256 meaningful.
+    meta = json.dumps({"arch": ARCH, "classes": list(classes), "image_size": image_size},
+                      sort_keys=True)
+    save_file(state, str(tmp), metadata={"labelgate": meta})
     tmp.replace(path)
     return path
 
@@ -64,10 +67,11 @@ def load(path: str | Path, *, device: torch.device) -> tuple[Net, tuple[str, ...
     """(model, classes, image_size). Callers verify the file's sha256 first (registry.verify)."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+        raw = (f.metadata() or {}).get("labelgate")
+    meta = json.loads(raw) if raw else {}
     if meta.get("arch") != ARCH:
-        raise ValueError(f"{path}: unknown model architecture {meta.get('arch')!r}")
-    classes = tuple(json.loads(meta["classes"]))
+        raise ValueError(f"{path}: not a labelgate {ARCH} model file")
+    classes = tuple(meta["classes"])
     image_size = int(meta["image_size"])
     model = Net(len(classes), image_size)
     model.load_state_dict(load_file(str(path), device="cpu"))

@@ -38,7 +38,7 @@ def run(model_file: str | Path, decision_path: str | Path, registry_dir: str | P
         model_id = seen["id"] if seen else registry.next_id(registry_dir, sha)
         record = {"id": model_id, "sha256": sha, "dataset_version": dataset_version,
                   "eval_hash": decision["eval_hash"], "params_hash": params_hash,
-                  "metrics": metrics or {"accuracy": decision["candidate_accuracy"]},
+                  "metrics": {**(metrics or {}), "eval_accuracy": decision["candidate_accuracy"]},
                   "verdict": decision["verdict"], "tests": decision["tests"],
                   "previous": current["id"] if current else None}
         if seen is None:

@@ -48,28 +48,28 @@ def collect(state: rawstore.RawState, params: Params) -> tuple[list[dict], list[
         live = [a for a in annotations if not a.get("was_cancelled")]
         skipped = len(annotations) - len(live)
 
-        def reject(reason: str) -> None:
-            quarantine.append({"task_id": task_id, "reason": reason,
+        def reject(kind: str, reason: str) -> None:
+            quarantine.append({"task_id": task_id, "kind": kind, "reason": reason,
                                "annotation_ids": [a.get("id") for a in annotations]})
 
         if not live:
-            reject(f"skipped by every annotator ({skipped} skip(s)), no label")
+            reject("skipped", f"skipped by every annotator ({skipped} skip(s)), no label")
             continue
         image = state.images.get(task_id) or {}
         if image.get("error") or not image.get("sha256"):
-            reject(f"image: {image.get('error') or 'not fetched'}")
+            reject("image unavailable", image.get("error") or "image not fetched")
             continue
         sha = image["sha256"]
         if sha not in state.packs:
-            reject("image bytes missing from the raw store")
+            reject("image unavailable", "image bytes missing from the raw store")
             continue
         try:
             info = images.inspect(state.image_bytes(sha))
         except images.BadImage as exc:
-            reject(f"image: {exc}")
+            reject("bad image", str(exc))
             continue
         if sha in first_task_of_image:
-            reject(f"same image as task {first_task_of_image[sha]}")
+            reject("duplicate image", f"same image as task {first_task_of_image[sha]}")
             continue
         first_task_of_image[sha] = task_id
         for a in live:
@@ -110,7 +110,8 @@ def run(raw_dir: str | Path, out_dir: str | Path, *, params: Params) -> dict:
     accepted = []
     for row in rows:
         if row["task_id"] in flagged:
-            quarantine.append({"task_id": row["task_id"], "reason": flagged[row["task_id"]],
+            kind, reason = flagged[row["task_id"]]
+            quarantine.append({"task_id": row["task_id"], "kind": kind, "reason": reason,
                                "annotation_ids": row["annotation_ids"]})
         else:
             accepted.append(row)
@@ -133,8 +134,7 @@ def run(raw_dir: str | Path, out_dir: str | Path, *, params: Params) -> dict:
                                                    "class_counts": by_counts.result})
     reasons: dict[str, int] = {}
     for q in quarantine:
-        kind = q["reason"].split(":")[0]
-        reasons[kind] = reasons.get(kind, 0) + 1
+        reasons[q["kind"]] = reasons.get(q["kind"], 0) + 1
     summary = {"tasks": len(state.tasks), "accepted": len(accepted),
                "quarantined": len(quarantine), "quarantine_reasons": reasons,
                "class_counts": counts, "snapshots": state.snapshots,

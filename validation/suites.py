@@ -22,12 +22,12 @@ def annotation_suite(classes: tuple[str, ...]) -> gx.ExpectationSuite:
     """One row per non-skipped annotation: task_id, annotation_id, label."""
     exps = []
     exps.append(gxe.ExpectColumnValuesToNotBeNull(
-        column="label", meta={"reason": "annotation has no single class chosen"}))
+        column="label", meta={"kind": "label", "reason": "annotation has no single class chosen"}))
     exps.append(gxe.ExpectColumnValuesToBeInSet(
         column="label", value_set=list(classes),
-        meta={"reason": "label not in the class set (base.classes)"}))
+        meta={"kind": "label", "reason": "label not in the class set (base.classes)"}))
     exps.append(gxe.ExpectColumnValuesToBeUnique(
-        column="annotation_id", meta={"reason": "annotation id seen twice"}))
+        column="annotation_id", meta={"kind": "label", "reason": "annotation id seen twice"}))
     return gx.ExpectationSuite(name="annotations", expectations=exps)
 
 
@@ -36,21 +36,21 @@ def manifest_suite(*, allowed_modes: tuple[str, ...], min_side: int,
     """One row per accepted image: task_id, image_sha256, width, height, mode, n_votes."""
     exps = []
     exps.append(gxe.ExpectColumnValuesToBeUnique(
-        column="task_id", meta={"reason": "task appears twice in the manifest"}))
+        column="task_id", meta={"kind": "duplicate task", "reason": "task appears twice in the manifest"}))
     exps.append(gxe.ExpectColumnValuesToBeUnique(
-        column="image_sha256", meta={"reason": "same image as another task"}))
+        column="image_sha256", meta={"kind": "duplicate image", "reason": "same image as another task"}))
     exps.append(gxe.ExpectColumnValuesToNotBeNull(
-        column="image_sha256", meta={"reason": "no image"}))
+        column="image_sha256", meta={"kind": "image unavailable", "reason": "no image"}))
     for col in ("width", "height"):
         exps.append(gxe.ExpectColumnValuesToBeBetween(
             column=col, min_value=min_side, max_value=max_side,
-            meta={"reason": f"image {col} outside [{min_side}, {max_side}] px "
+            meta={"kind": "image size", "reason": f"image {col} outside [{min_side}, {max_side}] px "
                             "(validate.min_side / max_side)"}))
     exps.append(gxe.ExpectColumnValuesToBeInSet(
         column="mode", value_set=list(allowed_modes),
-        meta={"reason": "image mode not allowed (validate.allowed_modes)"}))
+        meta={"kind": "image mode", "reason": "image mode not allowed (validate.allowed_modes)"}))
     exps.append(gxe.ExpectColumnValuesToBeBetween(
-        column="n_votes", min_value=1, meta={"reason": "no usable annotation"}))
+        column="n_votes", min_value=1, meta={"kind": "label", "reason": "no usable annotation"}))
     return gx.ExpectationSuite(name="manifest", expectations=exps)
 
 
@@ -70,7 +70,7 @@ def class_count_suite(classes: tuple[str, ...], min_per_class: int) -> gx.Expect
 @dataclass(frozen=True)
 class SuiteOutcome:
     success: bool
-    flagged: dict[int, str]   # row id (task id) -> first row-level reason
+    flagged: dict[int, tuple[str, str]]  # row id (task id) -> (kind, reason), first one wins
     blocking: list[str]       # dataset-level failures, readable
     result: dict              # the GE validation result, JSON-serialisable
 
@@ -98,8 +98,9 @@ def run_suite(suite: gx.ExpectationSuite, df: pd.DataFrame, *, key: str = KEY) -
                 row_id = idx[key] if isinstance(idx, dict) else df.iloc[idx][key]
                 value = next((v for c, v in idx.items() if c != key), None) \
                     if isinstance(idx, dict) else None
-                reason = meta["reason"] + (f": {value!r}" if value is not None else "")
-                flagged.setdefault(int(row_id), reason)
+                shown = value is not None and value == value  # NaN (a missing value) != itself
+                reason = meta["reason"] + (f": {value!r}" if shown else "")
+                flagged.setdefault(int(row_id), (meta.get("kind", suite.name), reason))
         else:
             observed = res.result.get("partial_unexpected_list") or res.result.get("observed_value")
             blocking.append(f"{meta.get('blocking', res.expectation_config.type)} "

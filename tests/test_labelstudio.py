@@ -1,0 +1,126 @@
+"""pipelines.labelstudio against a real Label Studio, and against a misbehaving local HTTP server
+for the faults a real one rarely shows on demand."""
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+
+import pytest
+
+from pipelines.labelstudio import (Connection, ImageFetchError, LabelStudioError, Studio,
+                                   connection_from_env, label_config)
+from tests.conftest import free_port
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Serves /img (small PNG-ish bytes), /big (over the cap), /redirect (to `other`),
+    /slow (hangs); records every request's path and Authorization header."""
+    seen: list = []
+    other = ""
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        type(self).seen.append((self.server.server_address[1], self.path,
+                                self.headers.get("Authorization")))
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", f"{type(self).other}/stolen")
+            self.end_headers()
+        elif self.path == "/big":
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"x" * 50_000)
+        elif self.path == "/slow":
+            time.sleep(3)
+            self.send_response(200)
+            self.end_headers()
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"hello")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fault_servers():
+    servers = []
+    for _ in range(2):
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Recorder)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+    _Recorder.seen = []
+    _Recorder.other = f"http://127.0.0.1:{servers[1].server_address[1]}"
+    yield [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
+    for srv in servers:
+        srv.shutdown()
+
+
+def test_image_fetch_sends_key_only_to_configured_host(fault_servers):
+    origin, other = fault_servers
+    st = Studio(Connection(origin, "secret-key-123"), read_timeout_s=1.0)
+    assert st.fetch_image("/img", max_bytes=100) == b"hello"
+    with pytest.raises(ImageFetchError, match="redirect"):
+        st.fetch_image("/redirect", max_bytes=100)
+    with pytest.raises(ImageFetchError, match="host not allowed"):
+        st.fetch_image(f"{other}/img", max_bytes=100)
+    with pytest.raises(ImageFetchError, match="larger than"):
+        st.fetch_image("/big", max_bytes=1000)
+    other_port = int(other.rsplit(":", 1)[1])
+    assert [s for s in _Recorder.seen if s[0] == other_port] == []  # never contacted
+    assert {auth for _, _, auth in _Recorder.seen} == {"Token secret-key-123"}
+
+
+def test_image_fetch_times_out(fault_servers):
+    st = Studio(Connection(fault_servers[0], "k"), read_timeout_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(LabelStudioError, match="timed out"):
+        st.fetch_image("/slow", max_bytes=100)
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_unreachable_server_names_the_url():
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(LabelStudioError) as err:
+        Studio(Connection(url, "k"), connect_timeout_s=1).check()
+    assert url in str(err.value) and "LABEL_STUDIO_URL" in str(err.value)
+
+
+def test_wrong_key_is_a_clear_error_without_the_key(label_studio):
+    bad = "wrong-key-0123456789"
+    with pytest.raises(LabelStudioError) as err:
+        Studio(Connection(label_studio["conn"].url, bad)).check()
+    msg = str(err.value)
+    assert "LABEL_STUDIO_API_KEY" in msg and label_studio["conn"].url in msg
+    assert bad not in msg and "sessionid" not in msg
+
+
+def test_key_never_in_repr(label_studio):
+    assert label_studio["conn"].api_key not in repr(label_studio["conn"])
+
+
+def test_connection_from_env_requires_both(monkeypatch, tmp_path):
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    with pytest.raises(LabelStudioError, match="LABEL_STUDIO_URL"):
+        connection_from_env(tmp_path)
+    monkeypatch.setenv("LABEL_STUDIO_URL", "ftp://example")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "k")
+    with pytest.raises(LabelStudioError, match="http"):
+        connection_from_env(tmp_path)
+
+
+def test_label_config_escapes_class_names():
+    cfg = label_config(("a", '"><script>x</script>', "c&d"))
+    assert "<script>" not in cfg and "&amp;" in cfg
+
+
+def test_project_setup_and_classes(label_studio):
+    st = Studio(label_studio["conn"])
+    classes = ("cat", "dog", "a & b")
+    pid, created = st.ensure_project("labelgate setup test", classes)
+    again, created_again = st.ensure_project("labelgate setup test", classes)
+    assert created and not created_again and again == pid
+    assert st.project_classes(pid) == list(classes)

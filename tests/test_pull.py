@@ -1,0 +1,111 @@
+"""pull against a real Label Studio: snapshots, change detection, interruption, bad input."""
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+
+from pipelines import pull, rawstore
+from pipelines.labelstudio import choice_result
+from tests.conftest import REPO
+from pipelines.settings import load
+
+
+@pytest.fixture(scope="module")
+def project(make_project):
+    return make_project(limit=60, eval_tasks=10, unlabeled_tasks=5)
+
+
+def _params(project):
+    import dataclasses
+    params = load(REPO / "params.yaml")
+    return dataclasses.replace(params, studio=dataclasses.replace(
+        params.studio, project_title=project["title"]))
+
+
+def _api(project, method, path, **kw):
+    conn = project["studio"].conn
+    r = httpx.request(method, f"{conn.url}{path}", headers={"Authorization": f"Token {conn.api_key}"},
+                      timeout=30, **kw)
+    r.raise_for_status()
+    return r.json() if r.content else None
+
+
+def test_pull_snapshot_then_nothing_new(project, tmp_path):
+    params = _params(project)
+    first = pull.run(tmp_path, studio=project["studio"], project_id=project["id"], params=params)
+    # every annotated task (labeled, skipped, bad) is exported; unlabeled ones are not
+    annotated = project["counts"]["tasks"] - project["counts"]["unlabeled"]
+    assert first["snapshot"] == "000001" and first["changed"] == annotated
+    state = rawstore.load(tmp_path)
+    assert len(state.tasks) == annotated
+    assert all(row["sha256"] in state.packs for row in state.images.values() if row["sha256"])
+    # the two broken files are still real bytes; the server served them
+    assert first["image_errors"] == 0
+    second = pull.run(tmp_path, studio=project["studio"], project_id=project["id"], params=params)
+    assert second["snapshot"] is None and second["changed"] == 0
+    assert len(rawstore.snapshot_dirs(tmp_path)) == 1
+
+
+def test_edit_and_delete_become_a_new_snapshot(make_project, tmp_path):
+    project = make_project(limit=30, eval_tasks=5, unlabeled_tasks=5)
+    params = _params(project)
+    st = project["studio"]
+    pull.run(tmp_path, studio=st, project_id=project["id"], params=params)
+    tasks = _api(project, "GET", f"/api/tasks?project={project['id']}&fields=all&page_size=100")
+    tasks = tasks["tasks"] if isinstance(tasks, dict) else tasks
+    labeled = [t for t in tasks if t["annotations"] and not t["annotations"][0]["was_cancelled"]]
+    edited, deleted = labeled[0], labeled[1]
+    _api(project, "PATCH", f"/api/annotations/{edited['annotations'][0]['id']}",
+         json={"result": choice_result("3")})
+    for ann in deleted["annotations"]:
+        _api(project, "DELETE", f"/api/annotations/{ann['id']}")
+    result = pull.run(tmp_path, studio=st, project_id=project["id"], params=params)
+    assert result["snapshot"] == "000002"
+    assert result["changed"] == 1 and result["removed"] == 1
+    assert result["images_fetched"] == 0  # the edited task's image was already stored
+    state = rawstore.load(tmp_path)
+    assert deleted["id"] not in state.tasks
+    ann = state.tasks[edited["id"]]["annotations"][0]
+    assert ann["result"][0]["value"]["choices"] == ["3"]
+    # the older snapshot still holds the deleted task: nothing is lost
+    first = rawstore.snapshot_dirs(tmp_path)[0]
+    assert str(deleted["id"]) in (first / "tasks.jsonl").read_text()
+
+
+def test_interrupted_pull_rerun_equals_clean_pull(project, tmp_path, monkeypatch):
+    params = _params(project)
+    crashed, clean = tmp_path / "crashed", tmp_path / "clean"
+
+    class Killed(BaseException):
+        """Like SIGKILL arriving just before the commit: nothing after it runs."""
+
+    real_rename = os.rename
+
+    def crash(src, dst, *args, **kwargs):
+        if ".tmp-" in str(src):
+            raise Killed()
+        return real_rename(src, dst, *args, **kwargs)
+    monkeypatch.setattr(pull.os, "rename", crash)
+    with pytest.raises(Killed):
+        pull.run(crashed, studio=project["studio"], project_id=project["id"], params=params)
+    monkeypatch.setattr(pull.os, "rename", real_rename)
+    assert rawstore.snapshot_dirs(crashed) == []  # nothing half-written is visible
+    pull.run(crashed, studio=project["studio"], project_id=project["id"], params=params)
+    pull.run(clean, studio=project["studio"], project_id=project["id"], params=params)
+    a, b = rawstore.snapshot_dirs(crashed), rawstore.snapshot_dirs(clean)
+    assert [d.name for d in a] == [d.name for d in b] == ["000001"]
+    assert not [p for p in (crashed / "pulls").iterdir() if p.name.startswith(".tmp-")]
+    for name in ("tasks.jsonl", "images.jsonl", "images.tar", "removed.json"):
+        assert (a[0] / name).read_bytes() == (b[0] / name).read_bytes(), name
+
+
+def test_label_config_drift_stops_the_pull(project, tmp_path):
+    import dataclasses
+    params = _params(project)
+    renamed = dataclasses.replace(params, base=dataclasses.replace(
+        params.base, classes=params.base.classes[:-1] + ("nine",)))
+    with pytest.raises(pull.PullError, match="nine"):
+        pull.run(tmp_path, studio=project["studio"], project_id=project["id"], params=renamed)
+    assert not (tmp_path / "pulls").exists() or rawstore.snapshot_dirs(tmp_path) == []
