@@ -18,6 +18,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Prefect binds its console log handler to sys.stdout when first imported: import it while
+# pytest's session-wide capture is in place, not inside a test's capsys (closed afterwards).
+import prefect  # noqa: E402,F401
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -1,0 +1,236 @@
+"""Small builders shared by the unit tests: settings with overrides, images (real digit scans and
+hand-made ones), Label Studio export-style tasks, and raw-store snapshots written in exactly the
+layout `pipelines.pull.run` writes and `pipelines.rawstore.load` reads.
+
+Plain functions, no pytest fixtures: tests/conftest.py is owned elsewhere.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import json
+import struct
+import tarfile
+import zlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from pipelines import rawstore, settings
+from pipelines.files import sha256_bytes
+from pipelines.labelstudio import choice_result
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS_YAML = REPO / "params.yaml"
+IMAGE_KEY = "image"          # params.yaml studio.image_key
+SCAN_SIDE = 32               # pipelines/demo.py saves the 8x8 scans upscaled to 32x32
+DELETE = object()            # an override value that removes the key
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+def params_dict(overrides: Mapping[str, object] | None = None) -> dict:
+    """The repo's params.yaml as a plain dict, with dotted overrides applied
+    (`{"train.epochs": 2}`; a value of `DELETE` removes the key or section)."""
+    raw = yaml.safe_load(PARAMS_YAML.read_text())
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        if value is DELETE:
+            del node[leaf]
+        else:
+            node[leaf] = copy.deepcopy(value)
+    return raw
+
+
+def params(overrides: Mapping[str, object] | None = None, /, **more: object) -> settings.Params:
+    """`Params` parsed (through the real loader's checks) from the repo's params.yaml, with
+    dotted overrides: `params({"train.epochs": 2})` or `params(**{"train.epochs": 2})`."""
+    return settings.parse(params_dict({**(overrides or {}), **more}))
+
+
+# -- images -------------------------------------------------------------------------------------
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    """PNG of a uint8 array: (H, W) -> L, (H, W, 3) -> RGB, (H, W, 4) -> RGBA."""
+    array = np.asarray(array)
+    if mode is None and array.dtype != np.uint8:
+        array = array.astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return d.images, d.target
+
+
+def digit_count() -> int:
+    return len(_digits()[1])
+
+
+@functools.lru_cache(maxsize=4096)
+def digit_png(i: int) -> bytes:
+    """Scan `i` of scikit-learn's 1,797 real handwritten digits, as pipelines/demo.py saves it:
+    8x8 (0..16) -> uint8 -> bicubic 32x32 grayscale PNG."""
+    img = _digits()[0][i]
+    pixels = (img * (255 / 16)).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "L").resize((SCAN_SIDE, SCAN_SIDE),
+                                        Image.Resampling.BICUBIC).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def digit_label(i: int) -> int:
+    return int(_digits()[1][i])
+
+
+def digits_by_class(per_class: int | Mapping[int, int], *, start: int = 0) -> list[tuple[int, bytes, int]]:
+    """`[(scan index, png bytes, true class)]`: the first `per_class` scans of each class (an int
+    for every class, or {class: n}), in scan order, from scan `start` on."""
+    want = ({c: per_class for c in range(10)} if isinstance(per_class, int)
+            else {int(k): v for k, v in per_class.items()})
+    taken = {c: 0 for c in want}
+    out = []
+    for i in range(start, digit_count()):
+        c = digit_label(i)
+        if c in want and taken[c] < want[c]:
+            taken[c] += 1
+            out.append((i, digit_png(i), c))
+    short = {c: want[c] - taken[c] for c in want if taken[c] < want[c]}
+    assert not short, f"not enough scans of classes {short}"
+    return out
+
+
+def png_header_only_bomb(width: int, height: int) -> bytes:
+    """A valid, tiny 1-bit grayscale PNG (every pixel black) that declares `width` x `height`.
+    Written by hand, streaming the zlib data, so building it never allocates the full image
+    (Pillow would hold one byte per pixel: 400 MB for 20000 x 20000)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    row = b"\x00" * (1 + (width + 7) // 8)        # filter byte + packed 1-bit pixels
+    z = zlib.compressobj(9)
+    parts, left = [], height
+    while left:
+        n = min(left, 1024)
+        parts.append(z.compress(row * n))
+        left -= n
+    parts.append(z.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit, grayscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
+            + chunk(b"IEND", b""))
+
+
+# -- Label Studio tasks -------------------------------------------------------------------------
+
+def ls_task(task_id: int, label_or_labels: str | None | list[str | None], *, url: str,
+            cancelled: bool | list[bool] = False, ground_truth: bool | list[bool] = False) -> dict:
+    """A task as Label Studio's JSON export has it: one annotation per label, each by a different
+    annotator (user ids 1, 2, ...), with `result` = `choice_result(label)`. A label of None is an
+    annotation that chose nothing (`result: []`); a cancelled annotation is a skip (`result: []`,
+    `was_cancelled: true`). `cancelled`/`ground_truth` are one bool for all or one per label."""
+    labels = ([label_or_labels] if label_or_labels is None or isinstance(label_or_labels, str)
+              else list(label_or_labels))
+    n = len(labels)
+    skips = list(cancelled) if isinstance(cancelled, (list, tuple)) else [cancelled] * n
+    gts = list(ground_truth) if isinstance(ground_truth, (list, tuple)) else [ground_truth] * n
+    assert len(skips) == n and len(gts) == n
+    annotations = []
+    for i, (label, skip, gt) in enumerate(zip(labels, skips, gts)):
+        annotations.append({
+            "id": task_id * 100 + i + 1, "completed_by": i + 1, "task": task_id, "project": 1,
+            "result": [] if skip or label is None else choice_result(label),
+            "was_cancelled": bool(skip), "ground_truth": bool(gt),
+            "created_at": "2025-01-01T00:00:00.000000Z",
+            "updated_at": f"2025-01-01T00:00:{i:02d}.000000Z",
+            "lead_time": 3.5, "prediction": {}, "result_count": 0 if skip else 1})
+    return {"id": task_id, "data": {IMAGE_KEY: url}, "annotations": annotations,
+            "predictions": [], "drafts": [], "meta": {}, "project": 1, "inner_id": task_id,
+            "total_annotations": sum(not s for s in skips),
+            "cancelled_annotations": sum(bool(s) for s in skips), "total_predictions": 0,
+            "created_at": "2025-01-01T00:00:00.000000Z",
+            "updated_at": "2025-01-01T00:00:00.000000Z"}
+
+
+def task_url(name: str) -> str:
+    return f"/data/local-files/?d=demo/{name}"
+
+
+def image_row(task_id: int, url: str | None, *, sha256: str | None = None,
+              error: str | None = None) -> dict:
+    """One images.jsonl row, as pull writes it."""
+    return {"task_id": task_id, "url": url, "sha256": sha256, "error": error}
+
+
+# -- raw store ----------------------------------------------------------------------------------
+
+def write_snapshot(raw_dir: str | Path, tasks: list[dict], blobs: Mapping[str, bytes] | Iterable[bytes],
+                   image_rows: list[dict], removed: list[int] = [], seq: int = 1,  # noqa: B006
+                   *, project_id: int = 1) -> Path:
+    """Write `raw_dir/pulls/<seq>/` as `pipelines.pull.run` does: tasks.jsonl, images.jsonl,
+    removed.json, images.tar (members named by sha256, sorted, PAX; only if there are blobs) and
+    meta.json (seq, project_id, cursor of every task seen so far, url_sha). `blobs` is
+    {sha256: bytes} or just the bytes (named by their sha256 here)."""
+    if not isinstance(blobs, Mapping):
+        blobs = {sha256_bytes(b): b for b in blobs}
+    for sha, data in blobs.items():
+        assert sha256_bytes(data) == sha, "blob not named by its sha256"
+    raw_dir = Path(raw_dir)
+    prev = rawstore.latest_meta(raw_dir)
+    assert (prev["seq"] if prev else 0) < seq, "snapshots are written in sequence order"
+    snap = raw_dir / rawstore.PULLS / f"{seq:06d}"
+    snap.mkdir(parents=True, exist_ok=False)
+
+    def jsonl(rows: list[dict]) -> str:
+        return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+    (snap / "tasks.jsonl").write_text(jsonl(tasks))
+    (snap / "images.jsonl").write_text(jsonl(image_rows))
+    (snap / "removed.json").write_text(json.dumps(sorted(int(t) for t in removed)))
+    if blobs:
+        with tarfile.open(snap / "images.tar", "w:", format=tarfile.PAX_FORMAT) as tar:
+            for sha in sorted(blobs):
+                info = tarfile.TarInfo(sha)
+                info.size = len(blobs[sha])
+                tar.addfile(info, io.BytesIO(blobs[sha]))
+    cursor = dict(prev["cursor"]) if prev else {}
+    url_sha = dict(prev["url_sha"]) if prev else {}
+    for task_id in removed:
+        cursor.pop(str(task_id), None)
+    cursor.update({str(t["id"]): rawstore.fingerprint(t) for t in tasks})
+    url_sha.update({r["url"]: r["sha256"] for r in image_rows if r.get("url") and r.get("sha256")})
+    meta = {"seq": seq, "pulled_at": "2025-01-01T00:00:00Z",
+            "label_studio_url": "http://127.0.0.1:8089", "project_id": project_id,
+            "classes": list(params().base.classes),
+            "counts": {"exported": len(cursor), "changed": len(tasks), "removed": len(removed),
+                       "images_fetched": len(blobs),
+                       "image_errors": sum(1 for r in image_rows if r.get("error"))},
+            "cursor": cursor, "url_sha": url_sha}
+    (snap / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return snap
+
+
+def write_store(raw_dir: str | Path, entries: list[tuple[dict, bytes | str | None]],
+                *, removed: list[int] = [], seq: int = 1) -> Path:  # noqa: B006
+    """A snapshot from `(task, image)` pairs: image bytes (stored, row with its sha256), a str
+    (a fetch error row) or None (no row at all)."""
+    blobs, rows = {}, []
+    for task, image in entries:
+        url = task["data"].get(IMAGE_KEY)
+        if isinstance(image, bytes):
+            sha = sha256_bytes(image)
+            blobs[sha] = image
+            rows.append(image_row(task["id"], url, sha256=sha))
+        elif isinstance(image, str):
+            rows.append(image_row(task["id"], url, error=image))
+    return write_snapshot(raw_dir, [t for t, _ in entries], blobs, rows, removed=removed, seq=seq)

@@ -1,0 +1,245 @@
+"""pipelines.prepare: label resolution, the content-hash split, eval-set exclusion, and packed
+uint8 splits that are byte-identical for identical inputs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from pipelines import images, prepare
+from pipelines.files import read_json, read_jsonl, sha256_bytes
+from pipelines.prepare import in_val, resolve
+from tests import factories
+from tests.factories import ls_task, task_url
+
+# -- resolve -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("labels", [["3"], ["3", "3"], ["3", "3", "3"]])
+def test_unanimous(labels):
+    assert resolve(labels, [False] * len(labels)) == ("3", "unanimous")
+
+
+@pytest.mark.parametrize("labels, winner", [
+    (["3", "3", "5"], "3"), (["5", "3", "5"], "5"), (["1", "2", "2", "2", "1"], "2"),
+])
+def test_majority(labels, winner):
+    assert Counter(labels).most_common(1)[0][0] == winner  # the case is what it says
+    assert resolve(labels, [False] * len(labels)) == (winner, "majority")
+
+
+@pytest.mark.parametrize("labels", [["3", "5"], ["5", "3"], ["1", "1", "2", "2"],
+                                    ["1", "2", "3"]])
+def test_tie_is_disputed(labels):
+    label, rule = resolve(labels, [False] * len(labels))
+    assert label is None
+    assert rule.startswith("disputed")
+    top = max(Counter(labels).values())
+    for tied in {l for l, n in Counter(labels).items() if n == top}:
+        assert repr(tied) in rule  # names the tied classes
+
+
+def test_ground_truth_wins_over_a_majority():
+    labels, gt = ["3", "3", "3", "8"], [False, False, False, True]
+    assert resolve(labels, gt) == ("8", "ground_truth")
+
+
+def test_agreeing_ground_truths_win():
+    assert resolve(["8", "8", "3"], [True, True, False]) == ("8", "ground_truth")
+
+
+def test_ground_truth_breaks_a_tie():
+    assert resolve(["3", "5"], [False, True]) == ("5", "ground_truth")
+
+
+def test_disagreeing_ground_truths_are_disputed_even_with_a_majority():
+    label, rule = resolve(["3", "5", "3", "3"], [True, True, False, False])
+    assert label is None
+    assert rule.startswith("disputed") and "ground-truth" in rule
+    assert "'3'" in rule and "'5'" in rule
+
+
+# -- in_val --------------------------------------------------------------------------------------
+
+def fake_shas(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [hashlib.sha256(rng.randbytes(16)).hexdigest() for _ in range(n)]
+
+
+def test_in_val_is_deterministic():
+    shas = fake_shas(200)
+    first = [in_val(s, seed=42, fraction=0.3) for s in shas]
+    assert first == [in_val(s, seed=42, fraction=0.3) for s in reversed(shas)][::-1]
+    assert any(first) and not all(first)
+
+
+def test_in_val_fraction_over_many_hashes():
+    shas = fake_shas(20_000)
+    for fraction in (0.15, 0.5):
+        share = sum(in_val(s, seed=42, fraction=fraction) for s in shas) / len(shas)
+        sigma = (fraction * (1 - fraction) / len(shas)) ** 0.5
+        assert abs(share - fraction) < 5 * sigma, (fraction, share)
+
+
+def test_in_val_grows_monotonically_with_the_fraction():
+    # An image in val at 10 % stays in val at 20 %: raising the fraction never moves val to train.
+    for s in fake_shas(2_000):
+        if in_val(s, seed=1, fraction=0.1):
+            assert in_val(s, seed=1, fraction=0.2)
+
+
+def test_in_val_depends_on_the_seed():
+    shas = fake_shas(2_000)
+    a = [in_val(s, seed=1, fraction=0.5) for s in shas]
+    b = [in_val(s, seed=2, fraction=0.5) for s in shas]
+    assert a != b
+
+
+# -- run -----------------------------------------------------------------------------------------
+
+def build(root, *, per_class: int = 4):
+    """A raw store + a manifest (as validate writes it) + a tiny frozen eval set containing one
+    of the store's images. Returns what the test needs to derive expectations."""
+    digits = factories.digits_by_class(per_class)
+    entries, manifest, truth = [], [], {}
+    for n, (i, data, cls) in enumerate(digits, start=1):
+        task = ls_task(n, str(cls), url=task_url(f"digit-{i:04d}.png"))
+        entries.append((task, data))
+        sha = sha256_bytes(data)
+        manifest.append({"task_id": n, "labels": [str(cls)], "ground_truth": [False],
+                         "annotators": ["1"], "annotation_ids": [n * 100 + 1],
+                         "image_sha256": sha, "n_votes": 1, "skipped": 0})
+        truth[n] = (sha, str(cls), data)
+    # one task with a tie: disputed, never packed
+    tie_task = len(digits) + 1
+    (_, tie_data, _), = factories.digits_by_class({0: 1}, start=digits[-1][0] + 1)
+    entries.append((ls_task(tie_task, ["1", "7"], url=task_url("tie.png")), tie_data))
+    manifest.append({"task_id": tie_task, "labels": ["1", "7"], "ground_truth": [False, False],
+                     "annotators": ["1", "2"], "image_sha256": sha256_bytes(tie_data),
+                     "n_votes": 2, "skipped": 0})
+    factories.write_store(root / "raw", entries)
+    (root / "validated").mkdir()
+    (root / "validated" / "manifest.jsonl").write_text(
+        "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest))
+    eval_task = 3
+    (root / "eval").mkdir()
+    (root / "eval" / "manifest.jsonl").write_text(json.dumps(
+        {"task_id": 9000, "image_sha256": truth[eval_task][0], "label": truth[eval_task][1]}) + "\n")
+    return {"truth": truth, "eval_task": eval_task, "tie_task": tie_task,
+            "tie_sha": sha256_bytes(tie_data)}
+
+
+def run(root, out="prepared", **overrides):
+    params = factories.params({"prepare.val_fraction": 0.3, **overrides})
+    summary = prepare.run(root / "validated" / "manifest.jsonl", root / "raw", root / "eval",
+                          root / out, params=params)
+    return summary, params
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepare")
+    info = build(root)
+    summary, params = run(root)
+    out = root / "prepared"
+    with np.load(out / "train.npz") as z:
+        train = {k: z[k] for k in z.files}
+    with np.load(out / "val.npz") as z:
+        val = {k: z[k] for k in z.files}
+    return {"root": root, "out": out, "summary": summary, "params": params, "train": train,
+            "val": val, "resolved": read_jsonl(out / "resolved.jsonl"), **info}
+
+
+def test_eval_image_is_excluded_from_training(prepared):
+    eval_sha = prepared["truth"][prepared["eval_task"]][0]
+    for split in ("train", "val"):
+        assert eval_sha not in set(prepared[split]["sha256"].tolist())
+        assert prepared["eval_task"] not in set(prepared[split]["task_id"].tolist())
+    row = next(r for r in prepared["resolved"] if r["task_id"] == prepared["eval_task"])
+    assert row["split"].startswith("excluded")
+    assert prepared["summary"]["excluded_eval_overlap"] == 1
+
+
+def test_disputed_task_is_reported_not_packed(prepared):
+    disputed = read_jsonl(prepared["out"] / "disputed.jsonl")
+    assert [d["task_id"] for d in disputed] == [prepared["tie_task"]]
+    assert disputed[0]["label"] is None and disputed[0]["split"] == "disputed"
+    for split in ("train", "val"):
+        assert prepared["tie_sha"] not in set(prepared[split]["sha256"].tolist())
+
+
+def test_split_follows_in_val_and_covers_every_usable_task(prepared):
+    p = prepared["params"]
+    want = {"train": set(), "val": set()}
+    for task_id, (sha, _, _) in prepared["truth"].items():
+        if task_id == prepared["eval_task"]:
+            continue
+        split = "val" if in_val(sha, seed=p.base.seed, fraction=p.prepare.val_fraction) else "train"
+        want[split].add(task_id)
+    for split in ("train", "val"):
+        got = prepared[split]["task_id"].tolist()
+        assert len(got) == len(set(got))
+        assert set(got) == want[split]
+        assert prepared["summary"][split] == len(got)
+
+
+def test_packed_arrays_are_uint8_images_with_their_labels(prepared):
+    p = prepared["params"]
+    size = p.base.image_size
+    index = {c: i for i, c in enumerate(p.base.classes)}
+    for split in ("train", "val"):
+        z = prepared[split]
+        n = len(z["task_id"])
+        assert z["x"].dtype == np.uint8 and z["x"].shape == (n, size, size)
+        assert z["y"].dtype == np.int64 and z["y"].shape == (n,)
+        assert len(z["sha256"]) == n
+        for k in range(n):
+            sha, label, data = prepared["truth"][int(z["task_id"][k])]
+            assert z["sha256"][k] == sha
+            assert z["y"][k] == index[label]
+            assert np.array_equal(z["x"][k], images.to_array(data, size))  # same preprocessing
+
+
+def test_resolved_has_every_manifest_row(prepared):
+    manifest = read_jsonl(prepared["root"] / "validated" / "manifest.jsonl")
+    assert [r["task_id"] for r in prepared["resolved"]] == [r["task_id"] for r in manifest]
+    s = prepared["summary"]
+    assert s["resolved"] == len(manifest) == s["train"] + s["val"] + s["disputed"] + \
+        s["excluded_eval_overlap"]
+    assert read_json(prepared["out"] / "summary.json") == s
+    labels = [str(c) for c in prepared["train"]["y"].tolist()]
+    assert s["train_class_counts"] == dict(sorted(Counter(labels).items()))
+
+
+def test_same_inputs_give_byte_identical_outputs(prepared):
+    run(prepared["root"], out="again")
+    first = sorted(p.name for p in prepared["out"].iterdir())
+    second = sorted(p.name for p in (prepared["root"] / "again").iterdir())
+    assert first == second
+    assert {"train.npz", "val.npz", "resolved.jsonl", "disputed.jsonl", "summary.json"} <= set(first)
+    for name in first:
+        a = (prepared["out"] / name).read_bytes()
+        b = (prepared["root"] / "again" / name).read_bytes()
+        assert a == b, name
+
+
+def test_no_temp_files_are_left(prepared):
+    assert not [p for p in prepared["out"].iterdir() if ".tmp" in p.name]
+
+
+def test_an_empty_split_is_a_readable_error(tmp_path):
+    build(tmp_path, per_class=1)  # 10 images, of which 9 usable
+    with pytest.raises(ValueError, match="need images in both splits"):
+        run(tmp_path, **{"prepare.val_fraction": 1e-9})
+
+
+def test_no_eval_set_yet_means_nothing_is_excluded(tmp_path):
+    info = build(tmp_path)
+    (tmp_path / "eval" / "manifest.jsonl").unlink()
+    summary, _ = run(tmp_path)
+    assert summary["excluded_eval_overlap"] == 0
+    assert summary["train"] + summary["val"] == len(info["truth"])

@@ -1,0 +1,206 @@
+"""pipelines.train and pipelines.net on real digit scans: outputs, determinism, divergence caught
+with a readable error, and the safetensors model format."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipelines import images, net, train
+from pipelines.files import read_json
+from tests import factories
+
+PER_CLASS = 16           # 160 real scans: 128 train, 32 val
+EPOCHS = 2
+BATCH = 32
+SIZE = 28
+
+
+def write_prepared(folder, *, per_class: int = PER_CLASS, size: int = SIZE) -> dict:
+    """train.npz / val.npz in the format pipelines/prepare.py writes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    digits = factories.digits_by_class(per_class)
+    x = images.stack([data for _, data, _ in digits], size)
+    y = np.array([cls for _, _, cls in digits], dtype=np.int64)
+    task_id = np.arange(1, len(y) + 1, dtype=np.int64)
+    sha = np.array([f"{i:064x}" for i in task_id])
+    val = task_id % 5 == 0
+    sizes = {}
+    for name, mask in (("train", ~val), ("val", val)):
+        np.savez(folder / f"{name}.npz", x=x[mask], y=y[mask], task_id=task_id[mask],
+                 sha256=sha[mask])
+        sizes[name] = int(mask.sum())
+    return sizes
+
+
+def train_params(**overrides):
+    return factories.params({"train.epochs": EPOCHS, "train.batch_size": BATCH,
+                             "train.lr": 0.003, "train.device": "cpu", **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    sizes = write_prepared(root / "prepared")
+    params = train_params()
+    metrics = train.run(root / "prepared", root / "out", params=params)
+    return {"root": root, "sizes": sizes, "params": params, "metrics": metrics,
+            "out": root / "out"}
+
+
+def test_writes_model_history_and_metrics(trained):
+    out = trained["out"]
+    assert (out / "model.safetensors").stat().st_size > 0
+    with open(out / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, EPOCHS + 1))  # one row per epoch
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc"}
+    assert all(math.isfinite(float(r[k])) for r in rows for k in r)
+    m = read_json(out / "metrics.json")
+    assert m == trained["metrics"]
+    assert m["device"] == "cpu" and m["epochs"] == EPOCHS
+    assert m["train_images"] == trained["sizes"]["train"]
+    assert m["val_images"] == trained["sizes"]["val"]
+    assert m["val_acc"] == float(rows[-1]["val_acc"]) and m["val_loss"] == float(rows[-1]["val_loss"])
+    assert not [p for p in out.iterdir() if p.suffix == ".tmp"]
+
+
+def test_it_learns_something(trained):
+    with open(trained["out"] / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    chance = 1 / len(trained["params"].base.classes)
+    assert trained["metrics"]["val_acc"] > 2 * chance
+
+
+def test_model_file_loads_with_its_classes(trained):
+    model, classes, size = net.load(trained["out"] / "model.safetensors",
+                                    device=torch.device("cpu"))
+    assert classes == trained["params"].base.classes and size == SIZE
+    assert not model.training
+    with np.load(trained["root"] / "prepared" / "val.npz") as z:
+        x, y = z["x"], z["y"]
+    probs = net.predict_proba(model, x, device=torch.device("cpu"))
+    assert probs.shape == (len(y), len(classes))
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    # the saved model is the one whose val accuracy was reported
+    assert (probs.argmax(1) == y).mean() == pytest.approx(trained["metrics"]["val_acc"], abs=1e-4)
+
+
+def test_two_runs_give_byte_identical_model_files(trained):
+    again = train.run(trained["root"] / "prepared", trained["root"] / "again",
+                      params=trained["params"])
+    a = (trained["out"] / "model.safetensors").read_bytes()
+    b = (trained["root"] / "again" / "model.safetensors").read_bytes()
+    assert a == b
+    assert (trained["out"] / "history.csv").read_bytes() == \
+        (trained["root"] / "again" / "history.csv").read_bytes()
+    assert again["val_acc"] == trained["metrics"]["val_acc"]
+
+
+def test_another_seed_gives_another_model(trained, tmp_path):
+    params = train_params(**{"base.seed": trained["params"].base.seed + 1, "train.epochs": 1})
+    train.run(trained["root"] / "prepared", tmp_path / "out", params=params)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() != \
+        (trained["out"] / "model.safetensors").read_bytes()
+
+
+def test_divergence_raises_naming_epoch_and_step(trained, tmp_path):
+    with pytest.raises(train.TrainingError) as err:
+        train.run(trained["root"] / "prepared", tmp_path / "out",
+                  params=train_params(**{"train.lr": 1e12}))
+    msg = str(err.value)
+    m = re.search(r"epoch (\d+), step (\d+)", msg)
+    assert m, msg
+    epoch, step = int(m.group(1)), int(m.group(2))
+    assert 1 <= epoch <= EPOCHS
+    assert 1 <= step <= math.ceil(trained["sizes"]["train"] / BATCH)
+    assert "train.lr" in msg
+    assert not (tmp_path / "out" / "model.safetensors").exists()  # no half-trained candidate
+
+
+# -- net -----------------------------------------------------------------------------------------
+
+def small_net(seed: int = 0, classes=("cat", "dog", "<x>|y"), size: int = 16) -> net.Net:
+    torch.manual_seed(seed)
+    return net.Net(len(classes), size).eval()
+
+
+def test_net_save_load_round_trip(tmp_path):
+    classes, size = ("cat", "dog", "<x>|y"), 16
+    model = small_net(classes=classes, size=size)
+    path = net.save(model, tmp_path / "m" / "model.safetensors", classes=classes, image_size=size)
+    loaded, got_classes, got_size = net.load(path, device=torch.device("cpu"))
+    assert got_classes == classes and got_size == size
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    x = np.random.default_rng(0).integers(0, 256, (5, size, size), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    assert np.array_equal(net.predict_proba(model, x, device=cpu),
+                          net.predict_proba(loaded, x, device=cpu))
+
+
+def test_same_weights_give_the_same_file_bytes(tmp_path):
+    classes = ("a", "b")
+    a = net.save(small_net(3, classes), tmp_path / "a.safetensors", classes=classes, image_size=16)
+    b = net.save(small_net(3, classes), tmp_path / "b.safetensors", classes=classes, image_size=16)
+    c = net.save(small_net(4, classes), tmp_path / "c.safetensors", classes=classes, image_size=16)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+
+
+def test_model_file_without_labelgate_metadata_is_refused(tmp_path):
+    model = small_net()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    bare = tmp_path / "bare.safetensors"
+    save_file(state, str(bare))
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(state, str(foreign), metadata={"labelgate": json.dumps(
+        {"arch": "resnet-50", "classes": ["cat", "dog", "<x>|y"], "image_size": 16})})
+    for path in (bare, foreign):
+        with pytest.raises(ValueError, match="not a labelgate"):
+            net.load(path, device=torch.device("cpu"))
+
+
+class _Touch:
+    """Unpickling this creates a file: the proof that a pickle was executed."""
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import pathlib
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_a_pickle_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.safetensors"
+    torch.save({"weights": _Touch(marker)}, path)  # a pickle under the expected name
+    with pytest.raises(Exception) as err:
+        net.load(path, device=torch.device("cpu"))
+    assert not isinstance(err.value, AssertionError)
+    assert not marker.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trains_on_cuda(tmp_path):
+    sizes = write_prepared(tmp_path / "prepared")
+    params = train_params(**{"train.device": "cuda"})
+    metrics = train.run(tmp_path / "prepared", tmp_path / "out", params=params)
+    assert metrics["device"] == "cuda"
+    assert metrics["train_images"] == sizes["train"]
+    assert metrics["val_acc"] > 2 / len(params.base.classes)
+    # the file is device-independent: it loads on the CPU
+    model, classes, size = net.load(tmp_path / "out" / "model.safetensors",
+                                    device=torch.device("cpu"))
+    assert classes == params.base.classes and size == SIZE
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
