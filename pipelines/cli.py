@@ -145,15 +145,15 @@ def cmd_status(args, layout: Layout, params) -> int:
 def cmd_rollback(args, layout: Layout, params) -> int:
     from pipelines import registry
     pointer = registry.rollback(layout.registry, to=args.to, reason=args.reason)
-    print(f"production is now {pointer['id']} (was {pointer['previous']})")
+    print(f"production is now {pointer['id']} (was {pointer['rolled_back_from']})")
     return 0
 
 
 def cmd_serve(args, layout: Layout, params) -> int:
-    from pipelines.flows import retrain
+    from prefect import serve
+    from pipelines.flows import deployment
     print(f"serving labelgate-retrain on cron {params.schedule.cron!r}; Ctrl-C to stop")
-    retrain.serve(name="labelgate-retrain", cron=params.schedule.cron,
-                  parameters={"root": str(layout.root)})
+    serve(deployment(str(layout.root), params.schedule.cron))
     return 0
 
 

@@ -114,5 +114,11 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
     return summary
 
 
+def deployment(root: str, cron: str):
+    """The retraining flow as a Prefect deployment on `cron` (params.yaml `schedule.cron`)."""
+    return retrain.to_deployment(name="labelgate-retrain", cron=cron,
+                                 parameters={"root": str(Layout(root).root)})
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

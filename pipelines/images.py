@@ -46,23 +46,33 @@ def _open(data: bytes) -> Image.Image:
     return img
 
 
+def _gray(img: Image.Image) -> Image.Image:
+    """What the model sees, before resizing: EXIF orientation applied, transparency composited
+    onto black (digits are light ink on dark), 16-bit intensities scaled (not clipped) to 8-bit."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Pillow's convert("L") clips these at 255; 16-bit PNGs open as "I" with 0..65535.
+        wide = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(wide / 257.0, 0, 255).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return img.convert("L")
+
+
 def inspect(data: bytes) -> ImageInfo:
-    """Decode fully and describe; raises BadImage with a readable reason."""
+    """Decode fully and describe; raises BadImage with a readable reason. The blank check runs
+    on what the model would see, so an image that preprocesses to one flat value is refused."""
     img = _open(data)
-    lo, hi = img.convert("L").getextrema()
+    lo, hi = _gray(img).getextrema()
     if lo == hi:
-        raise BadImage(f"blank image (every pixel is {lo})")
+        raise BadImage(f"blank image (every pixel is {lo} after preprocessing)")
     return ImageInfo(width=img.width, height=img.height, mode=img.mode, format=img.format or "?")
 
 
 def to_array(data: bytes, size: int) -> np.ndarray:
     """`(size, size)` uint8 grayscale: EXIF orientation applied, bilinear resize."""
-    img = ImageOps.exif_transpose(_open(data))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))  # digits: light ink on dark
-        img = Image.alpha_composite(background, img)
-    img = img.convert("L")
+    img = _gray(_open(data))
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)

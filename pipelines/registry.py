@@ -127,7 +127,10 @@ def rollback(registry_dir: str | Path, *, to: str | None = None, reason: str = "
             raise RegistryError(f"{to} was never a production model; see `labelgate status`")
         pointer = {k: target[k] for k in ("id", "sha256", "dataset_version", "eval_hash",
                                            "metrics")}
-        pointer.update(since=now(), previous=current["id"], via="rollback")
+        # `previous` is the target's own predecessor, so a second rollback goes further back
+        # instead of toggling between two models.
+        pointer.update(since=now(), previous=target.get("previous"),
+                       rolled_back_from=current["id"], via="rollback")
         append(registry_dir, {"event": "rolled_back", **pointer, "reason": reason})
         set_production(registry_dir, pointer)
         return pointer

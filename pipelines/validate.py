@@ -41,7 +41,6 @@ def _annotator(annotation: dict) -> str:
 def collect(state: rawstore.RawState, params: Params) -> tuple[list[dict], list[dict], list[dict]]:
     """(candidate manifest rows, annotation rows, quarantine rows) before the GE suites."""
     rows, votes, quarantine = [], [], []
-    first_task_of_image: dict[str, int] = {}
     for task_id in sorted(state.tasks):
         task = state.tasks[task_id]
         annotations = task.get("annotations") or []
@@ -68,10 +67,6 @@ def collect(state: rawstore.RawState, params: Params) -> tuple[list[dict], list[
         except images.BadImage as exc:
             reject("bad image", str(exc))
             continue
-        if sha in first_task_of_image:
-            reject("duplicate image", f"same image as task {first_task_of_image[sha]}")
-            continue
-        first_task_of_image[sha] = task_id
         for a in live:
             votes.append({"task_id": task_id, "annotation_id": a.get("id"), "label": chosen_label(a),
                           "annotator": _annotator(a), "ground_truth": bool(a.get("ground_truth"))})
@@ -98,21 +93,35 @@ def run(raw_dir: str | Path, out_dir: str | Path, *, params: Params) -> dict:
     rows, votes, quarantine = collect(state, params)
     v = params.validate
 
+    def quarantined(row: dict, kind: str, reason: str) -> None:
+        quarantine.append({"task_id": row["task_id"], "kind": kind, "reason": reason,
+                           "annotation_ids": row["annotation_ids"]})
+
     vote_df = pd.DataFrame(votes, columns=["task_id", "annotation_id", "label", "annotator",
                                            "ground_truth"])
     by_votes = suites.run_suite(suites.annotation_suite(params.base.classes), vote_df)
-    manifest_df = pd.DataFrame(rows, columns=["task_id", "image_sha256", "width", "height",
-                                              "mode", "n_votes"])
+    # Duplicates are resolved among rows whose labels passed, so a valid copy of an image is
+    # never rejected in favour of a copy that is itself rejected.
+    first_task_of_image: dict[str, int] = {}
+    labeled = []
+    for row in rows:
+        if row["task_id"] in by_votes.flagged:
+            quarantined(row, *by_votes.flagged[row["task_id"]])
+        elif row["image_sha256"] in first_task_of_image:
+            quarantined(row, "duplicate image",
+                        f"same image as task {first_task_of_image[row['image_sha256']]}")
+        else:
+            first_task_of_image[row["image_sha256"]] = row["task_id"]
+            labeled.append(row)
+    manifest_df = pd.DataFrame(labeled, columns=["task_id", "image_sha256", "width", "height",
+                                                 "mode", "n_votes"])
     by_rows = suites.run_suite(suites.manifest_suite(allowed_modes=v.allowed_modes,
                                                      min_side=v.min_side, max_side=v.max_side),
                                manifest_df)
-    flagged = {**by_rows.flagged, **by_votes.flagged}
     accepted = []
-    for row in rows:
-        if row["task_id"] in flagged:
-            kind, reason = flagged[row["task_id"]]
-            quarantine.append({"task_id": row["task_id"], "kind": kind, "reason": reason,
-                               "annotation_ids": row["annotation_ids"]})
+    for row in labeled:
+        if row["task_id"] in by_rows.flagged:
+            quarantined(row, *by_rows.flagged[row["task_id"]])
         else:
             accepted.append(row)
 

@@ -199,3 +199,20 @@ def test_invalid_params_names_the_key(world, tmp_path, capsys):
     write_params(ws / "params.yaml", **{"train.epochs": "ten"})
     assert cli.main(["--root", str(ws), "status"]) == 2
     assert "train.epochs" in capsys.readouterr().err
+
+
+def test_serve_deployment_uses_the_cron_from_params(world):
+    from pipelines.flows import deployment
+    from pipelines.settings import load
+    params = load(world["layout"].params)
+    dep = deployment(str(world["root"]), params.schedule.cron)
+    assert dep.name == "labelgate-retrain"
+    assert [s.schedule.cron for s in dep.schedules] == [params.schedule.cron]
+    assert dep.parameters == {"root": str(world["layout"].root)}
+
+
+def test_cli_studio_status_without_server(tmp_path, capsys):
+    from tests.conftest import write_params
+    write_params(tmp_path / "params.yaml")
+    assert cli.main(["--root", str(tmp_path), "studio", "status"]) == 0
+    assert "not running" in capsys.readouterr().out

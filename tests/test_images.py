@@ -3,7 +3,6 @@ encodings all come out as (S, S) uint8 grayscale, the way a viewer would show th
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -77,13 +76,12 @@ def test_bomb_builder_makes_a_real_png():
 def test_decompression_bomb_is_refused_without_decoding(side):
     data = factories.png_header_only_bomb(side, side)
     assert len(data) < 100_000  # tiny on disk, `side`^2 pixels once decoded
-    t0 = time.monotonic()
-    with pytest.raises(BadImage, match="decompression bomb refused"):
-        images.inspect(data)
-    with pytest.raises(BadImage, match="decompression bomb refused"):
-        images.to_array(data, 28)
-    # Refused from the header: decoding 10^8 - 4*10^8 pixels would take seconds and GBs.
-    assert time.monotonic() - t0 < 1.0
+    # Pillow raises its bomb error/warning from the header, in Image.open, before any pixel is
+    # decoded; the reason names the declared size.
+    for refuse in (images.inspect, lambda d: images.to_array(d, 28)):
+        with pytest.raises(BadImage, match="decompression bomb refused") as err:
+            refuse(data)
+        assert f"{side * side} pixels" in str(err.value)
 
 
 def test_blank_image_is_refused():
@@ -105,9 +103,6 @@ def test_real_digit_is_described():
     assert info.mode == "L" and info.format == "PNG"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: inspect's blank check ignores alpha, to_array "
-                   "composites on black; a fully transparent image passes inspect but becomes "
-                   "an all-black training image (see report)")
 def test_image_that_preprocesses_to_blank_is_refused():
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)
@@ -172,8 +167,6 @@ def test_16bit_grayscale_keeps_its_orientation():
     check_matches(out, np.where(a16 > 0, 255, 0).astype(np.uint8), 28, tol=3.0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: to_array converts 'I;16' with Pillow's clipping "
-                   "convert('L'): every value above 255 becomes white (see report)")
 def test_16bit_grayscale_intensities_are_scaled_not_clipped():
     a8 = corner_pattern()
     a16 = a8.astype(np.uint16) * 257  # the same picture at 16 bits per pixel

@@ -149,9 +149,6 @@ def test_improvement_passes():
     assert next(t for t in tests if t["name"] == "accuracy vs production")["value"] < 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: regression compares float differences with <=, so "
-                   "a drop of exactly max_accuracy_drop (95/100 -> 94/100 at 0.01) FAILS "
-                   "(0.95 - 0.94 = 0.010000000000000009); see report")
 def test_accuracy_drop_exactly_at_the_margin_passes():
     n = 100
     drop_images = round(GATE.max_accuracy_drop * n)

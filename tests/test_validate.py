@@ -150,9 +150,6 @@ def test_replay_uses_the_latest_version_of_each_task(validated):
     assert validated["ids"]["blank"] not in rows and validated["ids"]["blank"] not in quarantined
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: validate.collect registers an image's first task "
-                   "before the GE label checks run; when that task is then quarantined, the "
-                   "correctly labeled duplicate is quarantined too and the image is lost")
 def test_duplicate_of_a_rejected_task_is_not_lost(tmp_path):
     (_, data, cls), = factories.digits_by_class({7: 1})
     stale = ls_task(1, "seven", url=task_url("a.png"))           # rejected: unknown label
@@ -207,12 +204,13 @@ def test_class_counts_count_accepted_tasks(validated):
 
 
 def test_too_few_examples_stops_the_pipeline_naming_the_classes(tmp_path):
-    per_class = {c: 4 for c in range(10)}
-    per_class[3], per_class[9] = 1, 2
+    minimum = 3
+    per_class = {c: minimum + 1 for c in range(10)}
+    per_class[3], per_class[9] = 1, minimum - 1
+    per_class[5] = minimum  # exactly at the minimum: enough
     entries = [(ls_task(n, str(c), url=task_url(f"{i}.png")), d)
                for n, (i, d, c) in enumerate(factories.digits_by_class(per_class), start=1)]
     factories.write_store(tmp_path / "raw", entries)
-    minimum = 3
     with pytest.raises(ValidationFailed) as err:
         validate.run(tmp_path / "raw", tmp_path / "out",
                      params=factories.params({"validate.min_per_class": minimum}))

@@ -98,6 +98,7 @@ def run_suite(suite: gx.ExpectationSuite, df: pd.DataFrame, *, key: str = KEY) -
                 row_id = idx[key] if isinstance(idx, dict) else df.iloc[idx][key]
                 value = next((v for c, v in idx.items() if c != key), None) \
                     if isinstance(idx, dict) else None
+                value = value.item() if hasattr(value, "item") else value  # numpy -> plain
                 shown = value is not None and value == value  # NaN (a missing value) != itself
                 reason = meta["reason"] + (f": {value!r}" if shown else "")
                 flagged.setdefault(int(row_id), (meta.get("kind", suite.name), reason))
