@@ -6,6 +6,7 @@ typo never reaches a stage as a silent default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +128,16 @@ def _coerce(key: str, tp: object, value: object) -> object:
             raise bad("an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the number it spells.
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -181,10 +190,24 @@ def parse(raw: object) -> Params:
     return params
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise ParamsError(f"params file not found: {path} (run from the project root or pass --params)") from None
     except yaml.YAMLError as exc:

@@ -10,6 +10,9 @@ import yaml
 from tests import factories
 from pipelines import settings
 from pipelines.settings import ParamsError
+from tests.conftest import REPO
+
+REPO_PARAMS = REPO / "params.yaml"
 
 
 def write(tmp_path, raw: object, name: str = "params.yaml"):
@@ -164,3 +167,25 @@ def test_factory_overrides_go_through_the_real_checks():
     assert factories.params(**{"prepare.val_fraction": 0.5}).prepare.val_fraction == 0.5
     with pytest.raises(ParamsError, match="train.epochs"):
         factories.params({"train.epochs": "two"})
+
+
+def test_float_written_without_a_dot_is_a_number(tmp_path):
+    text = (REPO_PARAMS.read_text().replace("lr: 0.002", "lr: 1e-3"))
+    assert "lr: 1e-3" in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    assert settings.load(path).train.lr == 0.001
+
+
+def test_infinite_number_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(REPO_PARAMS.read_text().replace("lr: 0.002", "lr: .inf"))
+    with pytest.raises(settings.ParamsError, match="train.lr"):
+        settings.load(path)
+
+
+def test_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(REPO_PARAMS.read_text().replace("  epochs: 12", "  epochs: 12\n  epochs: 3"))
+    with pytest.raises(settings.ParamsError, match="epochs"):
+        settings.load(path)
