@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from pipelines import dvcrepo, preannotate, promote, pull, rawstore
 from pipelines.files import Busy, atomic_write_json, exclusive, read_json, sha256_file
-from pipelines.labelstudio import Studio, connection_from_env
+from pipelines.labelstudio import AuthError, LabelStudioError, Studio, connection_from_env
 from pipelines.layout import Layout
 from pipelines.settings import Params, load
 
@@ -28,7 +28,13 @@ def _studio(layout: Layout, params: Params) -> Studio:
     return studio
 
 
-@task(name="pull", retries=2, retry_delay_seconds=5)
+def _transient(task, task_run, state) -> bool:
+    """Retry what can pass (server down, timeout), not a refused key or a config problem."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, LabelStudioError) and not isinstance(exc, AuthError)
+
+
+@task(name="pull", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
 def pull_task(root: str) -> dict:
     layout, params = Layout(root), load(Path(root) / "params.yaml")
     studio = _studio(layout, params)
@@ -58,7 +64,7 @@ def promote_task(root: str, dataset_version: str) -> dict:
                        metrics=read_json(layout.candidate_metrics))
 
 
-@task(name="preannotate", retries=2, retry_delay_seconds=5)
+@task(name="preannotate", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
 def preannotate_task(root: str) -> dict:
     layout, params = Layout(root), load(Path(root) / "params.yaml")
     studio = _studio(layout, params)

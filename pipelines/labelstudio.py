@@ -29,6 +29,10 @@ class LabelStudioError(RuntimeError):
     """Label Studio is unreachable, refused the key, or answered something unusable."""
 
 
+class AuthError(LabelStudioError):
+    """The key was refused (401/403): retrying will not help."""
+
+
 class ImageFetchError(ValueError):
     """One image could not be fetched safely; the task is quarantined with this reason."""
 
@@ -111,7 +115,7 @@ class Studio:
         except ApiError as exc:
             # str(ApiError) embeds response headers (session cookies): never show it whole.
             if exc.status_code in (401, 403):
-                raise LabelStudioError(
+                raise AuthError(
                     f"Label Studio at {url} rejected the API key (HTTP {exc.status_code}) while "
                     f"{what}. Check LABEL_STUDIO_API_KEY: it may be wrong, revoked or rotated.") from None
             body = exc.body if isinstance(exc.body, (dict, list, str)) else repr(exc.body)

@@ -216,3 +216,31 @@ def test_cli_studio_status_without_server(tmp_path, capsys):
     write_params(tmp_path / "params.yaml")
     assert cli.main(["--root", str(tmp_path), "studio", "status"]) == 0
     assert "not running" in capsys.readouterr().out
+
+
+def test_flow_does_not_retry_a_refused_key(world, monkeypatch):
+    from prefect import flow
+
+    from pipelines import flows
+    from pipelines.labelstudio import AuthError
+    attempts = []
+    real = flows._studio
+
+    def counting(layout, params):
+        attempts.append(1)
+        return real(layout, params)
+    monkeypatch.setattr(flows, "_studio", counting)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "revoked-key")
+
+    @flow
+    def just_pull(root: str):
+        return flows.pull_task.with_options(retry_delay_seconds=0)(root)
+    with pytest.raises(AuthError):
+        just_pull(str(world["root"]))
+    assert len(attempts) == 1  # retries=2, but a refused key is not transient
+    # a server that is down is transient: all three attempts are made
+    attempts.clear()
+    monkeypatch.setenv("LABEL_STUDIO_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(flows.LabelStudioError):
+        just_pull(str(world["root"]))
+    assert len(attempts) == 3
