@@ -10,8 +10,6 @@ evaluation and decision. Its images never enter training (prepare drops them by 
 """
 from __future__ import annotations
 
-import io
-import json
 import tarfile
 import time
 from dataclasses import dataclass
@@ -20,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import images, rawstore
-from pipelines.files import atomic_write_bytes, atomic_write_json, read_json, read_jsonl, sha256_bytes
+from pipelines.files import (atomic_write_bytes, atomic_write_json, jsonl_bytes, read_json,
+                             read_jsonl, sha256_bytes, tar_bytes)
 from pipelines.settings import Params
 
 
@@ -35,10 +34,6 @@ class EvalSet:
     task_ids: list[int]
     shas: list[str]
     hash: str                # sha256 of manifest.jsonl, which names every image by sha256
-
-
-def _manifest_bytes(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
 
 
 def freeze(state: rawstore.RawState, out_dir: str | Path, *, params: Params,
@@ -78,14 +73,8 @@ def freeze(state: rawstore.RawState, out_dir: str | Path, *, params: Params,
     if not rows:
         raise EvalSetError("no ground-truth annotations found: mark annotations as ground truth "
                            "in Label Studio, pull, then freeze")
-    manifest = _manifest_bytes(rows)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tar:
-        for sha in sorted(blobs):
-            info = tarfile.TarInfo(sha)
-            info.size = len(blobs[sha])
-            tar.addfile(info, io.BytesIO(blobs[sha]))
-    atomic_write_bytes(out_dir / "images.tar", buf.getvalue())
+    manifest = jsonl_bytes(rows)
+    atomic_write_bytes(out_dir / "images.tar", tar_bytes(blobs))
     atomic_write_bytes(out_dir / "manifest.jsonl", manifest)
     meta = {"hash": sha256_bytes(manifest), "n": len(rows), "classes": list(params.base.classes),
             "frozen_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -4,8 +4,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
+import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -56,9 +58,24 @@ def atomic_write_json(path: str | Path, obj: object) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def jsonl_bytes(rows: Iterable[dict]) -> bytes:
+    """JSON Lines with sorted keys: the same rows always give the same bytes (and hash)."""
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+
+
 def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    return atomic_write_bytes(path, body.encode())
+    return atomic_write_bytes(path, jsonl_bytes(rows))
+
+
+def tar_bytes(blobs: dict[str, bytes]) -> bytes:
+    """An uncompressed tar of `{name: bytes}`, members sorted by name: deterministic bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(blobs):
+            info = tarfile.TarInfo(name)
+            info.size = len(blobs[name])
+            tar.addfile(info, io.BytesIO(blobs[name]))
+    return buf.getvalue()
 
 
 def read_json(path: str | Path) -> object:

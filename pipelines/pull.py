@@ -8,17 +8,16 @@ afterwards, and everything downstream is reproducible from it with Label Studio 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
-import tarfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipelines import rawstore
-from pipelines.files import atomic_write_json, atomic_write_jsonl, sha256_bytes
+from pipelines.files import (atomic_write_bytes, atomic_write_json, atomic_write_jsonl,
+                             sha256_bytes, tar_bytes)
 from pipelines.labelstudio import ImageFetchError, LabelStudioError, Studio
 from pipelines.settings import Params
 
@@ -102,13 +101,7 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params)
     atomic_write_jsonl(tmp / "images.jsonl", image_rows)
     atomic_write_json(tmp / "removed.json", removed)
     if new_blobs:
-        with tarfile.open(tmp / "images.tar", "w:", format=tarfile.PAX_FORMAT) as tar:
-            for sha in sorted(new_blobs):  # sorted: identical pulls give identical bytes
-                info = tarfile.TarInfo(sha)
-                info.size = len(new_blobs[sha])
-                tar.addfile(info, io.BytesIO(new_blobs[sha]))
-        with open(tmp / "images.tar", "rb") as f:
-            os.fsync(f.fileno())
+        atomic_write_bytes(tmp / "images.tar", tar_bytes(new_blobs))
     summary.update(images_fetched=len(new_blobs),
                    image_errors=sum(1 for r in image_rows if r["error"]),
                    fetch_seconds=round(time.monotonic() - t0, 2))
