@@ -31,10 +31,12 @@ class Net(nn.Module):
         return self.head(self.features(x))
 
 
-def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
-    """`(N, S, S)` uint8 on any device -> `(N, 1, S, S)` float in [-1, 1], on the same device.
-    Done per batch on the device, so the dataset itself stays uint8 (1 B per pixel)."""
-    return (x_uint8.unsqueeze(1).float() - 127.5) / 127.5
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Pixel values 0..255 — `(N, S, S)` uint8 or `(N, 1, S, S)` float — -> `(N, 1, S, S)` float
+    in [-1, 1], on the same device. Done per batch on the device, so datasets stay uint8."""
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    return (x.float() - 127.5) / 127.5
 
 
 @torch.no_grad()

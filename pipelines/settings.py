@@ -55,9 +55,13 @@ class Prepare:
 @dataclass(frozen=True)
 class Train:
     epochs: int
-    batch_size: int
-    lr: float
+    batch_size: int        # per optimizer step on CPU
+    batch_size_cuda: int   # per optimizer step on CUDA
+    lr: float              # Adam at batch 128, scaled by sqrt(batch / 128)
+    shift_px: int          # random-translation augmentation, pixels (0 = off)
     device: str
+    compile: bool          # torch.compile on CUDA
+    deterministic: bool
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ _RULES: dict[str, tuple[typing.Callable[[object], bool], str]] = {
     "prepare.val_fraction": (lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)"),
     "train.epochs": (lambda v: v >= 1, ">= 1"),
     "train.batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.batch_size_cuda": (lambda v: v >= 1, ">= 1"),
+    "train.shift_px": (lambda v: 0 <= v <= 8, "between 0 and 8"),
     "train.lr": (lambda v: v > 0, "> 0"),
     "train.device": (lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
     "evaluate.batch_size": (lambda v: v >= 1, ">= 1"),

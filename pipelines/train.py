@@ -1,32 +1,66 @@
 """train: packed splits -> candidate weights (safetensors), per-epoch curves, metrics.
 
 The whole split is moved to the device once as uint8 (784 B per 28x28 image: 10^6 images =
-0.78 GB); batches are slices of an on-device permutation, normalised on the device. Nothing is
-decoded per step and there is no per-sample Python in the loop.
+0.78 GB); batches are slices of an on-device permutation; augmentation (random shifts) and
+normalisation happen on the device per batch. Nothing is decoded per step and there is no
+per-sample Python in the loop. CUDA adds bf16 autocast, channels_last and (optionally)
+torch.compile; CPU runs the same loop in fp32 on all cores.
 
     python -m pipelines.train --prepared data/prepared --out models/candidate
+    torchrun --nproc_per_node N -m pipelines.train ...     # DistributedDataParallel, N processes
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from pipelines import net
 from pipelines.device import pick_device, seed_everything
 from pipelines.files import atomic_write_json
-from pipelines.settings import Params
+from pipelines.settings import Params, Train
+
+LR_REF_BATCH = 128   # train.lr is the Adam learning rate at this batch size
+NAN_CHECK_EVERY = 50  # steps between host syncs for the NaN check (a sync per step stalls a GPU)
 
 
 class TrainingError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """What the loop does on this device: derived from params, never configured twice."""
+    device: torch.device
+    batch_size: int          # global batch per optimizer step (all ranks together)
+    lr: float
+    autocast: bool           # bf16 autocast (CUDA only)
+    channels_last: bool
+    compile: bool
+    rank: int = 0
+    world: int = 1
+
+
+def plan(t: Train, device: torch.device, *, rank: int = 0, world: int = 1) -> LoopPlan:
+    cuda = device.type == "cuda"
+    batch = t.batch_size_cuda if cuda else t.batch_size
+    # Adam: scale the learning rate with sqrt(batch) (linear scaling over-shoots with Adam).
+    lr = t.lr * math.sqrt(batch / LR_REF_BATCH)
+    # channels_last also pays on CPU: +25 % fwd+bwd at batch 64 on this conv net (oneDNN).
+    return LoopPlan(device=device, batch_size=batch, lr=lr, autocast=cuda, channels_last=True,
+                    compile=cuda and t.compile, rank=rank, world=world)
 
 
 def _load_split(path: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,55 +68,150 @@ def _load_split(path: Path, device: torch.device) -> tuple[torch.Tensor, torch.T
         return torch.from_numpy(z["x"]).to(device), torch.from_numpy(z["y"]).to(device)
 
 
+def shift(x: torch.Tensor, max_px: int, gen: torch.Generator) -> torch.Tensor:
+    """Random integer translation of each image by up to `max_px` pixels, zeros shifted in.
+    `(N, 1, S, S)` float pixel values (0..255) -> same shape, on the same device."""
+    n, _, h, w = x.shape
+    offsets = torch.randint(-max_px, max_px + 1, (n, 2), device=x.device, generator=gen)
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = offsets[:, 0] * (2.0 / w)   # grid units: 2 per image side
+    theta[:, 1, 2] = offsets[:, 1] * (2.0 / h)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def batch_input(x_uint8: torch.Tensor, lp: LoopPlan, *, shift_px: int = 0,
+                gen: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 `(B, S, S)` on the device -> normalised model input, augmented when asked."""
+    x = x_uint8.unsqueeze(1).float()
+    if shift_px:
+        x = shift(x, shift_px, gen)
+    x = net.normalize(x)
+    return x.contiguous(memory_format=torch.channels_last) if lp.channels_last else x
+
+
+def _autocast(lp: LoopPlan):
+    if lp.autocast:
+        return torch.autocast(device_type=lp.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
-def _evaluate(model: net.Net, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, float]:
+def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+              lp: LoopPlan) -> tuple[float, float]:
     model.eval()
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(x), batch):
-        logits = model(net.normalize(x[i:i + batch]))
-        loss_sum += F.cross_entropy(logits, y[i:i + batch], reduction="sum").item()
-        correct += (logits.argmax(1) == y[i:i + batch]).sum().item()
-    return loss_sum / len(x), correct / len(x)
+    loss_sum, correct = torch.zeros((), device=lp.device), torch.zeros((), device=lp.device)
+    for i in range(0, len(x), 1024):
+        with _autocast(lp):
+            logits = model(batch_input(x[i:i + 1024], lp)).float()
+        loss_sum += F.cross_entropy(logits, y[i:i + 1024], reduction="sum")
+        correct += (logits.argmax(1) == y[i:i + 1024]).sum()
+    return loss_sum.item() / len(x), correct.item() / len(x)
 
 
-def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params) -> dict:
-    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
-    t = params.train
-    device = pick_device(t.device)
-    seed_everything(params.base.seed)
-    x_train, y_train = _load_split(prepared_dir / "train.npz", device)
-    x_val, y_val = _load_split(prepared_dir / "val.npz", device)
-    model = net.Net(len(params.base.classes), params.base.image_size).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=t.lr)
-    gen = torch.Generator(device=device).manual_seed(params.base.seed)
-    history, n, t0 = [], len(x_train), time.monotonic()
-    for epoch in range(1, t.epochs + 1):
+def fit(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
+        x_val: torch.Tensor | None, y_val: torch.Tensor | None, *, lp: LoopPlan, epochs: int,
+        shift_px: int, seed: int, progress: bool = True) -> list[dict]:
+    """The training loop; returns per-epoch history. All tensors already on `lp.device`.
+    With `lp.world > 1`, `model` is DDP-wrapped and every rank walks the same global
+    permutation (and draws the same shifts), taking its own slice of each global batch."""
+    opt = torch.optim.Adam(model.parameters(), lr=lp.lr)
+    gen = torch.Generator(device=lp.device).manual_seed(seed)
+    n, history = len(x_train), []
+    for epoch in range(1, epochs + 1):
         model.train()
-        perm = torch.randperm(n, device=device, generator=gen)
-        loss_sum = torch.zeros((), device=device)  # summed on device: no sync per step
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        for step, i in enumerate(range(0, n, t.batch_size), start=1):
-            idx = perm[i:i + t.batch_size]
-            xb, yb = net.normalize(x_train[idx]), y_train[idx]
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at epoch {epoch}, step {step}; "
-                                    "lower train.lr or check the data")
+        perm = torch.randperm(n, device=lp.device, generator=gen)
+        loss_sum = torch.zeros((), device=lp.device)   # summed on the device: no sync per step
+        correct = torch.zeros((), device=lp.device, dtype=torch.long)
+        seen = torch.zeros((), device=lp.device, dtype=torch.long)
+        first_bad = torch.full((), -1, device=lp.device, dtype=torch.long)
+        steps = range(0, n, lp.batch_size)
+        bar = tqdm(steps, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
+                   disable=None if progress and lp.rank == 0 else True, file=sys.stderr)
+        for step, i in enumerate(bar, start=1):
+            idx = perm[i:i + lp.batch_size]
+            xb = batch_input(x_train[idx], lp, shift_px=shift_px, gen=gen)
+            idx, xb = idx[lp.rank::lp.world], xb[lp.rank::lp.world]
+            yb = y_train[idx]
+            with _autocast(lp):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss),
+                                    torch.full_like(first_bad, step), first_bad)
+            if step % NAN_CHECK_EVERY == 0 or i + lp.batch_size >= n:
+                if first_bad.item() >= 0:
+                    raise TrainingError(f"loss became NaN/inf at epoch {epoch}, step "
+                                        f"{first_bad.item()}; lower train.lr or check the data")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == yb).sum()
-        val_loss, val_acc = _evaluate(model, x_val, y_val, 1024)
-        row = {"epoch": epoch, "train_loss": round(loss_sum.item() / n, 5),
-               "train_acc": round(correct.item() / n, 5), "val_loss": round(val_loss, 5),
-               "val_acc": round(val_acc, 5)}
+            seen += len(idx)
+        if lp.world > 1:
+            stats = torch.stack([loss_sum, correct.float(), seen.float()])
+            dist.all_reduce(stats)
+            loss_sum, correct, seen = stats[0], stats[1], stats[2]
+        row = {"epoch": epoch, "train_loss": round(loss_sum.item() / seen.item(), 5),
+               "train_acc": round(correct.item() / seen.item(), 5)}
+        if x_val is not None:
+            row["val_loss"], row["val_acc"] = (round(v, 5) for v in
+                                               _evaluate(model, x_val, y_val, lp))
         history.append(row)
-        print(f"epoch {epoch:>3}/{t.epochs}  loss {row['train_loss']:.4f}  "
-              f"acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f}  "
-              f"val_acc {row['val_acc']:.4f}", flush=True)
-    seconds = time.monotonic() - t0
+        if progress and lp.rank == 0:
+            print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    return history
+
+
+def _dist_init(choice: str) -> tuple[torch.device, int, int]:
+    """(device, rank, world) — from torchrun's environment when present."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(choice)
+    if world == 1:
+        torch.set_num_threads(os.cpu_count() or 1)  # CPU: use every core
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), world
+
+
+def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params) -> dict:
+    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
+    t = params.train
+    device, rank, world = _dist_init(t.device)
+    # Dropout masks differ by rank; everything else (permutation, shifts) is shared.
+    seed_everything(params.base.seed + rank, deterministic=t.deterministic)
+    lp = plan(t, device, rank=rank, world=world)
+    try:
+        x_train, y_train = _load_split(prepared_dir / "train.npz", device)
+        x_val, y_val = _load_split(prepared_dir / "val.npz", device)
+        model = net.Net(len(params.base.classes), params.base.image_size).to(device)
+        if lp.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        trained = model
+        if world > 1:
+            trained = torch.nn.parallel.DistributedDataParallel(model)
+        if lp.compile:
+            trained = torch.compile(trained)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.monotonic()
+        history = fit(trained, x_train, y_train, x_val, y_val, lp=lp, epochs=t.epochs,
+                      shift_px=t.shift_px, seed=params.base.seed)
+        seconds = time.monotonic() - t0
+    except torch.OutOfMemoryError:
+        raise TrainingError(f"out of GPU memory at batch size {lp.batch_size}: lower "
+                            "train.batch_size_cuda in params.yaml") from None
+    finally:
+        if world > 1 and rank != 0:
+            dist.destroy_process_group()
+    if rank != 0:
+        return {}
     if not math.isfinite(history[-1]["val_loss"]):
         raise TrainingError(f"validation loss is not finite after epoch {t.epochs}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,11 +221,16 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params) -> dic
         w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
         w.writerows(history)
-    metrics = {"device": device.type, "epochs": t.epochs, "train_images": n,
+    metrics = {"device": device.type, "processes": world, "epochs": t.epochs,
+               "batch_size": lp.batch_size, "lr": round(lp.lr, 6), "train_images": len(x_train),
                "val_images": len(x_val), "val_acc": history[-1]["val_acc"],
                "val_loss": history[-1]["val_loss"], "seconds": round(seconds, 2),
-               "images_per_s": round(n * t.epochs / seconds, 1)}
+               "images_per_s": round(len(x_train) * t.epochs / seconds, 1),
+               "peak_gpu_mem_mb": (round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                                   if device.type == "cuda" else None)}
     atomic_write_json(out_dir / "metrics.json", metrics)
+    if world > 1:
+        dist.destroy_process_group()
     return metrics
 
 
@@ -112,11 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingError, settings.ParamsError) as exc:
         print(f"train failed: {exc}", file=sys.stderr)
         return 1
-    except torch.OutOfMemoryError:
-        print("train failed: out of GPU memory; lower train.batch_size in params.yaml",
-              file=sys.stderr)
-        return 1
-    print(f"train: {metrics}")
+    if metrics:
+        print(f"train: {metrics}")
     return 0
 
 
