@@ -264,3 +264,23 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_out_of_gpu_memory_is_a_clear_message(tmp_path, monkeypatch):
+    write_prepared(tmp_path / "prepared", per_class=4)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "fit", oom)
+    with pytest.raises(train.TrainingError, match="batch_size_cuda"):
+        train.run(tmp_path / "prepared", tmp_path / "out", params=train_params())
+    assert not (tmp_path / "out" / "model.safetensors").exists()  # nothing to promote
+
+
+def test_cuda_requested_without_cuda_falls_back_with_one_notice(monkeypatch, capsys):
+    from pipelines.device import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("cuda").type == "cpu"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA" in err and "CPU" in err
+    assert pick_device("auto").type == "cpu" and capsys.readouterr().err == ""
