@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,24 @@ class LabelStudioError(RuntimeError):
 
 class AuthError(LabelStudioError):
     """The key was refused (401/403): retrying will not help."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying (5xx, 429, timeout, dropped connection)."""
+
+    def __init__(self, what: str, retry_after: float | None = None) -> None:
+        super().__init__(what)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds form; dates are rare from LS)."""
+    return float(value) if value and value.strip().isdigit() else None
+
+
+FETCH_ATTEMPTS = 4        # per image: 1 try + 3 retries
+MAX_BACKOFF_S = 10.0      # cap on one wait, Retry-After included
+IMAGE_DEADLINE_S = 60.0   # overall, per image, retries included
 
 
 class ImageFetchError(ValueError):
@@ -233,17 +252,37 @@ class Studio:
     # -- images -------------------------------------------------------------------------------
     def fetch_image(self, url: str, *, max_bytes: int) -> bytes:
         """Bytes of a task's image. Only the configured origin; no redirects; capped size.
-        Raises ImageFetchError (quarantine-worthy) or LabelStudioError (server down/key)."""
+        5xx/429 (honouring Retry-After), timeouts and dropped connections are retried with
+        bounded backoff within an overall deadline. Raises ImageFetchError for what is wrong
+        with this image (quarantine-worthy: 404, too big, redirect) and LabelStudioError when the
+        server is down, misbehaving or refuses the key (the pull stops, nothing is written)."""
         absolute = urljoin(self.conn.url + "/", url)
         parts = urlsplit(absolute)
         if (parts.scheme, parts.netloc) != self.conn.origin:
             raise ImageFetchError(f"image host not allowed: {parts.netloc or url!r} "
                                   f"(only {self.conn.origin[1]} is trusted with the API key)")
+        deadline = time.monotonic() + IMAGE_DEADLINE_S
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                with self._call(f"downloading image {parts.path}"):
+                    return self._fetch_once(absolute, max_bytes=max_bytes)
+            except _Transient as exc:
+                wait = min(exc.retry_after or 0.25 * 2 ** attempt, MAX_BACKOFF_S)
+                if attempt == FETCH_ATTEMPTS or time.monotonic() + wait > deadline:
+                    raise LabelStudioError(f"Label Studio at {self.conn.url} kept failing to "
+                                           f"serve {parts.path} ({exc}; {attempt} attempts)") from None
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _fetch_once(self, absolute: str, *, max_bytes: int) -> bytes:
         headers = {"Authorization": f"Token {self.conn.api_key}"}
-        with self._call(f"downloading image {parts.path}"):
+        try:
             with self._http.stream("GET", absolute, headers=headers) as resp:
                 if resp.status_code in (401, 403):
                     raise ApiError(status_code=resp.status_code, body="image download refused")
+                if resp.status_code == 429 or resp.status_code >= 500:
+                    raise _Transient(f"HTTP {resp.status_code}",
+                                     _retry_after(resp.headers.get("retry-after")))
                 if resp.is_redirect:
                     raise ImageFetchError(f"image URL redirects (HTTP {resp.status_code}); "
                                           "redirects are refused")
@@ -258,6 +297,10 @@ class Studio:
                     if size > max_bytes:
                         raise ImageFetchError(f"image larger than {max_bytes} bytes")
                     chunks.append(chunk)
+        except (httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ReadError,
+                httpx.ConnectError) as exc:
+            # A body cut short (fewer bytes than Content-Length) lands here too: never data.
+            raise _Transient(type(exc).__name__) from None
         return b"".join(chunks)
 
     def close(self) -> None:

@@ -26,6 +26,10 @@ from pipelines.files import read_json, read_jsonl
 PULLS = "pulls"
 
 
+class CorruptStore(RuntimeError):
+    pass
+
+
 def fingerprint(task: dict) -> str:
     """Changes when any annotation of the task is added, edited, skipped or deleted."""
     keyed = [{k: a.get(k) for k in ("id", "result", "was_cancelled", "ground_truth",
@@ -65,10 +69,16 @@ class RawState:
     snapshots: int = 0
 
     def image_bytes(self, sha256: str) -> bytes:
+        """The stored bytes, re-verified against their address on every read: a corrupted
+        store is an error, never silently different data."""
         tar, offset, size = self.packs[sha256]
         with open(tar, "rb") as f:
             f.seek(offset)
-            return f.read(size)
+            data = f.read(size)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise CorruptStore(f"{tar}: image {sha256[:12]}… does not match its sha256; "
+                               "restore data/raw from DVC (`dvc checkout data/raw`)")
+        return data
 
 
 def load(raw_dir: str | Path) -> RawState:

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         summary = run(args.raw, args.out, params=settings.load(args.params))
-    except (ValidationFailed, settings.ParamsError) as exc:
+    except (ValidationFailed, settings.ParamsError, rawstore.CorruptStore) as exc:
         print(f"validate failed: {exc}", file=sys.stderr)
         return 1
     print(f"validate: {summary['accepted']} accepted, {summary['quarantined']} quarantined "

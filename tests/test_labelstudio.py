@@ -34,6 +34,27 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
             time.sleep(3)
             self.send_response(200)
             self.end_headers()
+        elif self.path in ("/flaky", "/throttled"):
+            hits = sum(1 for _, p, _ in type(self).seen if p == self.path)
+            if hits <= 2:  # fail twice, then serve
+                self.send_response(503 if self.path == "/flaky" else 429)
+                if self.path == "/throttled":
+                    self.send_header("Retry-After", "1")
+                self.end_headers()
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+        elif self.path == "/truncated":
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b"0123456789")  # then the connection closes: 90 bytes short
+            self.close_connection = True
+        elif self.path == "/missing":
+            self.send_response(404)
+            self.end_headers()
         else:
             self.send_response(200)
             self.send_header("Content-Length", "5")
@@ -75,10 +96,31 @@ def test_image_fetch_sends_key_only_to_configured_host(fault_servers):
 
 def test_image_fetch_times_out(fault_servers):
     st = Studio(Connection(fault_servers[0], "k"), read_timeout_s=0.5)
-    t0 = time.monotonic()
-    with pytest.raises(LabelStudioError, match="timed out"):
+    # the server answers after 3 s: without a read timeout this would succeed
+    with pytest.raises(LabelStudioError, match="ReadTimeout.*4 attempts"):
         st.fetch_image("/slow", max_bytes=100)
-    assert time.monotonic() - t0 < 2.5
+
+
+def test_image_fetch_retries_5xx_and_honours_retry_after(fault_servers):
+    st = Studio(Connection(fault_servers[0], "k"), read_timeout_s=2)
+    assert st.fetch_image("/flaky", max_bytes=100) == b"ok"
+    t0 = time.monotonic()
+    assert st.fetch_image("/throttled", max_bytes=100) == b"ok"
+    assert time.monotonic() - t0 >= 2.0  # two 429s with Retry-After: 1
+    assert [p for _, p, _ in _Recorder.seen].count("/throttled") == 3
+
+
+def test_truncated_body_is_an_error_not_data(fault_servers):
+    st = Studio(Connection(fault_servers[0], "k"), read_timeout_s=2)
+    with pytest.raises(LabelStudioError, match="kept failing"):
+        st.fetch_image("/truncated", max_bytes=1000)
+
+
+def test_missing_image_is_a_quarantine_reason(fault_servers):
+    st = Studio(Connection(fault_servers[0], "k"), read_timeout_s=2)
+    with pytest.raises(ImageFetchError, match="404"):
+        st.fetch_image("/missing", max_bytes=1000)
+    assert [p for _, p, _ in _Recorder.seen].count("/missing") == 1  # not retried
 
 
 def test_unreachable_server_names_the_url():

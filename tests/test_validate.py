@@ -284,3 +284,20 @@ def test_fixture_task_round_trips_through_json():
     assert json.loads(json.dumps(t)) == t
     assert [chosen_label(a) for a in t["annotations"]] == ["1", "2"]
     assert [a["ground_truth"] for a in t["annotations"]] == [True, False]
+
+
+def test_corrupted_raw_store_is_an_error_not_data(tmp_path):
+    from pipelines import rawstore
+    data = factories.png_bytes((np.arange(64, dtype=np.uint8).reshape(8, 8) * 3))
+    sha = sha256_bytes(data)
+    url = task_url("one.png")
+    factories.write_snapshot(tmp_path, [ls_task(1, "3", url=url)], {sha: data},
+                             [image_row(1, url, sha256=sha)])
+    state = rawstore.load(tmp_path)
+    assert state.image_bytes(sha) == data
+    tar, offset, size = state.packs[sha]
+    raw = bytearray(tar.read_bytes())
+    raw[offset + size // 2] ^= 0xFF  # one flipped byte inside the stored image
+    tar.write_bytes(bytes(raw))
+    with pytest.raises(rawstore.CorruptStore, match="dvc checkout"):
+        rawstore.load(tmp_path).image_bytes(sha)
