@@ -9,6 +9,7 @@ Security rules kept here, in one place:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -175,12 +176,14 @@ class Studio:
                 description="Managed by labelgate: pick the digit you see.")
         return project.id, True
 
-    def project_classes(self, project_id: int) -> list[str]:
-        """The class names of the project's Choices, as configured in Label Studio now."""
+    def project_classes(self, project_id: int) -> tuple[list[str], str]:
+        """(class names of the project's Choices as configured now, sha256 of the whole
+        labeling config) — the hash goes into every snapshot, so any config change is visible."""
         with self._call("reading the labeling config"):
             project = self._client.projects.get(project_id)
         parsed = project.parsed_label_config or {}
-        return list(parsed.get(FROM_NAME, {}).get("labels", []))
+        digest = hashlib.sha256((project.label_config or "").encode()).hexdigest()
+        return list(parsed.get(FROM_NAME, {}).get("labels", [])), digest
 
     def add_local_storage(self, project_id: int, path: str) -> None:
         """Connect a folder under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (no sync: tasks name files)."""

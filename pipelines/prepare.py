@@ -23,18 +23,30 @@ from pipelines.files import atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipelines.settings import Params
 
 
-def resolve(labels: list[str], ground_truth: list[bool]) -> tuple[str | None, str]:
-    """(label, rule) — ground truth wins; else majority of non-skipped votes; a tie is disputed
-    (label None, rule names the tie)."""
+def resolve(labels: list[str], ground_truth: list[bool], *, min_annotations: int = 1,
+            min_agreement: float = 0.0, ground_truth_wins: bool = True) -> tuple[str | None, str]:
+    """(label, rule) for one task's non-skipped votes (skips never count as labels).
+
+    Ground truth wins (when `ground_truth_wins`); else the most common label, if it has at
+    least `min_agreement` of the votes and there are at least `min_annotations` votes. Anything
+    else — a tie, too few votes, too little agreement — is disputed: label None, and the rule
+    says why, so the task is listed for review instead of silently dropped."""
     gt = sorted({l for l, g in zip(labels, ground_truth) if g})
-    if len(gt) == 1:
+    if ground_truth_wins and len(gt) == 1:
         return gt[0], "ground_truth"
-    if len(gt) > 1:
+    if ground_truth_wins and len(gt) > 1:
         return None, f"disputed: ground-truth annotations disagree {gt}"
+    if len(labels) < min_annotations:
+        return None, (f"disputed: {len(labels)} annotation(s), prepare.min_annotations is "
+                      f"{min_annotations}")
     ranked = Counter(labels).most_common()
     if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
         tied = sorted(l for l, n in ranked if n == ranked[0][1])
         return None, f"disputed: tie between {tied} ({ranked[0][1]} vote(s) each)"
+    share = ranked[0][1] / len(labels)
+    if share < min_agreement:
+        return None, (f"disputed: {ranked[0][0]!r} has {share:.0%} of the votes, "
+                      f"prepare.min_agreement is {min_agreement:.0%}")
     return ranked[0][0], "unanimous" if len(ranked) == 1 else "majority"
 
 
@@ -61,7 +73,10 @@ def run(manifest: str | Path, raw_dir: str | Path, eval_dir: str | Path, out_dir
     eval_shas = evalset.shas(eval_dir)
     resolved, disputed = [], []
     for row in read_jsonl(manifest):
-        label, rule = resolve(row["labels"], row["ground_truth"])
+        label, rule = resolve(row["labels"], row["ground_truth"],
+                              min_annotations=params.prepare.min_annotations,
+                              min_agreement=params.prepare.min_agreement,
+                              ground_truth_wins=params.prepare.ground_truth_wins)
         out = {"task_id": row["task_id"], "image_sha256": row["image_sha256"], "label": label,
                "rule": rule, "votes": dict(Counter(row["labels"])),
                "annotators": row["annotators"]}

@@ -48,7 +48,8 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params)
     if prev and prev["project_id"] != project_id:
         raise PullError(f"{raw_dir} holds pulls of Label Studio project {prev['project_id']}, "
                         f"not {project_id}; use another data directory for another project")
-    live_classes = tuple(studio.project_classes(project_id))
+    classes, config_sha256 = studio.project_classes(project_id)
+    live_classes = tuple(classes)
     if live_classes != params.base.classes:
         added = sorted(set(live_classes) - set(params.base.classes))
         gone = sorted(set(params.base.classes) - set(live_classes))
@@ -108,7 +109,7 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params)
     atomic_write_json(tmp / "meta.json", {
         "seq": seq, "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "label_studio_url": studio.conn.url, "project_id": project_id,
-        "classes": list(live_classes), "counts": summary,
+        "classes": list(live_classes), "label_config_sha256": config_sha256, "counts": summary,
         "cursor": new_cursor, "url_sha": url_sha})
     os.rename(tmp, root / f"{seq:06d}")  # the commit point: all of the snapshot or none of it
     return {"snapshot": f"{seq:06d}", **summary}

@@ -50,6 +50,9 @@ class Validate:
 @dataclass(frozen=True)
 class Prepare:
     val_fraction: float
+    min_annotations: int      # fewer non-skipped votes -> disputed
+    min_agreement: float      # share of votes the winning label needs
+    ground_truth_wins: bool
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ _RULES: dict[str, tuple[typing.Callable[[object], bool], str]] = {
     "validate.max_side": (lambda v: v >= 1, ">= 1"),
     "validate.min_per_class": (lambda v: v >= 0, ">= 0"),
     "prepare.val_fraction": (lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)"),
+    "prepare.min_annotations": (lambda v: v >= 1, ">= 1"),
+    "prepare.min_agreement": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
     "train.epochs": (lambda v: v >= 1, ">= 1"),
     "train.batch_size": (lambda v: v >= 1, ">= 1"),
     "train.batch_size_cuda": (lambda v: v >= 1, ">= 1"),

@@ -165,4 +165,5 @@ def test_project_setup_and_classes(label_studio):
     pid, created = st.ensure_project("labelgate setup test", classes)
     again, created_again = st.ensure_project("labelgate setup test", classes)
     assert created and not created_again and again == pid
-    assert st.project_classes(pid) == list(classes)
+    names, digest = st.project_classes(pid)
+    assert names == list(classes) and len(digest) == 64

@@ -243,3 +243,16 @@ def test_no_eval_set_yet_means_nothing_is_excluded(tmp_path):
     summary, _ = run(tmp_path)
     assert summary["excluded_eval_overlap"] == 0
     assert summary["train"] + summary["val"] == len(info["truth"])
+
+
+def test_consensus_policy_from_params():
+    # two of three agree: 67 % — enough for a 0.6 minimum, not for 0.7
+    assert resolve(["4", "4", "9"], [False] * 3, min_agreement=0.6) == ("4", "majority")
+    label, rule = resolve(["4", "4", "9"], [False] * 3, min_agreement=0.7)
+    assert label is None and "min_agreement" in rule and "67%" in rule
+    # a single vote is not enough when two are required
+    label, rule = resolve(["4"], [False], min_annotations=2)
+    assert label is None and "min_annotations" in rule
+    # ground truth can be switched off: then it is one vote among others
+    assert resolve(["3", "5", "5"], [True, False, False], ground_truth_wins=False) == ("5", "majority")
+    assert resolve(["3", "5", "5"], [True, False, False]) == ("3", "ground_truth")
