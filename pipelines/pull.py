@@ -15,6 +15,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tqdm import tqdm
+
 from pipelines import rawstore
 from pipelines.files import (atomic_write_bytes, atomic_write_json, atomic_write_jsonl,
                              sha256_bytes, tar_bytes)
@@ -36,7 +38,9 @@ def _fetch_all(studio: Studio, urls: list[str], *, max_bytes: int) -> dict[str, 
         except ImageFetchError as exc:
             return url, str(exc)
     with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
-        return dict(pool.map(one, urls))
+        # progress bar on a terminal only (disable=None): logs and CI stay clean
+        return dict(tqdm(pool.map(one, urls), total=len(urls), desc="images", unit="img",
+                         disable=None, leave=False, file=sys.stderr))
 
 
 def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params) -> dict:
