@@ -46,14 +46,15 @@ def cmd_pull(args, layout: Layout, params) -> int:
     from pipelines import dvcrepo, pull
     st = _connect(layout, params)
     result = pull.run(layout.raw, studio=st, project_id=st.require_project(
-        params.studio.project_title), params=params)
+        params.studio.project_title), params=params, full=getattr(args, "full", False))
     dvcrepo.ensure_repo(layout.root)
     dvcrepo.add(layout.root, layout.raw)  # a no-op when nothing changed
     if result["snapshot"]:
-        print(f"pulled snapshot {result['snapshot']}: {result['changed']} new/changed tasks, "
+        print(f"pulled snapshot {result['snapshot']} ({result['mode']}): {result['changed']} new/changed tasks, "
               f"{result['removed']} removed, {result['images_fetched']} images")
     else:
-        print(f"nothing new in Label Studio ({result['exported']} annotated tasks, unchanged)")
+        print(f"nothing new in Label Studio ({result['mode']} sync, "
+              f"{result['examined']} task(s) examined)")
     return 0
 
 
@@ -194,8 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_studio)
     sub.add_parser("demo", help="start Label Studio, seed the digits demo, run the flow"
                    ).set_defaults(fn=cmd_demo)
-    sub.add_parser("pull", help="pull new/changed annotations into data/raw (dvc add)"
-                   ).set_defaults(fn=cmd_pull)
+    s = sub.add_parser("pull", help="pull new/changed annotations into data/raw (dvc add)")
+    s.add_argument("--full", action="store_true",
+                   help="compare every annotated task (reconciliation), not only updated ones")
+    s.set_defaults(fn=cmd_pull)
     s = sub.add_parser("run", help="the whole retraining flow (Prefect)")
     s.add_argument("--force", action="store_true", help="retrain even with no new labels")
     s.set_defaults(fn=cmd_run)

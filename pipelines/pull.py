@@ -8,6 +8,7 @@ afterwards, and everything downstream is reproducible from it with Label Studio 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 import time
@@ -23,7 +24,8 @@ from pipelines.files import (atomic_write_bytes, atomic_write_json, atomic_write
 from pipelines.labelstudio import ImageFetchError, LabelStudioError, Studio
 from pipelines.settings import Params
 
-FETCH_WORKERS = 8  # concurrent image downloads; Label Studio serves ~13 ms per image
+FETCH_WORKERS = 2  # concurrent image downloads: Label Studio's server peaks at 2 (~100 images/s)
+OVERLAP_S = 120   # re-list tasks updated this long before the last watermark (late commits)
 
 
 class PullError(RuntimeError):
@@ -43,9 +45,42 @@ def _fetch_all(studio: Studio, urls: list[str], *, max_bytes: int) -> dict[str, 
                          disable=None, leave=False, file=sys.stderr))
 
 
-def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params) -> dict:
+def _full(studio: Studio, project_id: int) -> dict[str, dict]:
+    """Every annotated task (skipped-only ones included), by id: the reconciliation path."""
+    return {str(t["id"]): t for t in studio.export_annotated(project_id)}
+
+
+def _incremental(studio: Studio, project_id: int, prev: dict, cursor: dict[str, str],
+                 task_count: int) -> tuple[dict[str, dict], set[str]]:
+    """(annotated tasks that may have changed, ids whose annotations or task are gone).
+
+    Any annotation created, edited, deleted or skipped bumps its task's updated_at, so tasks
+    updated since the last watermark (minus an overlap for commits that land late) are all
+    that can have changed. Deleted tasks bump nothing: they show up as a task count lower
+    than expected, and only then are all task ids listed to find them."""
+    since = _minus(prev["watermark"], OVERLAP_S)
+    listed = studio.tasks_updated_since(project_id, since)
+    exported = studio.export_tasks(project_id, [r["id"] for r in listed]) if listed else []
+    current = {str(t["id"]): t for t in exported if t.get("annotations")}
+    gone = ({str(r["id"]) for r in listed} - set(current)) & set(cursor)
+    created = sum(1 for r in listed if r["created_at"] > prev["watermark"])
+    if prev.get("task_count") is None or prev["task_count"] + created != task_count:
+        alive = {str(i) for i in studio.all_task_ids(project_id)}
+        gone |= set(cursor) - alive
+    return current, gone
+
+
+def _minus(iso: str, seconds: float) -> str:
+    t = datetime.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ") - datetime.timedelta(seconds=seconds)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
+        full: bool = False) -> dict:
     """Write `data/raw/pulls/NNNNNN/` with the tasks that changed; return a summary.
-    Returns `{"snapshot": None, ...}` and writes nothing when nothing changed."""
+    Returns `{"snapshot": None, ...}` and writes nothing when nothing changed. The first pull,
+    and any with `full=True`, compares every annotated task (a reconciliation: it also catches
+    changes Label Studio makes without touching timestamps, such as bulk label renames)."""
     raw_dir = Path(raw_dir)
     rawstore.clean_partial(raw_dir)
     prev = rawstore.latest_meta(raw_dir)
@@ -63,13 +98,25 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params)
             f"order: {list(live_classes)}). If the change is intended, update base.classes, "
             "then pull again.")
 
-    exported = studio.export_annotated(project_id)
     cursor: dict[str, str] = prev["cursor"] if prev else {}
     url_sha: dict[str, str] = dict(prev["url_sha"]) if prev else {}
-    new_cursor = {str(t["id"]): rawstore.fingerprint(t) for t in exported}
-    changed = [t for t in exported if cursor.get(str(t["id"])) != new_cursor[str(t["id"])]]
-    removed = sorted(int(k) for k in cursor if k not in new_cursor)
-    summary = {"exported": len(exported), "changed": len(changed), "removed": len(removed)}
+    # Read the watermark and the task count *before* listing: a change landing during this
+    # sync is either in the listing or after the watermark, never lost in between.
+    watermark = studio.newest_update(project_id)
+    task_count = studio.task_count(project_id)
+    if full or not prev or not prev.get("watermark"):
+        mode, current, gone = "full", _full(studio, project_id), set()
+        gone = set(cursor) - set(current)
+    else:
+        mode = "incremental"
+        current, gone = _incremental(studio, project_id, prev, cursor, task_count)
+    new_cursor = {k: v for k, v in cursor.items() if k not in gone}
+    new_cursor.update({k: rawstore.fingerprint(t) for k, t in current.items()})
+    changed = [t for k, t in sorted(current.items(), key=lambda kv: int(kv[0]))
+               if cursor.get(k) != new_cursor[k]]
+    removed = sorted(int(k) for k in gone)
+    summary = {"mode": mode, "examined": len(current), "changed": len(changed),
+               "removed": len(removed)}
     if not changed and not removed:
         return {"snapshot": None, **summary}
 
@@ -114,7 +161,8 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params)
         "seq": seq, "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "label_studio_url": studio.conn.url, "project_id": project_id,
         "classes": list(live_classes), "label_config_sha256": config_sha256, "counts": summary,
-        "cursor": new_cursor, "url_sha": url_sha})
+        "cursor": new_cursor, "url_sha": url_sha, "watermark": watermark,
+        "task_count": task_count})
     os.rename(tmp, root / f"{seq:06d}")  # the commit point: all of the snapshot or none of it
     return {"snapshot": f"{seq:06d}", **summary}
 
@@ -126,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw", default="data/raw")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--studio-dir", default=".labelgate/studio")
+    ap.add_argument("--full", action="store_true", help="reconcile every annotated task")
     args = ap.parse_args(argv)
     try:
         params = settings.load(args.params)
@@ -134,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                         read_timeout_s=params.pull.read_timeout_s)
         studio.check()
         result = run(args.raw, studio=studio, project_id=studio.require_project(params.studio.project_title),
-                     params=params)
+                     params=params, full=args.full)
     except (LabelStudioError, PullError, settings.ParamsError) as exc:
         print(f"pull failed: {exc}", file=sys.stderr)
         return 2

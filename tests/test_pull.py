@@ -109,3 +109,37 @@ def test_label_config_drift_stops_the_pull(project, tmp_path):
     with pytest.raises(pull.PullError, match="nine"):
         pull.run(tmp_path, studio=project["studio"], project_id=project["id"], params=renamed)
     assert not (tmp_path / "pulls").exists() or rawstore.snapshot_dirs(tmp_path) == []
+
+
+def test_incremental_sync_sees_skips_new_labels_task_deletes_and_matches_a_full_pull(
+        make_project, tmp_path):
+    project = make_project(limit=40, eval_tasks=5, unlabeled_tasks=8)
+    params = _params(project)
+    st, pid = project["studio"], project["id"]
+    inc, full = tmp_path / "incremental", tmp_path / "full"
+    first = pull.run(inc, studio=st, project_id=pid, params=params)
+    assert first["mode"] == "full"
+    assert pull.run(inc, studio=st, project_id=pid, params=params)["snapshot"] is None
+
+    tasks = _api(project, "GET", f"/api/tasks?project={pid}&fields=all&page_size=100")
+    tasks = tasks["tasks"] if isinstance(tasks, dict) else tasks
+    unlabeled = [t for t in tasks if not t["annotations"]]
+    labeled = [t for t in tasks if t["annotations"] and not t["annotations"][0]["was_cancelled"]]
+    user = st.check()
+    # a skip, a new label, and a whole task deleted
+    _api(project, "POST", f"/api/tasks/{unlabeled[0]['id']}/annotations/",
+         json={"result": [], "was_cancelled": True, "completed_by": user})
+    _api(project, "POST", f"/api/tasks/{unlabeled[1]['id']}/annotations/",
+         json={"result": choice_result("7"), "completed_by": user})
+    _api(project, "DELETE", f"/api/tasks/{labeled[0]['id']}/")
+    result = pull.run(inc, studio=st, project_id=pid, params=params)
+    assert result["mode"] == "incremental"
+    assert result["changed"] == 2 and result["removed"] == 1
+    state = rawstore.load(inc)
+    assert labeled[0]["id"] not in state.tasks
+    assert state.tasks[unlabeled[0]["id"]]["annotations"][0]["was_cancelled"]
+    # nothing fetched twice that has not changed, and exactly the same dataset as one full pull
+    assert pull.run(inc, studio=st, project_id=pid, params=params)["snapshot"] is None
+    pull.run(full, studio=st, project_id=pid, params=params, full=True)
+    fp = lambda s: {i: rawstore.fingerprint(t) for i, t in s.tasks.items()}  # noqa: E731
+    assert fp(rawstore.load(inc)) == fp(rawstore.load(full))
