@@ -20,12 +20,13 @@ from tqdm import tqdm
 
 from pipelines import rawstore
 from pipelines.files import (atomic_write_bytes, atomic_write_json, atomic_write_jsonl,
-                             sha256_bytes, tar_bytes)
+                             read_json, sha256_bytes, tar_bytes)
 from pipelines.labelstudio import ImageFetchError, LabelStudioError, Studio
 from pipelines.settings import Params
 
 FETCH_WORKERS = 2  # concurrent image downloads: Label Studio's server peaks at 2 (~100 images/s)
-OVERLAP_S = 120   # re-list tasks updated this long before the last watermark (late commits)
+OVERLAP_S = 5     # re-list tasks updated this long before the last watermark: a save whose
+                  # timestamp was taken just before its commit landed (seconds at most)
 
 
 class PullError(RuntimeError):
@@ -50,24 +51,40 @@ def _full(studio: Studio, project_id: int) -> dict[str, dict]:
     return {str(t["id"]): t for t in studio.export_annotated(project_id)}
 
 
-def _incremental(studio: Studio, project_id: int, prev: dict, cursor: dict[str, str],
-                 task_count: int) -> tuple[dict[str, dict], set[str]]:
+def _incremental(studio: Studio, project_id: int, base: dict, cursor: dict[str, str],
+                 task_count: int, seen: dict[str, str]) -> tuple[dict[str, dict], set[str]]:
     """(annotated tasks that may have changed, ids whose annotations or task are gone).
 
     Any annotation created, edited, deleted or skipped bumps its task's updated_at, so tasks
     updated since the last watermark (minus an overlap for commits that land late) are all
-    that can have changed. Deleted tasks bump nothing: they show up as a task count lower
-    than expected, and only then are all task ids listed to find them."""
-    since = _minus(prev["watermark"], OVERLAP_S)
-    listed = studio.tasks_updated_since(project_id, since)
-    exported = studio.export_tasks(project_id, [r["id"] for r in listed]) if listed else []
+    that can have changed; of those, only tasks whose updated_at differs from what the last
+    sync saw (`seen`, updated in place) are exported again. Deleted tasks bump nothing: they
+    show up as a task count lower than expected, and only then are all task ids listed."""
+    listed = studio.tasks_updated_since(project_id, _minus(base["watermark"], OVERLAP_S))
+    fresh = [r["id"] for r in listed if seen.get(str(r["id"])) != r["updated_at"]]
+    exported = studio.export_tasks(project_id, fresh) if fresh else []
     current = {str(t["id"]): t for t in exported if t.get("annotations")}
-    gone = ({str(r["id"]) for r in listed} - set(current)) & set(cursor)
-    created = sum(1 for r in listed if r["created_at"] > prev["watermark"])
-    if prev.get("task_count") is None or prev["task_count"] + created != task_count:
+    gone = ({str(i) for i in fresh} - set(current)) & set(cursor)
+    seen.update({str(r["id"]): r["updated_at"] for r in listed})
+    created = sum(1 for r in listed if r["created_at"] > base["watermark"])
+    if base.get("task_count") is None or base["task_count"] + created != task_count:
         alive = {str(i) for i in studio.all_task_ids(project_id)}
         gone |= set(cursor) - alive
+        for task_id in set(seen) - alive:
+            del seen[task_id]
     return current, gone
+
+
+def _sync_state_path(raw_dir: Path) -> Path:
+    """Beside data/raw, not in it: it changes on every sync, the versioned data does not."""
+    return raw_dir.parent / f".{raw_dir.name}.sync.json"
+
+
+def _save_sync_state(path: Path, *, seq: int, watermark: str | None, task_count: int,
+                     seen: dict[str, str]) -> None:
+    # Only an accelerator: losing it costs one re-listing from the snapshot's own watermark.
+    atomic_write_json(path, {"seq": seq, "watermark": watermark, "task_count": task_count,
+                             "seen": seen})
 
 
 def _minus(iso: str, seconds: float) -> str:
@@ -104,12 +121,19 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
     # sync is either in the listing or after the watermark, never lost in between.
     watermark = studio.newest_update(project_id)
     task_count = studio.task_count(project_id)
-    if full or not prev or not prev.get("watermark"):
-        mode, current, gone = "full", _full(studio, project_id), set()
+    # Where the last sync left off: the local sync state when it belongs to the latest
+    # snapshot (it also advances on syncs that found nothing), else the snapshot's own meta.
+    state_path = _sync_state_path(raw_dir)
+    local = read_json(state_path) if state_path.exists() else None
+    base = local if prev and local and local.get("seq") == prev["seq"] else prev
+    seen: dict[str, str] = dict(base.get("seen") or {}) if base else {}
+    if full or not base or not base.get("watermark"):
+        mode, current = "full", _full(studio, project_id)
         gone = set(cursor) - set(current)
+        seen = {k: t["updated_at"] for k, t in current.items() if t.get("updated_at")}
     else:
         mode = "incremental"
-        current, gone = _incremental(studio, project_id, prev, cursor, task_count)
+        current, gone = _incremental(studio, project_id, base, cursor, task_count, seen)
     new_cursor = {k: v for k, v in cursor.items() if k not in gone}
     new_cursor.update({k: rawstore.fingerprint(t) for k, t in current.items()})
     changed = [t for k, t in sorted(current.items(), key=lambda kv: int(kv[0]))
@@ -118,6 +142,9 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
     summary = {"mode": mode, "examined": len(current), "changed": len(changed),
                "removed": len(removed)}
     if not changed and not removed:
+        if prev:
+            _save_sync_state(state_path, seq=prev["seq"], watermark=watermark,
+                             task_count=task_count, seen=seen)
         return {"snapshot": None, **summary}
 
     key = params.studio.image_key
@@ -164,6 +191,7 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
         "cursor": new_cursor, "url_sha": url_sha, "watermark": watermark,
         "task_count": task_count})
     os.rename(tmp, root / f"{seq:06d}")  # the commit point: all of the snapshot or none of it
+    _save_sync_state(state_path, seq=seq, watermark=watermark, task_count=task_count, seen=seen)
     return {"snapshot": f"{seq:06d}", **summary}
 
 

@@ -1,0 +1,130 @@
+"""Label Studio sync at scale, measured in one run against a real local Label Studio:
+
+  full sync        first pull: every annotated task + its images            (goal >= 300 tasks/s)
+  no-change sync   nothing changed since                                    (goal <= 3 s)
+  incremental      after N annotations added / edited / deleted / skipped   (goal <= 10 s)
+  naive            what a hand-rolled script does every time: full export + every image again
+
+    python benchmarks/sync.py [--tasks 20000] [--changes 500]
+
+Starts its own Label Studio (from .venv-studio) in a temp dir on a free port and stops it.
+The tasks reference the 1,797 real digit scans of the demo, cycled: images are fetched once per
+distinct URL, as a real sync does.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipelines import demo, pull, settings, studio  # noqa: E402
+from pipelines.labelstudio import Studio, choice_result  # noqa: E402
+
+CLASSES = tuple(str(i) for i in range(10))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", type=int, default=20_000)
+    ap.add_argument("--changes", type=int, default=500)
+    ap.add_argument("--params", default=str(Path(__file__).resolve().parent.parent / "params.yaml"))
+    args = ap.parse_args(argv)
+    base = settings.load(args.params)
+    work = Path(tempfile.mkdtemp(prefix="labelgate-sync-bench-"))
+    conn = studio.up(work / "studio", port=_port())
+    try:
+        st = Studio(conn, read_timeout_s=300)
+        pid, _ = st.ensure_project("sync benchmark", CLASSES)
+        params = dataclasses.replace(base, studio=dataclasses.replace(
+            base.studio, project_title="sync benchmark"))
+        names, truth = demo.write_images(work / "studio" / "files" / "demo")
+        st.add_local_storage(pid, str(work / "studio" / "files" / "demo"))
+        user = st.check()
+        unlabeled = args.changes  # room for new annotations and skips later
+        tasks = []
+        for i in range(args.tasks):
+            j = i % len(names)
+            task = {"data": {"image": f"/data/local-files/?d=demo/{names[j]}"}}
+            if i >= unlabeled:
+                task["annotations"] = [{"result": choice_result(CLASSES[truth[j]]),
+                                        "completed_by": user, "ground_truth": False}]
+            tasks.append(task)
+        t0 = time.perf_counter()
+        for start in range(0, len(tasks), 2000):
+            st.import_tasks(pid, tasks[start:start + 2000])
+        print(f"imported {args.tasks} tasks ({args.tasks - unlabeled} annotated) in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+
+        raw = work / "raw"
+        first, t_full = _timed(lambda: pull.run(raw, studio=st, project_id=pid, params=params))
+        same, t_same = _timed(lambda: pull.run(raw, studio=st, project_id=pid, params=params))
+        assert same["snapshot"] is None, same
+
+        # N changes, the way annotators make them: 40 % new labels, 40 % edits, 10 % deletes,
+        # 10 % skips (one API call each; not timed)
+        api = httpx.Client(base_url=conn.url, headers={"Authorization": f"Token {conn.api_key}"},
+                           timeout=60)
+        n_new = n_edit = int(args.changes * 0.4)
+        n_del = n_skip = (args.changes - n_new - n_edit) // 2
+        all_tasks = sorted(st.all_task_ids(pid))
+        fresh, done = all_tasks[:unlabeled], all_tasks[unlabeled:]
+        for tid in fresh[:n_new]:
+            api.post(f"/api/tasks/{tid}/annotations/",
+                     json={"result": choice_result("1"), "completed_by": user}).raise_for_status()
+        for tid in fresh[n_new:n_new + n_skip]:
+            api.post(f"/api/tasks/{tid}/annotations/",
+                     json={"result": [], "was_cancelled": True,
+                           "completed_by": user}).raise_for_status()
+        targets = st.export_tasks(pid, done[:n_edit + n_del])
+        for task in targets[:n_edit]:
+            api.patch(f"/api/annotations/{task['annotations'][0]['id']}/",
+                      json={"result": choice_result("8")}).raise_for_status()
+        for task in targets[n_edit:n_edit + n_del]:
+            api.delete(f"/api/annotations/{task['annotations'][0]['id']}/").raise_for_status()
+        inc, t_inc = _timed(lambda: pull.run(raw, studio=st, project_id=pid, params=params))
+
+        def naive():
+            exported = st.export_annotated(pid)
+            for url in {t["data"]["image"] for t in exported}:
+                st.fetch_image(url, max_bytes=params.pull.max_image_bytes)
+            return len(exported)
+        n_naive, t_naive = _timed(naive)
+
+        annotated = args.tasks - unlabeled
+        print(f"\n| sync | tasks | seconds | tasks/s | goal |\n|---|---|---|---|---|\n"
+              f"| full (first pull, {first['images_fetched']} distinct images) | {annotated} | "
+              f"{t_full:.1f} | {annotated / t_full:,.0f} | >= 300 tasks/s |\n"
+              f"| no change | {annotated} | {t_same:.2f} | | <= 3 s |\n"
+              f"| incremental after {args.changes} changes ({inc['changed']} changed, "
+              f"{inc['removed']} removed) | {inc['examined']} examined | {t_inc:.2f} | | <= 10 s |\n"
+              f"| naive: full export + every image again | {n_naive} | {t_naive:.1f} | "
+              f"{n_naive / t_naive:,.0f} | |")
+        print(f"\nnaive / no-change = {t_naive / t_same:.0f}x   naive / incremental = "
+              f"{t_naive / t_inc:.1f}x")
+    finally:
+        studio.down(work / "studio")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
