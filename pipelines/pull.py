@@ -115,7 +115,7 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
             f"order: {list(live_classes)}). If the change is intended, update base.classes, "
             "then pull again.")
 
-    cursor: dict[str, str] = prev["cursor"] if prev else {}
+    cursor: dict[str, dict] = prev["cursor"] if prev else {}
     url_sha: dict[str, str] = dict(prev["url_sha"]) if prev else {}
     # Read the watermark and the task count *before* listing: a change landing during this
     # sync is either in the listing or after the watermark, never lost in between.
@@ -179,9 +179,13 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
     atomic_write_jsonl(tmp / "tasks.jsonl", changed)
     atomic_write_jsonl(tmp / "images.jsonl", image_rows)
     atomic_write_json(tmp / "removed.json", removed)
+    changes = rawstore.change_set(cursor, new_cursor,
+                                  [str(t["id"]) for t in changed] + [str(r) for r in removed])
+    atomic_write_json(tmp / "changes.json", changes)
     if new_blobs:
         atomic_write_bytes(tmp / "images.tar", tar_bytes(new_blobs))
-    summary.update(images_fetched=len(new_blobs),
+    summary.update(annotations={k: len(v) for k, v in changes.items()},
+                   images_fetched=len(new_blobs),
                    image_errors=sum(1 for r in image_rows if r["error"]),
                    fetch_seconds=round(time.monotonic() - t0, 2))
     atomic_write_json(tmp / "meta.json", {

@@ -7,6 +7,7 @@ files, so images are packed):
     images.jsonl   one line per fetched task image: {task_id, url, sha256 | null, error | null}
     removed.json   task ids that had annotations before and have none now
     images.tar     image bytes, members named by sha256 (content-addressed; only new images)
+    changes.json   the change set: annotation ids added / changed / removed by this pull
     meta.json      pull metadata and the cursor: fingerprint of every task seen so far
 
 A snapshot directory appears by one atomic rename, so a pull killed at any point leaves either
@@ -30,13 +31,34 @@ class CorruptStore(RuntimeError):
     pass
 
 
-def fingerprint(task: dict) -> str:
-    """Changes when any annotation of the task is added, edited, skipped or deleted."""
-    keyed = [{k: a.get(k) for k in ("id", "result", "was_cancelled", "ground_truth",
-                                    "completed_by", "updated_at")}
-             for a in sorted(task.get("annotations") or [], key=lambda a: a.get("id", 0))]
-    body = json.dumps({"data": task.get("data"), "annotations": keyed}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()
+def fingerprint(task: dict) -> dict[str, str]:
+    """`{annotation id: hash, "_data": hash}` — any annotation added, edited, skipped or deleted,
+    or the task's data changed, changes it; comparing two tells which annotations changed."""
+    def h(obj: object) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    fp = {str(a.get("id")): h({k: a.get(k) for k in ("result", "was_cancelled", "ground_truth",
+                                                     "completed_by", "updated_at")})
+          for a in task.get("annotations") or []}
+    fp["_data"] = h(task.get("data"))
+    return fp
+
+
+def change_set(old: dict[str, dict], new: dict[str, dict], task_ids: list[str]) -> dict:
+    """Annotation ids added / changed / removed between two cursors, over `task_ids`."""
+    out: dict[str, list[int]] = {"added": [], "changed": [], "removed": []}
+    for tid in task_ids:
+        before = old.get(tid) if isinstance(old.get(tid), dict) else {}
+        after = new.get(tid) or {}
+        for ann in set(before) | set(after):
+            if ann == "_data":
+                continue
+            if ann not in before:
+                out["added"].append(int(ann))
+            elif ann not in after:
+                out["removed"].append(int(ann))
+            elif before[ann] != after[ann]:
+                out["changed"].append(int(ann))
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def snapshot_dirs(raw_dir: str | Path) -> list[Path]:

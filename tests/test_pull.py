@@ -1,6 +1,7 @@
 """pull against a real Label Studio: snapshots, change detection, interruption, bad input."""
 from __future__ import annotations
 
+import json
 import os
 
 import httpx
@@ -65,6 +66,9 @@ def test_edit_and_delete_become_a_new_snapshot(make_project, tmp_path):
     assert result["snapshot"] == "000002"
     assert result["changed"] == 1 and result["removed"] == 1
     assert result["images_fetched"] == 0  # the edited task's image was already stored
+    changes = json.loads((rawstore.snapshot_dirs(tmp_path)[-1] / "changes.json").read_text())
+    assert changes == {"added": [], "changed": [edited["annotations"][0]["id"]],
+                       "removed": sorted(a["id"] for a in deleted["annotations"])}
     state = rawstore.load(tmp_path)
     assert deleted["id"] not in state.tasks
     ann = state.tasks[edited["id"]]["annotations"][0]
@@ -135,6 +139,8 @@ def test_incremental_sync_sees_skips_new_labels_task_deletes_and_matches_a_full_
     result = pull.run(inc, studio=st, project_id=pid, params=params)
     assert result["mode"] == "incremental"
     assert result["changed"] == 2 and result["removed"] == 1
+    assert result["annotations"] == {"added": 2, "changed": 0,
+                                     "removed": len(labeled[0]["annotations"])}
     state = rawstore.load(inc)
     assert labeled[0]["id"] not in state.tasks
     assert state.tasks[unlabeled[0]["id"]]["annotations"][0]["was_cancelled"]
