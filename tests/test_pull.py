@@ -149,3 +149,46 @@ def test_incremental_sync_sees_skips_new_labels_task_deletes_and_matches_a_full_
     pull.run(full, studio=st, project_id=pid, params=params, full=True)
     fp = lambda s: {i: rawstore.fingerprint(t) for i, t in s.tasks.items()}  # noqa: E731
     assert fp(rawstore.load(inc)) == fp(rawstore.load(full))
+
+
+def test_sync_killed_at_random_points_then_rerun_equals_one_clean_sync(project, tmp_path):
+    """SIGKILL a real `python -m pipelines.pull` process at seeded random moments; each re-run
+    must leave exactly what one uninterrupted sync leaves."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["studio"]["project_title"] = project["title"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    conn = project["studio"].conn
+    env = dict(os.environ, LABEL_STUDIO_URL=conn.url, LABEL_STUDIO_API_KEY=conn.api_key)
+
+    def start(raw_dir):
+        return subprocess.Popen([sys.executable, "-m", "pipelines.pull", "--raw", str(raw_dir),
+                                 "--params", str(tmp_path / "params.yaml")],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    clean = tmp_path / "clean"
+    t0 = time.monotonic()
+    assert start(clean).wait(timeout=300) == 0
+    duration = time.monotonic() - t0
+    reference = {p.name: p.read_bytes() for p in rawstore.snapshot_dirs(clean)[0].iterdir()
+                 if p.name != "meta.json"}
+    rng = random.Random(7)
+    for trial in range(3):
+        raw_dir = tmp_path / f"killed{trial}"
+        proc = start(raw_dir)
+        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert start(raw_dir).wait(timeout=300) == 0  # the re-run
+        snaps = rawstore.snapshot_dirs(raw_dir)
+        assert [s.name for s in snaps] == ["000001"]
+        got = {p.name: p.read_bytes() for p in snaps[0].iterdir() if p.name != "meta.json"}
+        assert got == reference
+        assert not [p for p in (raw_dir / "pulls").iterdir() if p.name.startswith(".tmp-")]
