@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from pipelines import dvcrepo, preannotate, promote, pull, rawstore
 from pipelines.files import Busy, atomic_write_json, exclusive, read_json, sha256_file
-from pipelines.labelstudio import AuthError, LabelStudioError, Studio, connection_from_env
+from pipelines.labelstudio import LabelStudioError, Studio, connection_from_env
 from pipelines.layout import Layout
 from pipelines.settings import Params, load
 
@@ -31,7 +31,7 @@ def _studio(layout: Layout, params: Params) -> Studio:
 def _transient(task, task_run, state) -> bool:
     """Retry what can pass (server down, timeout), not a refused key or a config problem."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, LabelStudioError) and not isinstance(exc, AuthError)
+    return isinstance(exc, LabelStudioError) and exc.transient
 
 
 @task(name="pull", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)

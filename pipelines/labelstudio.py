@@ -29,7 +29,12 @@ TO_NAME = "image"    # <Image name=...>
 
 
 class LabelStudioError(RuntimeError):
-    """Label Studio is unreachable, refused the key, or answered something unusable."""
+    """Label Studio is unreachable, refused the key, or answered something unusable.
+    `transient` marks failures worth retrying (5xx, 429, timeouts, dropped connections)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class AuthError(LabelStudioError):
@@ -135,12 +140,14 @@ class Studio:
             raise LabelStudioError(
                 f"Cannot reach Label Studio at {url} while {what} ({type(exc).__name__}). "
                 "Check that the server is running (`labelgate studio status`) and that "
-                "LABEL_STUDIO_URL points at it.") from None
+                "LABEL_STUDIO_URL points at it.", transient=True) from None
         except httpx.TimeoutException:
-            raise LabelStudioError(f"Label Studio at {url} timed out while {what}.") from None
+            raise LabelStudioError(f"Label Studio at {url} timed out while {what}.",
+                                   transient=True) from None
         except httpx.HTTPError as exc:
+            # a body cut short (RemoteProtocolError) lands here: an error, never data
             raise LabelStudioError(f"HTTP error talking to Label Studio at {url} while {what}: "
-                                   f"{type(exc).__name__}") from None
+                                   f"{type(exc).__name__}", transient=True) from None
         except ApiError as exc:
             # str(ApiError) embeds response headers (session cookies): never show it whole.
             if exc.status_code in (401, 403):
@@ -149,10 +156,23 @@ class Studio:
                     f"{what}. Check LABEL_STUDIO_API_KEY: it may be wrong, revoked or rotated.") from None
             body = exc.body if isinstance(exc.body, (dict, list, str)) else repr(exc.body)
             raise LabelStudioError(f"Label Studio at {url} answered HTTP {exc.status_code} while "
-                                   f"{what}: {str(body)[:300]}") from None
+                                   f"{what}: {str(body)[:300]}",
+                                   transient=exc.status_code in (429, 500, 502, 503, 504)) from None
         except json.JSONDecodeError:
             raise LabelStudioError(f"Label Studio at {url} sent a response that is not JSON "
                                    f"while {what}.") from None
+
+    def _retrying(self, fn):
+        """Call `fn` again on transient failures, with bounded backoff. For the streamed
+        exports: the SDK retries its other calls itself, but not these."""
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                return fn()
+            except LabelStudioError as exc:
+                if not exc.transient or attempt == FETCH_ATTEMPTS:
+                    raise
+                time.sleep(min(0.5 * 2 ** attempt, MAX_BACKOFF_S))
+        raise AssertionError("unreachable")
 
     def check(self) -> int:
         """Fail fast if unreachable or the key is wrong; return the user id."""
@@ -222,10 +242,12 @@ class Studio:
     def export_annotated(self, project_id: int) -> list[dict]:
         """Every task with at least one annotation (skipped ones included), as Label Studio's JSON
         export: `[{"id", "data", "annotations": [{"id", "result", "was_cancelled", ...}]}]`."""
-        with self._call("exporting annotations"):
-            raw = b"".join(self._client.projects.exports.download_sync(project_id,
-                                                                         export_type="JSON"))
-            tasks = json.loads(raw)
+        def once() -> object:
+            with self._call("exporting annotations"):
+                raw = b"".join(self._client.projects.exports.download_sync(
+                    project_id, export_type="JSON"))
+                return json.loads(raw)
+        tasks = self._retrying(once)
         if not isinstance(tasks, list):
             raise LabelStudioError(f"Label Studio at {self.conn.url} returned an export that is "
                                    "not a list of tasks.")
@@ -275,11 +297,13 @@ class Studio:
         out = []
         for start in range(0, len(ids), EXPORT_IDS_PER_CALL):
             chunk = [str(i) for i in ids[start:start + EXPORT_IDS_PER_CALL]]
-            with self._call(f"exporting {len(chunk)} changed tasks"):
-                raw = b"".join(self._client.projects.exports.download_sync(
-                    project_id, export_type="JSON", download_all_tasks=True,
-                    request_options={"additional_query_parameters": {"ids[]": chunk}}))
-                tasks = json.loads(raw)
+            def once(chunk=chunk) -> object:
+                with self._call(f"exporting {len(chunk)} changed tasks"):
+                    raw = b"".join(self._client.projects.exports.download_sync(
+                        project_id, export_type="JSON", download_all_tasks=True,
+                        request_options={"additional_query_parameters": {"ids[]": chunk}}))
+                    return json.loads(raw)
+            tasks = self._retrying(once)
             if not isinstance(tasks, list):
                 raise LabelStudioError(f"Label Studio at {self.conn.url} returned an export "
                                        "that is not a list of tasks.")
