@@ -18,12 +18,8 @@ def _quiet_env(layout: Layout) -> None:
 
 
 def _connect(layout: Layout, params):
-    from pipelines.labelstudio import Studio, connection_from_env
-    studio = Studio(connection_from_env(layout.studio),
-                    connect_timeout_s=params.pull.connect_timeout_s,
-                    read_timeout_s=params.pull.read_timeout_s)
-    studio.check()
-    return studio
+    from pipelines.pull import connect
+    return connect(layout.studio, params)
 
 
 def cmd_studio(args, layout: Layout, params) -> int:

@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from pipelines import dvcrepo, preannotate, promote, pull, rawstore
 from pipelines.files import Busy, atomic_write_json, exclusive, read_json, sha256_file
-from pipelines.labelstudio import LabelStudioError, Studio, connection_from_env
+from pipelines.labelstudio import LabelStudioError, Studio
 from pipelines.layout import Layout
 from pipelines.settings import Params, load
 
@@ -21,11 +21,7 @@ STAGES = ("validate", "prepare", "train", "evaluate", "gate")  # dvc.yaml, in or
 
 
 def _studio(layout: Layout, params: Params) -> Studio:
-    studio = Studio(connection_from_env(layout.studio),
-                    connect_timeout_s=params.pull.connect_timeout_s,
-                    read_timeout_s=params.pull.read_timeout_s)
-    studio.check()
-    return studio
+    return pull.connect(layout.studio, params)
 
 
 def _transient(task, task_run, state) -> bool:

@@ -32,21 +32,15 @@ class LabelStudioError(RuntimeError):
     """Label Studio is unreachable, refused the key, or answered something unusable.
     `transient` marks failures worth retrying (5xx, 429, timeouts, dropped connections)."""
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
+    def __init__(self, message: str, *, transient: bool = False,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.transient = transient
+        self.retry_after = retry_after  # seconds the server asked us to wait (Retry-After)
 
 
 class AuthError(LabelStudioError):
     """The key was refused (401/403): retrying will not help."""
-
-
-class _Transient(Exception):
-    """A failure worth retrying (5xx, 429, timeout, dropped connection)."""
-
-    def __init__(self, what: str, retry_after: float | None = None) -> None:
-        super().__init__(what)
-        self.retry_after = retry_after
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -55,7 +49,7 @@ def _retry_after(value: str | None) -> float | None:
 
 
 EXPORT_IDS_PER_CALL = 990  # Django's DATA_UPLOAD_MAX_NUMBER_FIELDS is 1,000
-FETCH_ATTEMPTS = 4        # per image: 1 try + 3 retries
+FETCH_ATTEMPTS = 4        # per call: 1 try + 3 retries
 MAX_BACKOFF_S = 10.0      # cap on one wait, Retry-After included
 IMAGE_DEADLINE_S = 60.0   # overall, per image, retries included
 
@@ -141,9 +135,9 @@ class Studio:
                 f"Cannot reach Label Studio at {url} while {what} ({type(exc).__name__}). "
                 "Check that the server is running (`labelgate studio status`) and that "
                 "LABEL_STUDIO_URL points at it.", transient=True) from None
-        except httpx.TimeoutException:
-            raise LabelStudioError(f"Label Studio at {url} timed out while {what}.",
-                                   transient=True) from None
+        except httpx.TimeoutException as exc:
+            raise LabelStudioError(f"Label Studio at {url} timed out while {what} "
+                                   f"({type(exc).__name__}).", transient=True) from None
         except httpx.HTTPError as exc:
             # a body cut short (RemoteProtocolError) lands here: an error, never data
             raise LabelStudioError(f"HTTP error talking to Label Studio at {url} while {what}: "
@@ -162,16 +156,23 @@ class Studio:
             raise LabelStudioError(f"Label Studio at {url} sent a response that is not JSON "
                                    f"while {what}.") from None
 
-    def _retrying(self, fn):
-        """Call `fn` again on transient failures, with bounded backoff. For the streamed
-        exports: the SDK retries its other calls itself, but not these."""
+    def _retrying(self, fn, *, deadline_s: float | None = None):
+        """Call `fn` again on transient failures (5xx, 429, timeouts, dropped connections), with
+        bounded backoff, honouring Retry-After, within an optional overall deadline. The one
+        retry loop: image fetches and the streamed exports (the SDK retries its other calls
+        itself, but not those)."""
+        deadline = time.monotonic() + deadline_s if deadline_s else None
         for attempt in range(1, FETCH_ATTEMPTS + 1):
             try:
                 return fn()
             except LabelStudioError as exc:
-                if not exc.transient or attempt == FETCH_ATTEMPTS:
+                if not exc.transient:
                     raise
-                time.sleep(min(0.5 * 2 ** attempt, MAX_BACKOFF_S))
+                wait = min(exc.retry_after or 0.25 * 2 ** attempt, MAX_BACKOFF_S)
+                if attempt == FETCH_ATTEMPTS or (deadline and time.monotonic() + wait > deadline):
+                    raise LabelStudioError(f"{exc} It kept failing: gave up after {attempt} "
+                                           "attempts.", transient=True) from None
+                time.sleep(wait)
         raise AssertionError("unreachable")
 
     def check(self) -> int:
@@ -352,46 +353,37 @@ class Studio:
         if (parts.scheme, parts.netloc) != self.conn.origin:
             raise ImageFetchError(f"image host not allowed: {parts.netloc or url!r} "
                                   f"(only {self.conn.origin[1]} is trusted with the API key)")
-        deadline = time.monotonic() + IMAGE_DEADLINE_S
-        for attempt in range(1, FETCH_ATTEMPTS + 1):
-            try:
-                with self._call(f"downloading image {parts.path}"):
-                    return self._fetch_once(absolute, max_bytes=max_bytes)
-            except _Transient as exc:
-                wait = min(exc.retry_after or 0.25 * 2 ** attempt, MAX_BACKOFF_S)
-                if attempt == FETCH_ATTEMPTS or time.monotonic() + wait > deadline:
-                    raise LabelStudioError(f"Label Studio at {self.conn.url} kept failing to "
-                                           f"serve {parts.path} ({exc}; {attempt} attempts)") from None
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+        def once() -> bytes:
+            with self._call(f"downloading image {parts.path}"):
+                return self._fetch_once(absolute, max_bytes=max_bytes)
+        return self._retrying(once, deadline_s=IMAGE_DEADLINE_S)
 
     def _fetch_once(self, absolute: str, *, max_bytes: int) -> bytes:
+        # Transport failures (timeouts, resets, a body cut short of its Content-Length) are
+        # raised by httpx and mapped to transient errors by `_call`: never data.
         headers = {"Authorization": f"Token {self.conn.api_key}"}
-        try:
-            with self._http.stream("GET", absolute, headers=headers) as resp:
-                if resp.status_code in (401, 403):
-                    raise ApiError(status_code=resp.status_code, body="image download refused")
-                if resp.status_code == 429 or resp.status_code >= 500:
-                    raise _Transient(f"HTTP {resp.status_code}",
-                                     _retry_after(resp.headers.get("retry-after")))
-                if resp.is_redirect:
-                    raise ImageFetchError(f"image URL redirects (HTTP {resp.status_code}); "
-                                          "redirects are refused")
-                if resp.status_code != 200:
-                    raise ImageFetchError(f"image download failed: HTTP {resp.status_code}")
-                declared = resp.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > max_bytes:
-                    raise ImageFetchError(f"image larger than {max_bytes} bytes ({declared})")
-                chunks, size = [], 0
-                for chunk in resp.iter_bytes():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise ImageFetchError(f"image larger than {max_bytes} bytes")
-                    chunks.append(chunk)
-        except (httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ReadError,
-                httpx.ConnectError) as exc:
-            # A body cut short (fewer bytes than Content-Length) lands here too: never data.
-            raise _Transient(type(exc).__name__) from None
+        with self._http.stream("GET", absolute, headers=headers) as resp:
+            if resp.status_code in (401, 403):
+                raise ApiError(status_code=resp.status_code, body="image download refused")
+            if resp.status_code == 429 or resp.status_code >= 500:
+                raise LabelStudioError(
+                    f"Label Studio at {self.conn.url} answered HTTP {resp.status_code} for an "
+                    "image.", transient=True,
+                    retry_after=_retry_after(resp.headers.get("retry-after")))
+            if resp.is_redirect:
+                raise ImageFetchError(f"image URL redirects (HTTP {resp.status_code}); "
+                                      "redirects are refused")
+            if resp.status_code != 200:
+                raise ImageFetchError(f"image download failed: HTTP {resp.status_code}")
+            declared = resp.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise ImageFetchError(f"image larger than {max_bytes} bytes ({declared})")
+            chunks, size = [], 0
+            for chunk in resp.iter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ImageFetchError(f"image larger than {max_bytes} bytes")
+                chunks.append(chunk)
         return b"".join(chunks)
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipelines import rawstore
 from pipelines.files import (atomic_write_bytes, atomic_write_json, atomic_write_jsonl,
                              read_json, sha256_bytes, tar_bytes)
-from pipelines.labelstudio import ImageFetchError, LabelStudioError, Studio
+from pipelines.labelstudio import ImageFetchError, LabelStudioError, Studio, connection_from_env
 from pipelines.settings import Params
 
 FETCH_WORKERS = 2  # concurrent image downloads: Label Studio's server peaks at 2 (~100 images/s)
@@ -46,12 +46,22 @@ def _fetch_all(studio: Studio, urls: list[str], *, max_bytes: int) -> dict[str, 
                          disable=None, leave=False, file=sys.stderr))
 
 
+def connect(studio_dir: str | Path, params: Params) -> Studio:
+    """The configured Label Studio (env, else the embedded server's credentials), with the
+    timeouts from params.yaml `pull`, key checked: fails fast with an actionable message."""
+    studio = Studio(connection_from_env(studio_dir),
+                    connect_timeout_s=params.pull.connect_timeout_s,
+                    read_timeout_s=params.pull.read_timeout_s)
+    studio.check()
+    return studio
+
+
 def _full(studio: Studio, project_id: int) -> dict[str, dict]:
     """Every annotated task (skipped-only ones included), by id: the reconciliation path."""
     return {str(t["id"]): t for t in studio.export_annotated(project_id)}
 
 
-def _incremental(studio: Studio, project_id: int, base: dict, cursor: dict[str, str],
+def _incremental(studio: Studio, project_id: int, base: dict, cursor: dict[str, dict],
                  task_count: int, seen: dict[str, str]) -> tuple[dict[str, dict], set[str]]:
     """(annotated tasks that may have changed, ids whose annotations or task are gone).
 
@@ -201,7 +211,6 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
 
 def main(argv: list[str] | None = None) -> int:
     from pipelines import settings
-    from pipelines.labelstudio import connection_from_env
     ap = argparse.ArgumentParser(prog="python -m pipelines.pull", description=__doc__)
     ap.add_argument("--raw", default="data/raw")
     ap.add_argument("--params", default="params.yaml")
@@ -210,10 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         params = settings.load(args.params)
-        studio = Studio(connection_from_env(args.studio_dir),
-                        connect_timeout_s=params.pull.connect_timeout_s,
-                        read_timeout_s=params.pull.read_timeout_s)
-        studio.check()
+        studio = connect(args.studio_dir, params)
         result = run(args.raw, studio=studio, project_id=studio.require_project(params.studio.project_title),
                      params=params, full=args.full)
     except (LabelStudioError, PullError, settings.ParamsError) as exc:

@@ -47,7 +47,7 @@ def change_set(old: dict[str, dict], new: dict[str, dict], task_ids: list[str]) 
     """Annotation ids added / changed / removed between two cursors, over `task_ids`."""
     out: dict[str, list[int]] = {"added": [], "changed": [], "removed": []}
     for tid in task_ids:
-        before = old.get(tid) if isinstance(old.get(tid), dict) else {}
+        before = old.get(tid) or {}
         after = new.get(tid) or {}
         for ann in set(before) | set(after):
             if ann == "_data":
