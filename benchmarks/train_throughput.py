@@ -87,9 +87,9 @@ def tutorial(blobs, labels, size, device, seconds, workers) -> float:
 
 
 def labelgate(x_uint8, y, params, device, seconds) -> tuple[float, train.LoopPlan]:
-    lp = train.plan(params.train, device)
+    lp = train.plan(params.train, device, n_train=len(x_uint8))
     x, yt = torch.from_numpy(x_uint8).to(device), torch.from_numpy(y).to(device)
-    model = net.Net(10, x.shape[-1]).to(device).to(memory_format=torch.channels_last)
+    model = train.to_device(net.Net(10, x.shape[-1]), lp)
     run = torch.compile(model) if lp.compile else model
     train.fit(run, x, yt, None, None, lp=lp, epochs=1, shift_px=params.train.shift_px,
               seed=0, progress=False)  # warm-up (and compile)
@@ -104,7 +104,7 @@ def labelgate(x_uint8, y, params, device, seconds) -> tuple[float, train.LoopPla
 
 
 def bound(lp: train.LoopPlan, size: int, device, seconds) -> float:
-    model = net.Net(10, size).to(device).to(memory_format=torch.channels_last)
+    model = train.to_device(net.Net(10, size), lp)
     run = torch.compile(model) if lp.compile else model
     opt = torch.optim.Adam(model.parameters(), lr=lp.lr)
     xb = torch.randint(0, 256, (lp.batch_size, size, size), dtype=torch.uint8, device=device)

@@ -33,6 +33,7 @@ from pipelines.files import atomic_write_json
 from pipelines.settings import Params, Train
 
 LR_REF_BATCH = 128   # train.lr is the Adam learning rate at this batch size
+MIN_STEPS_PER_EPOCH = 32  # the CUDA batch shrinks on small datasets to keep at least this many
 NAN_CHECK_EVERY = 50  # steps between host syncs for the NaN check (a sync per step stalls a GPU)
 
 
@@ -53,14 +54,27 @@ class LoopPlan:
     world: int = 1
 
 
-def plan(t: Train, device: torch.device, *, rank: int = 0, world: int = 1) -> LoopPlan:
+def plan(t: Train, device: torch.device, *, n_train: int | None = None, rank: int = 0,
+         world: int = 1) -> LoopPlan:
     cuda = device.type == "cuda"
     batch = t.batch_size_cuda if cuda else t.batch_size
+    if cuda and n_train is not None:
+        # The big GPU batch only where the data can fill it: on a small dataset it would mean a
+        # handful of steps per epoch at a learning rate scaled for a batch that never happens
+        # (seen on an H100: 128 images, batch 2048 -> one step per epoch, diverged). Keep at
+        # least MIN_STEPS_PER_EPOCH steps, never going below the CPU batch size.
+        fits = 1 << max(0, (n_train // MIN_STEPS_PER_EPOCH).bit_length() - 1)  # power of 2
+        batch = min(batch, max(t.batch_size, fits))
     # Adam: scale the learning rate with sqrt(batch) (linear scaling over-shoots with Adam).
     lr = t.lr * math.sqrt(batch / LR_REF_BATCH)
     # channels_last also pays on CPU: +25 % fwd+bwd at batch 64 on this conv net (oneDNN).
     return LoopPlan(device=device, batch_size=batch, lr=lr, autocast=cuda, channels_last=True,
                     compile=cuda and t.compile, rank=rank, world=world)
+
+
+def to_device(model: torch.nn.Module, lp: LoopPlan) -> torch.nn.Module:
+    model = model.to(lp.device)
+    return model.to(memory_format=torch.channels_last) if lp.channels_last else model
 
 
 def _load_split(path: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,13 +200,12 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params) -> dic
     device, rank, world = _dist_init(t.device)
     # Dropout masks differ by rank; everything else (permutation, shifts) is shared.
     seed_everything(params.base.seed + rank, deterministic=t.deterministic)
-    lp = plan(t, device, rank=rank, world=world)
+    lp = None
     try:
         x_train, y_train = _load_split(prepared_dir / "train.npz", device)
         x_val, y_val = _load_split(prepared_dir / "val.npz", device)
-        model = net.Net(len(params.base.classes), params.base.image_size).to(device)
-        if lp.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        lp = plan(t, device, n_train=len(x_train), rank=rank, world=world)
+        model = to_device(net.Net(len(params.base.classes), params.base.image_size), lp)
         trained = model
         if world > 1:
             trained = torch.nn.parallel.DistributedDataParallel(model)
@@ -205,8 +218,9 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params) -> dic
                       shift_px=t.shift_px, seed=params.base.seed)
         seconds = time.monotonic() - t0
     except torch.OutOfMemoryError:
-        raise TrainingError(f"out of GPU memory at batch size {lp.batch_size}: lower "
-                            "train.batch_size_cuda in params.yaml") from None
+        where = f"at batch size {lp.batch_size}" if lp else "loading the dataset"
+        raise TrainingError(f"out of GPU memory {where}: lower train.batch_size_cuda in "
+                            "params.yaml") from None
     finally:
         if world > 1 and rank != 0:
             dist.destroy_process_group()

@@ -22,7 +22,6 @@ from PIL import Image
 
 from pipelines import rawstore, settings
 from pipelines.files import sha256_bytes
-from pipelines.labelstudio import choice_result
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_YAML = REPO / "params.yaml"
@@ -145,6 +144,9 @@ def ls_task(task_id: int, label_or_labels: str | None | list[str | None], *, url
     skips = list(cancelled) if isinstance(cancelled, (list, tuple)) else [cancelled] * n
     gts = list(ground_truth) if isinstance(ground_truth, (list, tuple)) else [ground_truth] * n
     assert len(skips) == n and len(gts) == n
+    # imported here, not at the top: the GPU check machine runs tests/test_train.py without
+    # the Label Studio SDK installed
+    from pipelines.labelstudio import choice_result
     annotations = []
     for i, (label, skip, gt) in enumerate(zip(labels, skips, gts)):
         annotations.append({

@@ -231,6 +231,20 @@ def test_lr_scales_with_batch_and_cuda_settings_apply_only_on_cuda():
     assert lp_cuda.batch_size == t.batch_size_cuda and lp_cuda.autocast
 
 
+def test_cuda_batch_shrinks_to_keep_enough_steps_on_small_datasets():
+    """Found on an H100: 128 images at batch 2048 meant one step per epoch at an lr scaled for
+    2048, and training diverged. The CUDA batch now leaves >= MIN_STEPS_PER_EPOCH steps."""
+    t = train_params(**{"train.batch_size": 32, "train.batch_size_cuda": 2048}).train
+    cuda = torch.device("cuda")
+    small = train.plan(t, cuda, n_train=128)
+    assert small.batch_size == 32                      # never below the CPU batch
+    assert small.lr == pytest.approx(t.lr * math.sqrt(32 / train.LR_REF_BATCH))
+    mid = train.plan(t, cuda, n_train=10_000)          # 10000 // 32 = 312 -> 256
+    assert mid.batch_size == 256 and 10_000 / mid.batch_size >= train.MIN_STEPS_PER_EPOCH
+    assert train.plan(t, cuda, n_train=1_000_000).batch_size == 2048
+    assert train.plan(t, torch.device("cpu"), n_train=128).batch_size == 32
+
+
 def test_ddp_two_processes_on_gloo_match_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo) vs one process, same data and seed. Permutation and
     shifts are shared across ranks and gradients are averaged, so the only difference is the
