@@ -58,6 +58,11 @@ class ImageFetchError(ValueError):
     """One image could not be fetched safely; the task is quarantined with this reason."""
 
 
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
 @dataclass(frozen=True)
 class Connection:
     url: str
@@ -65,8 +70,7 @@ class Connection:
 
     @property
     def origin(self) -> tuple[str, str]:
-        parts = urlsplit(self.url)
-        return parts.scheme, parts.netloc
+        return _origin(self.url)
 
 
 def credentials_file(studio_dir: str | Path) -> Path:
@@ -114,8 +118,10 @@ class Studio:
     """A connected Label Studio: `Studio(conn).check()` fails fast with an actionable message."""
 
     def __init__(self, conn: Connection, *, connect_timeout_s: float = 5.0,
-                 read_timeout_s: float = 60.0) -> None:
+                 read_timeout_s: float = 60.0, image_hosts: tuple[str, ...] = ()) -> None:
         self.conn = conn
+        # other origins images may come from (storage hosts); they never get the API key
+        self._image_hosts = frozenset(_origin(h) for h in image_hosts)
         self._timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
         self._client = LabelStudio(base_url=conn.url, api_key=conn.api_key,
                                    httpx_client=httpx.Client(timeout=self._timeout,
@@ -343,25 +349,29 @@ class Studio:
 
     # -- images -------------------------------------------------------------------------------
     def fetch_image(self, url: str, *, max_bytes: int) -> bytes:
-        """Bytes of a task's image. Only the configured origin; no redirects; capped size.
+        """Bytes of a task's image. Only from the configured Label Studio origin (with the key)
+        or an origin listed in `pull.image_hosts` (without it); no redirects; capped size.
         5xx/429 (honouring Retry-After), timeouts and dropped connections are retried with
         bounded backoff within an overall deadline. Raises ImageFetchError for what is wrong
         with this image (quarantine-worthy: 404, too big, redirect) and LabelStudioError when the
         server is down, misbehaving or refuses the key (the pull stops, nothing is written)."""
         absolute = urljoin(self.conn.url + "/", url)
         parts = urlsplit(absolute)
-        if (parts.scheme, parts.netloc) != self.conn.origin:
-            raise ImageFetchError(f"image host not allowed: {parts.netloc or url!r} "
-                                  f"(only {self.conn.origin[1]} is trusted with the API key)")
+        origin = _origin(absolute)
+        if origin != self.conn.origin and origin not in self._image_hosts:
+            raise ImageFetchError(
+                f"image host not allowed: {parts.netloc or url!r} (images come from Label Studio "
+                f"at {self.conn.origin[1]} or an origin listed in pull.image_hosts)")
+        with_key = origin == self.conn.origin
         def once() -> bytes:
             with self._call(f"downloading image {parts.path}"):
-                return self._fetch_once(absolute, max_bytes=max_bytes)
+                return self._fetch_once(absolute, max_bytes=max_bytes, with_key=with_key)
         return self._retrying(once, deadline_s=IMAGE_DEADLINE_S)
 
-    def _fetch_once(self, absolute: str, *, max_bytes: int) -> bytes:
+    def _fetch_once(self, absolute: str, *, max_bytes: int, with_key: bool) -> bytes:
         # Transport failures (timeouts, resets, a body cut short of its Content-Length) are
         # raised by httpx and mapped to transient errors by `_call`: never data.
-        headers = {"Authorization": f"Token {self.conn.api_key}"}
+        headers = {"Authorization": f"Token {self.conn.api_key}"} if with_key else {}
         with self._http.stream("GET", absolute, headers=headers) as resp:
             if resp.status_code in (401, 403):
                 raise ApiError(status_code=resp.status_code, body="image download refused")

@@ -51,7 +51,8 @@ def connect(studio_dir: str | Path, params: Params) -> Studio:
     timeouts from params.yaml `pull`, key checked: fails fast with an actionable message."""
     studio = Studio(connection_from_env(studio_dir),
                     connect_timeout_s=params.pull.connect_timeout_s,
-                    read_timeout_s=params.pull.read_timeout_s)
+                    read_timeout_s=params.pull.read_timeout_s,
+                    image_hosts=params.pull.image_hosts)
     studio.check()
     return studio
 

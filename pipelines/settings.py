@@ -10,6 +10,7 @@ import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -37,6 +38,7 @@ class Pull:
     connect_timeout_s: float
     read_timeout_s: float
     max_image_bytes: int
+    image_hosts: tuple[str, ...]  # extra origins images may come from (never sent the API key)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,12 @@ class Params:
     schedule: Schedule
 
 
+def _is_origin(value: str) -> bool:
+    parts = urlsplit(value)
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and "@" not in parts.netloc
+            and parts.path in ("", "/") and not parts.query and not parts.fragment)
+
+
 # Checks beyond the type, keyed by dotted name: (predicate, what it must be).
 _RULES: dict[str, tuple[typing.Callable[[object], bool], str]] = {
     "base.image_size": (lambda v: 8 <= v <= 512, "between 8 and 512"),
@@ -106,6 +114,9 @@ _RULES: dict[str, tuple[typing.Callable[[object], bool], str]] = {
     "pull.connect_timeout_s": (lambda v: v > 0, "> 0"),
     "pull.read_timeout_s": (lambda v: v > 0, "> 0"),
     "pull.max_image_bytes": (lambda v: v > 0, "> 0"),
+    "pull.image_hosts": (lambda v: all(_is_origin(o) for o in v),
+                         "a list of origins like https://bucket.example.com (scheme and host, "
+                         "optional port; no path, query or user)"),
     "validate.min_side": (lambda v: v >= 1, ">= 1"),
     "validate.max_side": (lambda v: v >= 1, ">= 1"),
     "validate.min_per_class": (lambda v: v >= 0, ">= 0"),

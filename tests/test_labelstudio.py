@@ -94,6 +94,23 @@ def test_image_fetch_sends_key_only_to_configured_host(fault_servers):
     assert {auth for _, _, auth in _Recorder.seen} == {"Token secret-key-123"}
 
 
+def test_listed_storage_host_is_fetched_without_the_key(fault_servers):
+    origin, storage = fault_servers
+    st = Studio(Connection(origin, "secret-key-123"), read_timeout_s=1.0,
+                image_hosts=(storage.upper().replace("HTTP://", "http://"),))  # host case-folded
+    assert st.fetch_image(f"{storage}/img", max_bytes=100) == b"hello"
+    assert st.fetch_image("/img", max_bytes=100) == b"hello"
+    with pytest.raises(ImageFetchError, match="redirect"):  # no redirects from storage either
+        st.fetch_image(f"{storage}/redirect", max_bytes=100)
+    with pytest.raises(ImageFetchError, match="pull.image_hosts"):  # another port: not listed
+        st.fetch_image("http://127.0.0.1:1/img", max_bytes=100)
+    storage_port = int(storage.rsplit(":", 1)[1])
+    by_port = {(port, auth) for port, _, auth in _Recorder.seen}
+    assert (storage_port, None) in by_port
+    assert all(auth is None for port, auth in by_port if port == storage_port)
+    assert any(auth == "Token secret-key-123" for port, auth in by_port if port != storage_port)
+
+
 def test_image_fetch_times_out(fault_servers):
     st = Studio(Connection(fault_servers[0], "k"), read_timeout_s=0.5)
     # the server answers after 3 s: without a read timeout this would succeed

@@ -62,6 +62,18 @@ def test_wrong_type_names_the_key(tmp_path, key, value, expected):
     assert repr(value) in msg  # shows what it got
 
 
+@pytest.mark.parametrize("origin", ["https://bucket.example.com/path", "ftp://host",
+                                    "https://user@host", "https://host?x=1", "bucket.example.com"])
+def test_image_hosts_must_be_bare_origins(tmp_path, origin):
+    with pytest.raises(ParamsError, match="pull.image_hosts must be a list of origins"):
+        load_with(tmp_path, {"pull.image_hosts": [origin]})
+
+
+def test_image_hosts_accepts_origins_with_ports(tmp_path):
+    p = load_with(tmp_path, {"pull.image_hosts": ["https://b.example.com", "http://10.0.0.5:9000/"]})
+    assert p.pull.image_hosts == ("https://b.example.com", "http://10.0.0.5:9000/")
+
+
 def test_unknown_key_is_named_not_ignored(tmp_path):
     with pytest.raises(ParamsError, match=r"unknown key train\.epoch\b"):
         load_with(tmp_path, {"train.epoch": 3})  # a typo of `epochs`
