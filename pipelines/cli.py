@@ -45,12 +45,7 @@ def cmd_pull(args, layout: Layout, params) -> int:
         params.studio.project_title), params=params, full=getattr(args, "full", False))
     dvcrepo.ensure_repo(layout.root)
     dvcrepo.add(layout.root, layout.raw)  # a no-op when nothing changed
-    if result["snapshot"]:
-        print(f"pulled snapshot {result['snapshot']} ({result['mode']}): {result['changed']} new/changed tasks, "
-              f"{result['removed']} removed, {result['images_fetched']} images")
-    else:
-        print(f"nothing new in Label Studio ({result['mode']} sync, "
-              f"{result['examined']} task(s) examined)")
+    print(pull.describe(result))
     return 0
 
 

@@ -35,7 +35,9 @@ def pull_task(root: str) -> dict:
     layout, params = Layout(root), load(Path(root) / "params.yaml")
     studio = _studio(layout, params)
     project_id = studio.require_project(params.studio.project_title)
-    return pull.run(layout.raw, studio=studio, project_id=project_id, params=params)
+    result = pull.run(layout.raw, studio=studio, project_id=project_id, params=params)
+    get_run_logger().info(pull.describe(result))
+    return result
 
 
 @task(name="version")

@@ -41,9 +41,12 @@ def _fetch_all(studio: Studio, urls: list[str], *, max_bytes: int) -> dict[str, 
         except ImageFetchError as exc:
             return url, str(exc)
     with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
-        # progress bar on a terminal only (disable=None): logs and CI stay clean
-        return dict(tqdm(pool.map(one, urls), total=len(urls), desc="images", unit="img",
-                         disable=None, leave=False, file=sys.stderr))
+        return dict(_bar(pool.map(one, urls), total=len(urls), desc="images", unit="img"))
+
+
+def _bar(iterable=None, **kw) -> tqdm:
+    # on a terminal only (disable=None): logs and CI stay clean
+    return tqdm(iterable, disable=None, leave=False, file=sys.stderr, **kw)
 
 
 def connect(studio_dir: str | Path, params: Params) -> Studio:
@@ -59,7 +62,8 @@ def connect(studio_dir: str | Path, params: Params) -> Studio:
 
 def _full(studio: Studio, project_id: int) -> dict[str, dict]:
     """Every annotated task (skipped-only ones included), by id: the reconciliation path."""
-    return {str(t["id"]): t for t in studio.export_annotated(project_id)}
+    with _bar(desc="export", unit="B", unit_scale=True) as bar:
+        return {str(t["id"]): t for t in studio.export_annotated(project_id, progress=bar.update)}
 
 
 def _incremental(studio: Studio, project_id: int, base: dict, cursor: dict[str, dict],
@@ -73,7 +77,8 @@ def _incremental(studio: Studio, project_id: int, base: dict, cursor: dict[str, 
     show up as a task count lower than expected, and only then are all task ids listed."""
     listed = studio.tasks_updated_since(project_id, _minus(base["watermark"], OVERLAP_S))
     fresh = [r["id"] for r in listed if seen.get(str(r["id"])) != r["updated_at"]]
-    exported = studio.export_tasks(project_id, fresh) if fresh else []
+    with _bar(total=len(fresh), desc="tasks", unit="task") as bar:
+        exported = studio.export_tasks(project_id, fresh, progress=bar.update) if fresh else []
     current = {str(t["id"]): t for t in exported if t.get("annotations")}
     gone = ({str(i) for i in fresh} - set(current)) & set(cursor)
     seen.update({str(r["id"]): r["updated_at"] for r in listed})
@@ -110,6 +115,7 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
     and any with `full=True`, compares every annotated task (a reconciliation: it also catches
     changes Label Studio makes without touching timestamps, such as bulk label renames)."""
     raw_dir = Path(raw_dir)
+    started = time.monotonic()
     rawstore.clean_partial(raw_dir)
     prev = rawstore.latest_meta(raw_dir)
     if prev and prev["project_id"] != project_id:
@@ -156,7 +162,7 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
         if prev:
             _save_sync_state(state_path, seq=prev["seq"], watermark=watermark,
                              task_count=task_count, seen=seen)
-        return {"snapshot": None, **summary}
+        return {"snapshot": None, **summary, "seconds": round(time.monotonic() - started, 2)}
 
     key = params.studio.image_key
     urls = sorted({t["data"][key] for t in changed
@@ -207,7 +213,20 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
         "task_count": task_count})
     os.rename(tmp, root / f"{seq:06d}")  # the commit point: all of the snapshot or none of it
     _save_sync_state(state_path, seq=seq, watermark=watermark, task_count=task_count, seen=seen)
-    return {"snapshot": f"{seq:06d}", **summary}
+    return {"snapshot": f"{seq:06d}", **summary, "seconds": round(time.monotonic() - started, 2)}
+
+
+def describe(result: dict) -> str:
+    """The one-line summary of a pull, for people and logs."""
+    head = (f"pull {result['mode']}: {result['examined']} task(s) examined in "
+            f"{result.get('seconds', 0):.1f} s")
+    if not result["snapshot"]:
+        return f"{head}; nothing new in Label Studio"
+    ann = result.get("annotations", {})
+    return (f"{head}; snapshot {result['snapshot']}: {result['changed']} task(s) new/changed, "
+            f"{result['removed']} removed; annotations +{ann.get('added', 0)} "
+            f"~{ann.get('changed', 0)} -{ann.get('removed', 0)}; {result['images_fetched']} "
+            f"image(s) fetched, {result['image_errors']} failed (quarantined at validation)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     except (LabelStudioError, PullError, settings.ParamsError) as exc:
         print(f"pull failed: {exc}", file=sys.stderr)
         return 2
-    print(result)
+    print(describe(result))
     return 0
 
 

@@ -69,6 +69,11 @@ def test_edit_and_delete_become_a_new_snapshot(make_project, tmp_path):
     changes = json.loads((rawstore.snapshot_dirs(tmp_path)[-1] / "changes.json").read_text())
     assert changes == {"added": [], "changed": [edited["annotations"][0]["id"]],
                        "removed": sorted(a["id"] for a in deleted["annotations"])}
+    line = pull.describe(result)  # the one-line summary people and the flow's log see
+    assert "snapshot 000002: 1 task(s) new/changed, 1 removed" in line
+    assert f"annotations +0 ~1 -{len(deleted['annotations'])}" in line
+    assert "nothing new" in pull.describe(pull.run(tmp_path, studio=st, project_id=project["id"],
+                                                   params=params))
     state = rawstore.load(tmp_path)
     assert deleted["id"] not in state.tasks
     ann = state.tasks[edited["id"]]["annotations"][0]
