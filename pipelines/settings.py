@@ -55,6 +55,7 @@ class Prepare:
     min_annotations: int      # fewer non-skipped votes -> disputed
     min_agreement: float      # share of votes the winning label needs
     ground_truth_wins: bool
+    near_duplicate_similarity: float  # fingerprint cosine at which an image counts as an eval copy
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ _RULES: dict[str, tuple[typing.Callable[[object], bool], str]] = {
     "prepare.val_fraction": (lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)"),
     "prepare.min_annotations": (lambda v: v >= 1, ">= 1"),
     "prepare.min_agreement": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
+    "prepare.near_duplicate_similarity": (lambda v: 0.0 < v <= 1.0, "between 0 (exclusive) and 1"),
     "train.epochs": (lambda v: v >= 1, ">= 1"),
     "train.batch_size": (lambda v: v >= 1, ">= 1"),
     "train.batch_size_cuda": (lambda v: v >= 1, ">= 1"),

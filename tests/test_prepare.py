@@ -3,15 +3,17 @@ uint8 splits that are byte-identical for identical inputs."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipelines import images, prepare
-from pipelines.files import read_json, read_jsonl, sha256_bytes
+from pipelines.files import read_json, read_jsonl, sha256_bytes, tar_bytes
 from pipelines.prepare import in_val, resolve
 from tests import factories
 from tests.factories import ls_task, task_url
@@ -209,7 +211,7 @@ def test_resolved_has_every_manifest_row(prepared):
     assert [r["task_id"] for r in prepared["resolved"]] == [r["task_id"] for r in manifest]
     s = prepared["summary"]
     assert s["resolved"] == len(manifest) == s["train"] + s["val"] + s["disputed"] + \
-        s["excluded_eval_overlap"]
+        s["excluded_eval_overlap"] + s["excluded_near_duplicates"]
     assert read_json(prepared["out"] / "summary.json") == s
     labels = [str(c) for c in prepared["train"]["y"].tolist()]
     assert s["train_class_counts"] == dict(sorted(Counter(labels).items()))
@@ -243,6 +245,32 @@ def test_no_eval_set_yet_means_nothing_is_excluded(tmp_path):
     summary, _ = run(tmp_path)
     assert summary["excluded_eval_overlap"] == 0
     assert summary["train"] + summary["val"] == len(info["truth"])
+
+
+def test_near_duplicate_of_an_eval_image_is_excluded_and_named(tmp_path):
+    """Leakage through a re-encoded copy: the eval set holds task 5's picture resized, brightened
+    and saved as JPEG (another sha256). Task 5 must leave training; distinct digits must stay."""
+    info = build(tmp_path)
+    _, label, data = info["truth"][5]
+    img = Image.open(io.BytesIO(data)).convert("L")
+    buf = io.BytesIO()
+    img.resize((40, 40)).point(lambda v: min(255, int(v * 1.1))).save(buf, "JPEG", quality=70)
+    copy = buf.getvalue()
+    eval_dir = tmp_path / "eval"
+    manifest = json.dumps({"task_id": 9001, "image_sha256": sha256_bytes(copy),
+                           "label": label}) + "\n"
+    (eval_dir / "manifest.jsonl").write_text(manifest)
+    (eval_dir / "images.tar").write_bytes(tar_bytes({sha256_bytes(copy): copy}))
+    (eval_dir / "meta.json").write_text(json.dumps({"hash": sha256_bytes(manifest.encode())}))
+    summary, _ = run(tmp_path)
+    assert summary["excluded_near_duplicates"] == 1 and summary["excluded_eval_overlap"] == 0
+    row = next(r for r in read_jsonl(tmp_path / "prepared" / "resolved.jsonl")
+               if r["task_id"] == 5)
+    assert row["split"].startswith("excluded: near-duplicate of eval task 9001 (similarity 0.99")
+    assert summary["train"] + summary["val"] == len(info["truth"]) - 1
+    # and a stricter threshold than any copy reaches lets it back in: the check can fail
+    summary, _ = run(tmp_path, out="strict", **{"prepare.near_duplicate_similarity": 1.0})
+    assert summary["excluded_near_duplicates"] == 0
 
 
 def test_consensus_policy_from_params():
