@@ -94,7 +94,7 @@ def load(eval_dir: str | Path, *, params: Params) -> EvalSet:
         raise EvalSetError(f"{eval_dir}/manifest.jsonl changed since it was frozen "
                            f"(hash {digest[:12]} != {meta['hash'][:12]})")
     rows = read_jsonl(eval_dir / "manifest.jsonl")
-    blobs = _blobs(eval_dir)
+    blobs = image_bytes(eval_dir)
     index = {c: i for i, c in enumerate(params.base.classes)}
     return EvalSet(x=images.stack([blobs[r["image_sha256"]] for r in rows], params.base.image_size),
                    y=np.array([index[r["label"]] for r in rows], dtype=np.int64),
@@ -102,7 +102,9 @@ def load(eval_dir: str | Path, *, params: Params) -> EvalSet:
                    shas=[r["image_sha256"] for r in rows], hash=digest)
 
 
-def _blobs(eval_dir: Path) -> dict[str, bytes]:
+def image_bytes(eval_dir: str | Path) -> dict[str, bytes]:
+    """sha256 -> bytes of every eval image, each checked against its hash."""
+    eval_dir = Path(eval_dir)
     with tarfile.open(eval_dir / "images.tar", "r:") as tar:
         blobs = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     for sha, data in blobs.items():
@@ -124,6 +126,6 @@ def fingerprints(eval_dir: str | Path) -> tuple[np.ndarray, list[int]]:
     if not (eval_dir / "meta.json").exists():
         return np.zeros((0, images.FINGERPRINT_SIDE ** 2), dtype=np.float32), []
     rows = read_jsonl(eval_dir / "manifest.jsonl")
-    blobs = _blobs(eval_dir)
+    blobs = image_bytes(eval_dir)
     return (np.stack([images.fingerprint(blobs[r["image_sha256"]]) for r in rows]),
             [r["task_id"] for r in rows])

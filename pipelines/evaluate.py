@@ -37,18 +37,25 @@ def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
     cand_pred = cand_probs.argmax(1)
     result = {"eval_hash": ev.hash, "eval_n": len(ev.y), "classes": list(classes),
               "candidate": {"sha256": sha256_file(model_file),
+                            "size_bytes": Path(model_file).stat().st_size,
+                            "latency_ms_p95": round(net.latency_ms_p95(model, ev.x,
+                                                                       device=device), 4),
+                            "latency_device": device.type,
                             **classification(ev.y, cand_pred, classes)},
               "production": None}
-    prod_pred = None
+    prod_probs = None
     loaded = registry.load_production(registry_dir, device=device)
     if loaded is not None:
         prod_model, prod_classes, _, pointer = loaded
         if prod_classes == classes:
-            prod_pred = net.predict_proba(prod_model, ev.x, device=device,
-                                          batch_size=params.evaluate.batch_size).argmax(1)
-            result["production"] = {"id": pointer["id"], "sha256": pointer["sha256"],
-                                    "judged_on_eval_hash": pointer.get("eval_hash"),
-                                    **classification(ev.y, prod_pred, classes)}
+            prod_probs = net.predict_proba(prod_model, ev.x, device=device,
+                                           batch_size=params.evaluate.batch_size)
+            result["production"] = {
+                "id": pointer["id"], "sha256": pointer["sha256"],
+                "judged_on_eval_hash": pointer.get("eval_hash"),
+                "dataset_version": pointer.get("dataset_version"),
+                "train_class_counts": (pointer.get("metrics") or {}).get("train_class_counts"),
+                **classification(ev.y, prod_probs.argmax(1), classes)}
         else:
             result["production_note"] = (f"production {pointer['id']} predicts other classes "
                                          f"{list(prod_classes)}; not comparable")
@@ -57,13 +64,28 @@ def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
         row = {"task_id": ev.task_ids[i], "image_sha256": ev.shas[i], "label": classes[ev.y[i]],
                "candidate": classes[cand_pred[i]],
                "candidate_confidence": round(float(cand_probs[i].max()), 5)}
-        if prod_pred is not None:
-            row["production"] = classes[prod_pred[i]]
+        if prod_probs is not None:
+            row["production"] = classes[int(prod_probs[i].argmax())]
+            row["production_confidence"] = round(float(prod_probs[i].max()), 5)
         rows.append(row)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "evaluation.json", result)
     atomic_write_jsonl(out_dir / "predictions.jsonl", rows)
     return result
+
+
+def arrays(result: dict, rows: list[dict]) -> dict:
+    """The evaluation with per-image arrays the paired tests need (truth, predictions,
+    confidences, task id -> row index), rebuilt from predictions.jsonl."""
+    index = {c: i for i, c in enumerate(result["classes"])}
+    out = {**result, "truth": np.array([index[r["label"]] for r in rows], dtype=np.int64),
+           "cand_pred": np.array([index[r["candidate"]] for r in rows], dtype=np.int64),
+           "cand_conf": np.array([r["candidate_confidence"] for r in rows], dtype=np.float64),
+           "index": {r["task_id"]: i for i, r in enumerate(rows)}}
+    if result["production"] is not None:
+        out["prod_pred"] = np.array([index[r["production"]] for r in rows], dtype=np.int64)
+        out["prod_conf"] = np.array([r["production_confidence"] for r in rows], dtype=np.float64)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

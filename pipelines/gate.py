@@ -1,86 +1,129 @@
-"""gate: regression tests of the candidate against production -> decision.json + report.md.
+"""gate: regression tests of the candidate against production -> decision.json, report.md and
+report.html (the review page).
 
-    python -m pipelines.gate --evaluation reports/evaluation/evaluation.json --out reports/gate
+    python -m pipelines.gate --evaluation reports/evaluation --out reports/gate
 
 The tests live in validation/regression.py; thresholds in params.yaml `gate`. The first model
-(no production yet) passes on the absolute floor alone. Exit code 0 whatever the verdict: a FAIL
-is a result, not an error (promote reads the decision).
+(no production yet) is judged on the absolute tests alone. Exit code 0 whatever the verdict: a
+FAIL is a result, not an error (promote reads the decision). Exit code 1 when the eval set is
+not the one production was judged on: comparing numbers from two eval sets is refused.
 """
 from __future__ import annotations
 
 import argparse
-import html
+import csv
 import sys
 from pathlib import Path
 
-from pipelines.files import atomic_write_bytes, atomic_write_json, read_json
+from pipelines import evaluate, evalset, rawstore, report
+from pipelines.files import atomic_write_bytes, atomic_write_json, read_json, read_jsonl
 from pipelines.settings import Params
 from validation import regression
 
 
-def _cell(text: object) -> str:
-    """Annotator-supplied text (class names) made safe for a Markdown table cell."""
-    return html.escape(str(text)).replace("|", "&#124;").replace("\n", " ")
+class GateError(RuntimeError):
+    pass
 
 
-def report(decision: dict, evaluation: dict) -> str:
-    cand, prod = evaluation["candidate"], evaluation["production"]
-    lines = [f"# Gate verdict: **{decision['verdict']}**", "",
-             f"- candidate `{cand['sha256'][:12]}`: accuracy **{cand['accuracy']:.4f}** on "
-             f"{evaluation['eval_n']} fixed eval images (eval set `{evaluation['eval_hash'][:12]}`)",
-             (f"- production `{prod['id']}`: accuracy {prod['accuracy']:.4f}" if prod
-              else "- no production model yet: judged on the absolute floor alone"), "",
-             "## Regression tests", "", "| test | result | value | threshold | detail |",
-             "|---|---|---|---|---|"]
-    for t in decision["tests"]:
-        lines.append(f"| {_cell(t['name'])} | {'pass' if t['passed'] else '**FAIL**'} | "
-                     f"{t['value']:.4f} | {t['threshold']:.4f} | {_cell(t['detail'])} |")
-    lines += ["", "## Per class", "",
-              "| class | support | production recall | candidate recall | candidate precision |",
-              "|---|---|---|---|---|"]
-    for cls, m in cand["per_class"].items():
-        p = prod["per_class"][cls]["recall"] if prod else None
-        lines.append(f"| {_cell(cls)} | {m['support']} | {'' if p is None else f'{p:.4f}'} | "
-                     f"{m['recall']:.4f} | {m['precision']:.4f} |")
-    classes = evaluation["classes"]
-    lines += ["", "## Candidate confusion matrix (rows: truth, columns: predicted)", "",
-              "| | " + " | ".join(_cell(c) for c in classes) + " |",
-              "|---|" + "---|" * len(classes)]
-    for cls, row in zip(classes, cand["confusion"]):
-        lines.append(f"| **{_cell(cls)}** | " + " | ".join(str(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
+def action(verdict: str, params: Params) -> str:
+    """What happens next, in words (the report's first line after the verdict)."""
+    if verdict == regression.PASS:
+        return "Promote: the candidate becomes the production model."
+    if verdict == regression.FAIL:
+        return "Reject: production stays; see the failed tests below."
+    if params.gate.on_inconclusive == "ask_reviewer":
+        return ("Waiting for a reviewer (gate.on_inconclusive = ask_reviewer): "
+                "`labelgate approve ID --reason ...` or `labelgate reject ID --reason ...`.")
+    return "Keep production (gate.on_inconclusive = keep_production)."
 
 
-def run(evaluation_path: str | Path, out_dir: str | Path, *, params: Params) -> dict:
-    evaluation = read_json(evaluation_path)
-    g = params.gate
-    tests = regression.run_tests(evaluation["candidate"], evaluation["production"],
-                                 min_accuracy=g.min_accuracy,
-                                 max_accuracy_drop=g.max_accuracy_drop,
-                                 max_class_recall_drop=g.max_class_recall_drop)
+def _data_changes(evaluation: dict, *, raw: Path, validated: Path, prepared: Path) -> dict:
+    """What changed in the data since production's dataset version (counts only)."""
+    prod = evaluation["production"] or {}
+    out: dict = {"production_train_counts": prod.get("train_class_counts")}
+    if (prepared / "summary.json").exists():
+        summary = read_json(prepared / "summary.json")
+        out["candidate_train_counts"] = summary.get("train_class_counts")
+        for key in ("excluded_eval_overlap", "excluded_near_duplicates", "disputed"):
+            out[key] = summary.get(key, 0)
+    if (validated / "summary.json").exists():
+        out["quarantine"] = read_json(validated / "summary.json").get("quarantine_reasons", {})
+    version = prod.get("dataset_version") or ""
+    since = int(version.split("-")[1]) if version.startswith("pulls-") else 0
+    totals = {"added": 0, "changed": 0, "removed": 0}
+    for snap in rawstore.snapshot_dirs(raw):
+        if int(snap.name) > since and (snap / "changes.json").exists():
+            for k, ids in read_json(snap / "changes.json").items():
+                totals[k] = totals.get(k, 0) + len(ids)
+    out.update(totals)
+    return out
+
+
+def run(evaluation_dir: str | Path, out_dir: str | Path, *, params: Params,
+        eval_dir: str | Path = "data/eval", candidate_dir: str | Path = "models/candidate",
+        raw: str | Path = "data/raw", validated: str | Path = "data/validated",
+        prepared: str | Path = "data/prepared") -> dict:
+    evaluation_dir = Path(evaluation_dir)
+    evaluation = read_json(evaluation_dir / "evaluation.json")
+    rows = read_jsonl(evaluation_dir / "predictions.jsonl")
     prod = evaluation["production"]
-    decision = {"verdict": regression.verdict(tests), "tests": tests,
+    if prod and prod.get("judged_on_eval_hash") and prod["judged_on_eval_hash"] != evaluation["eval_hash"]:
+        raise GateError(
+            f"the fixed eval set changed: production {prod['id']} was judged on eval set "
+            f"{prod['judged_on_eval_hash'][:12]}, this evaluation used {evaluation['eval_hash'][:12]}. "
+            "Numbers from two eval sets are not comparable. If the change is intended, run "
+            "`labelgate evalset rebaseline --reason \"...\"` (re-evaluates production on the new "
+            "set and records why), then run again.")
+    tests = regression.run_tests(evaluate.arrays(evaluation, rows), params.gate)
+    verdict = regression.verdict(tests)
+    decision = {"verdict": verdict, "action": action(verdict, params), "tests": tests,
                 "candidate_sha256": evaluation["candidate"]["sha256"],
                 "candidate_accuracy": evaluation["candidate"]["accuracy"],
                 "production_id": prod["id"] if prod else None,
                 "production_accuracy": prod["accuracy"] if prod else None,
-                "eval_hash": evaluation["eval_hash"]}
+                "eval_hash": evaluation["eval_hash"],
+                "on_inconclusive": params.gate.on_inconclusive}
+    candidate_dir, raw = Path(candidate_dir), Path(raw)
+    history = []
+    if (candidate_dir / "history.csv").exists():
+        with open(candidate_dir / "history.csv", newline="") as f:
+            history = list(csv.DictReader(f))
+    meta = rawstore.latest_meta(raw) if raw.exists() else None
+    context = {"rows": rows, "history": history,
+               "images": evalset.image_bytes(eval_dir) if Path(eval_dir, "meta.json").exists() else {},
+               "ls": ({"url": meta.get("label_studio_url"), "project_id": meta["project_id"]}
+                      if meta else None),
+               "data": _data_changes(evaluation, raw=raw, validated=Path(validated),
+                                     prepared=Path(prepared))}
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "decision.json", decision)
-    atomic_write_bytes(out_dir / "report.md", report(decision, evaluation).encode())
+    atomic_write_bytes(out_dir / "report.md", report.markdown(decision, evaluation, context).encode())
+    atomic_write_bytes(out_dir / "report.html", report.html_page(decision, evaluation, context).encode())
     return decision
 
 
 def main(argv: list[str] | None = None) -> int:
     from pipelines import settings
     ap = argparse.ArgumentParser(prog="python -m pipelines.gate", description=__doc__)
-    ap.add_argument("--evaluation", default="reports/evaluation/evaluation.json")
+    ap.add_argument("--evaluation", default="reports/evaluation")
+    ap.add_argument("--eval", default="data/eval")
+    ap.add_argument("--candidate", default="models/candidate")
+    ap.add_argument("--raw", default="data/raw")
+    ap.add_argument("--validated", default="data/validated")
+    ap.add_argument("--prepared", default="data/prepared")
     ap.add_argument("--out", default="reports/gate")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    decision = run(args.evaluation, args.out, params=settings.load(args.params))
-    failed = [t["name"] for t in decision["tests"] if not t["passed"]]
-    print(f"gate: {decision['verdict']}" + (f" (failed: {', '.join(failed)})" if failed else ""))
+    try:
+        decision = run(args.evaluation, args.out, params=settings.load(args.params),
+                       eval_dir=args.eval, candidate_dir=args.candidate, raw=args.raw,
+                       validated=args.validated, prepared=args.prepared)
+    except GateError as exc:
+        print(f"gate refused: {exc}", file=sys.stderr)
+        return 1
+    failed = [t["name"] for t in decision["tests"] if t["result"] in ("fail", "inconclusive")]
+    print(f"gate: {decision['verdict']}" + (f" (not passed: {', '.join(failed)})" if failed else "")
+          + f" -> {decision['action']}")
     return 0
 
 

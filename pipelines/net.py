@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,21 @@ def predict_proba(model: nn.Module, x: np.ndarray | torch.Tensor, *, device: tor
     out = [torch.softmax(model(normalize(xs[i:i + batch_size])).float(), dim=1).cpu()
            for i in range(0, len(xs), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+
+
+@torch.no_grad()
+def latency_ms_p95(model: nn.Module, x: np.ndarray, *, device: torch.device,
+                   n: int = 200, warmup: int = 20) -> float:
+    """95th percentile of one image's prediction time (batch 1, as an interactive caller sees
+    it: preprocessing and the copy to the device included), in milliseconds."""
+    model.eval()
+    times = []
+    for i in range(warmup + min(n, len(x))):
+        t0 = time.perf_counter()
+        predict_proba(model, x[i % len(x)][None], device=device, batch_size=1)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000)
+    return float(np.percentile(times, 95))
 
 
 def save(model: Net, path: str | Path, *, classes: tuple[str, ...], image_size: int) -> Path:

@@ -80,6 +80,14 @@ class Gate:
     min_accuracy: float
     max_accuracy_drop: float
     max_class_recall_drop: float
+    max_class_precision_drop: float
+    min_class_support: int
+    alpha: float
+    max_ece_increase: float
+    max_latency_ms_p95: float
+    max_model_mb: float
+    critical_task_ids: tuple[int, ...]
+    on_inconclusive: str
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,14 @@ _RULES: dict[str, tuple[typing.Callable[[object], bool], str]] = {
     "gate.min_accuracy": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
     "gate.max_accuracy_drop": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
     "gate.max_class_recall_drop": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
+    "gate.max_class_precision_drop": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
+    "gate.min_class_support": (lambda v: v >= 1, ">= 1"),
+    "gate.alpha": (lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)"),
+    "gate.max_ece_increase": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
+    "gate.max_latency_ms_p95": (lambda v: v > 0, "> 0"),
+    "gate.max_model_mb": (lambda v: v > 0, "> 0"),
+    "gate.on_inconclusive": (lambda v: v in ("keep_production", "ask_reviewer"),
+                             "keep_production or ask_reviewer"),
     "schedule.cron": (lambda v: len(v.split()) == 5, "a 5-field cron expression"),
 }
 
@@ -167,9 +183,12 @@ def _coerce(key: str, tp: object, value: object) -> object:
         if not isinstance(value, str):
             raise bad("a string")
         return value
-    if typing.get_origin(tp) is tuple:  # tuple[str, ...]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad("a list of strings")
+    if typing.get_origin(tp) is tuple:  # tuple[str, ...] or tuple[int, ...]
+        item = typing.get_args(tp)[0]
+        ok = (lambda v: isinstance(v, str)) if item is str else \
+            (lambda v: isinstance(v, int) and not isinstance(v, bool))
+        if not isinstance(value, list) or not all(ok(v) for v in value):
+            raise bad("a list of strings" if item is str else "a list of integers")
         return tuple(value)
     raise TypeError(f"unsupported settings type {tp!r} for {key}")  # a bug here, not in the file
 

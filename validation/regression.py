@@ -1,45 +1,124 @@
-"""The gate's regression tests: candidate vs production on the same fixed eval set.
+"""The gate's regression tests: candidate vs production on the same fixed eval set, declared here
+with their thresholds in params.yaml `gate`.
 
-Pure functions over metric dicts (see pipelines.metrics.classification); no I/O, no Prefect,
-no DVC. Each test returns {name, passed, value, threshold, detail}.
+Pure functions over the evaluation (pipelines.evaluate): no I/O, no Prefect, no DVC. Each test
+returns {name, result, value, threshold, p_value, detail} with result one of
+
+    pass          within its margin (or budget)
+    fail          beyond its margin and the paired evidence says it is real (p < gate.alpha)
+    inconclusive  beyond its margin, but within what resampling noise explains
+    no evidence   not judged: too few eval examples of the class (gate.min_class_support)
+
+Verdict: FAIL if any test fails, else INCONCLUSIVE if any is inconclusive, else PASS.
+Comparisons are paired (both models on the same images): exact McNemar for accuracy and recall,
+a paired bootstrap for precision and calibration.
 """
 from __future__ import annotations
 
-PASS, FAIL = "PASS", "FAIL"
+import numpy as np
+
+from pipelines import stats
+
+PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
 # Metrics are ratios of counts; 0.95 - 0.94 is 0.010000000000000009 in floating point. A drop
 # exactly at the margin is allowed, so compare with this much slack (far below 1 image in 10^6).
 EPS = 1e-9
 
 
-def _test(name: str, passed: bool, value: float, threshold: float, detail: str) -> dict:
-    return {"name": name, "passed": bool(passed), "value": round(value, 6),
-            "threshold": round(threshold, 6), "detail": detail}
+def _test(name: str, result: str, value: float, threshold: float, detail: str,
+          p_value: float | None = None) -> dict:
+    return {"name": name, "result": result, "passed": result != "fail", "value": float(value),
+            "threshold": float(threshold),
+            "p_value": None if p_value is None else float(f"{p_value:.4g}"), "detail": detail}
 
 
-def run_tests(candidate: dict, production: dict | None, *, min_accuracy: float,
-              max_accuracy_drop: float, max_class_recall_drop: float) -> list[dict]:
-    """The first model (no production) is judged on the absolute floor alone."""
-    acc = candidate["accuracy"]
-    tests = [_test("accuracy floor", acc >= min_accuracy - EPS, acc, min_accuracy,
-                   f"candidate accuracy {acc:.4f} vs floor {min_accuracy:.4f}")]
-    if production is None:
+def _paired(name: str, drop: float, margin: float, p_value: float, alpha: float,
+            detail: str) -> dict:
+    if drop <= margin + EPS:
+        return _test(name, "pass", drop, margin, detail)
+    result = "fail" if p_value < alpha else "inconclusive"
+    return _test(name, result, drop, margin, f"{detail}; p = {p_value:.3g} "
+                 f"({'significant' if result == 'fail' else 'could be noise'} at {alpha})",
+                 p_value)
+
+
+def _precision(pred: np.ndarray, truth: np.ndarray, k: int) -> float:
+    chosen = pred == k
+    return float((truth[chosen] == k).mean()) if chosen.any() else 0.0
+
+
+def run_tests(ev: dict, g) -> list[dict]:
+    """`ev`: pipelines.evaluate's result plus arrays `truth`, `cand_pred`, `cand_conf`, and
+    `prod_pred`, `prod_conf` when there is a production model. `g`: params.gate."""
+    cand, prod = ev["candidate"], ev["production"]
+    truth, cp = ev["truth"], ev["cand_pred"]
+    acc = cand["accuracy"]
+    tests = [_test("accuracy floor", "pass" if acc >= g.min_accuracy - EPS else "fail", acc,
+                   g.min_accuracy, f"candidate accuracy {acc:.4f} vs floor {g.min_accuracy:.4f}")]
+    size_mb = cand["size_bytes"] / 1e6
+    tests.append(_test("model size", "pass" if size_mb <= g.max_model_mb + EPS else "fail",
+                       size_mb, g.max_model_mb, f"{size_mb:.2f} MB (budget {g.max_model_mb} MB)"))
+    lat = cand["latency_ms_p95"]
+    tests.append(_test("latency p95", "pass" if lat <= g.max_latency_ms_p95 + EPS else "fail",
+                       lat, g.max_latency_ms_p95,
+                       f"{lat:.3f} ms per image on {cand['latency_device']} "
+                       f"(budget {g.max_latency_ms_p95} ms)"))
+    if prod is None:
         return tests
-    drop = production["accuracy"] - acc
-    tests.append(_test("accuracy vs production", drop <= max_accuracy_drop + EPS, drop,
-                       max_accuracy_drop,
-                       f"production {production['accuracy']:.4f} -> candidate {acc:.4f} "
-                       f"(drop {drop:+.4f}, allowed {max_accuracy_drop:.4f})"))
-    for cls, cand in candidate["per_class"].items():
-        prod = production["per_class"].get(cls)
-        if prod is None or prod["support"] == 0:
+    pp = ev["prod_pred"]
+    c_ok, p_ok = cp == truth, pp == truth
+
+    worse, better = int((p_ok & ~c_ok).sum()), int((~p_ok & c_ok).sum())
+    drop = prod["accuracy"] - acc
+    tests.append(_paired("accuracy vs production", drop, g.max_accuracy_drop,
+                         stats.mcnemar_worse_p(worse, better), g.alpha,
+                         f"production {prod['accuracy']:.4f} -> candidate {acc:.4f}; "
+                         f"{worse} image(s) newly wrong, {better} newly right"))
+
+    for k, cls in enumerate(ev["classes"]):
+        support = cand["per_class"][cls]["support"]
+        if support < g.min_class_support:
+            tests.append(_test(f"recall of class {cls!r}", "no evidence", 0.0,
+                               g.max_class_recall_drop, f"{support} eval image(s) of this class, "
+                               f"fewer than gate.min_class_support = {g.min_class_support}"))
             continue
-        drop = prod["recall"] - cand["recall"]
-        tests.append(_test(f"recall of class {cls!r}", drop <= max_class_recall_drop + EPS, drop,
-                           max_class_recall_drop,
-                           f"recall {prod['recall']:.4f} -> {cand['recall']:.4f} "
-                           f"(drop {drop:+.4f}, allowed {max_class_recall_drop:.4f})"))
+        mine = truth == k
+        w, b = int((p_ok & ~c_ok & mine).sum()), int((~p_ok & c_ok & mine).sum())
+        pr, cr = prod["per_class"][cls]["recall"], cand["per_class"][cls]["recall"]
+        tests.append(_paired(f"recall of class {cls!r}", pr - cr, g.max_class_recall_drop,
+                             stats.mcnemar_worse_p(w, b), g.alpha,
+                             f"recall {pr:.4f} -> {cr:.4f} on {support} images"))
+        pprec, cprec = _precision(pp, truth, k), _precision(cp, truth, k)
+        p_value = 1.0
+        if pprec - cprec > g.max_class_precision_drop + EPS:
+            p_value = stats.bootstrap_worse_p(
+                lambda idx, k=k: (_precision(pp[idx], truth[idx], k)
+                                  - _precision(cp[idx], truth[idx], k)), len(truth))
+        tests.append(_paired(f"precision of class {cls!r}", pprec - cprec,
+                             g.max_class_precision_drop, p_value, g.alpha,
+                             f"precision {pprec:.4f} -> {cprec:.4f}"))
+
+    critical = [t for t in g.critical_task_ids if t in ev["index"]]
+    lost = [t for t in critical if p_ok[ev["index"][t]] and not c_ok[ev["index"][t]]]
+    missing = sorted(set(g.critical_task_ids) - set(critical))
+    tests.append(_test("critical cases", "fail" if lost else "pass", float(len(lost)), 0.0,
+                       (f"now wrong: tasks {lost}" if lost else
+                        f"all {len(critical)} critical eval task(s) production gets right "
+                        "still right")
+                       + (f"; not in the eval set: {missing}" if missing else "")))
+
+    c_conf, p_conf = ev["cand_conf"], ev["prod_conf"]
+    c_ece, p_ece = stats.ece(c_conf, c_ok), stats.ece(p_conf, p_ok)
+    p_value = 1.0
+    if c_ece - p_ece > g.max_ece_increase + EPS:
+        p_value = stats.bootstrap_worse_p(
+            lambda idx: stats.ece(c_conf[idx], c_ok[idx]) - stats.ece(p_conf[idx], p_ok[idx]),
+            len(truth), samples=500)
+    tests.append(_paired("calibration (ECE)", c_ece - p_ece, g.max_ece_increase, p_value,
+                         g.alpha, f"expected calibration error {p_ece:.4f} -> {c_ece:.4f}"))
     return tests
 
 
 def verdict(tests: list[dict]) -> str:
-    return PASS if all(t["passed"] for t in tests) else FAIL
+    results = {t["result"] for t in tests}
+    return FAIL if "fail" in results else INCONCLUSIVE if "inconclusive" in results else PASS
