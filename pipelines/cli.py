@@ -49,13 +49,80 @@ def cmd_pull(args, layout: Layout, params) -> int:
     return 0
 
 
+def _reviewer(args) -> str:
+    import getpass
+    return args.reviewer or getpass.getuser()
+
+
 def cmd_evalset(args, layout: Layout, params) -> int:
     from pipelines import dvcrepo, evalset, rawstore
+    if args.action == "rebaseline":
+        return _rebaseline(args, layout, params)
     meta = evalset.freeze(rawstore.load(layout.raw), layout.eval, params=params, force=args.force)
     dvcrepo.ensure_repo(layout.root)
     dvcrepo.add(layout.root, layout.eval)
     print(f"froze the eval set: {meta['n']} images, hash {meta['hash'][:12]} "
           f"({len(meta['skipped'])} ground-truth tasks unusable)")
+    return 0
+
+
+def _rebaseline(args, layout: Layout, params) -> int:
+    """Judge production on the (new) fixed eval set and record why, so gates can compare again."""
+    from pipelines import evalset, net, registry
+    from pipelines.device import pick_device
+    if not args.reason:
+        print("labelgate evalset rebaseline: --reason is required (it goes into the ledger)",
+              file=sys.stderr)
+        return 2
+    device = pick_device(params.train.device)
+    ev = evalset.load(layout.eval, params=params)
+    loaded = registry.load_production(layout.registry, device=device)
+    if loaded is None:
+        raise registry.RegistryError("no production model to re-baseline")
+    model, _, _, pointer = loaded
+    accuracy = float((net.predict_proba(model, ev.x, device=device).argmax(1) == ev.y).mean())
+    event = registry.rebaseline(layout.registry, eval_hash=ev.hash, accuracy=accuracy,
+                                reason=args.reason, reviewer=_reviewer(args))
+    print(f"re-baselined {pointer['id']} on eval set {ev.hash[:12]} (was "
+          f"{str(event['old_eval_hash'])[:12]}): accuracy {accuracy:.4f} on {len(ev.y)} images")
+    return 0
+
+
+def cmd_approve(args, layout: Layout, params) -> int:
+    from pipelines import registry
+    pointer = registry.approve(layout.registry, args.id, reason=args.reason,
+                               reviewer=_reviewer(args), override_fail=args.override_fail)
+    print(f"production is now {pointer['id']} (approved by {pointer['reviewer']}; was "
+          f"{pointer['previous'] or 'none'})")
+    return 0
+
+
+def cmd_reject(args, layout: Layout, params) -> int:
+    from pipelines import registry
+    registry.reject(layout.registry, args.id, reason=args.reason, reviewer=_reviewer(args))
+    print(f"rejected {args.id}; production unchanged")
+    return 0
+
+
+def cmd_history(args, layout: Layout, params) -> int:
+    from pipelines import registry
+    with registry.lock(layout.registry):
+        registry.reconcile(layout.registry)
+    events = registry.ledger(layout.registry)
+    if not events:
+        print("no candidates yet")
+        return 0
+    current = (registry.production(layout.registry) or {}).get("id")
+    print(f"{'at':20}  {'event':14}  {'model':16}  {'verdict':12}  {'eval acc':8}  who / why")
+    for e in events[-args.limit:]:
+        acc = (e.get("metrics") or {}).get("eval_accuracy", e.get("eval_accuracy"))
+        who = " ".join(str(x) for x in (e.get("reviewer") or e.get("by") or "",
+                                        e.get("reason") or "") if x)
+        mark = " *" if e.get("event") in ("promoted", "rolled_back") and e.get("id") == current else ""
+        print(f"{e.get('at', ''):20}  {e.get('event', ''):14}  {e.get('id', ''):16}  "
+              f"{e.get('verdict') or '':12}  {'' if acc is None else f'{acc:.4f}':8}  "
+              f"{who}{mark}")
+    print("(* = production now)")
     return 0
 
 
@@ -136,7 +203,8 @@ def cmd_status(args, layout: Layout, params) -> int:
 
 def cmd_rollback(args, layout: Layout, params) -> int:
     from pipelines import registry
-    pointer = registry.rollback(layout.registry, to=args.to, reason=args.reason)
+    pointer = registry.rollback(layout.registry, to=args.to, reason=args.reason,
+                                reviewer=_reviewer(args))
     print(f"production is now {pointer['id']} (was {pointer['rolled_back_from']})")
     return 0
 
@@ -193,15 +261,32 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="the whole retraining flow (Prefect)")
     s.add_argument("--force", action="store_true", help="retrain even with no new labels")
     s.set_defaults(fn=cmd_run)
-    s = sub.add_parser("evalset", help="freeze the fixed eval set from ground truth")
-    s.add_argument("action", choices=("freeze",))
+    s = sub.add_parser("evalset", help="freeze the fixed eval set from ground truth; "
+                       "rebaseline production on a changed one")
+    s.add_argument("action", choices=("freeze", "rebaseline"))
     s.add_argument("--force", action="store_true", help="replace an existing eval set")
+    s.add_argument("--reason", default="", help="why the eval set changed (ledger)")
+    s.add_argument("--reviewer", help="recorded in the ledger (default: your user name)")
     s.set_defaults(fn=cmd_evalset)
+    for name, fn, what in (("approve", cmd_approve, "make a gated candidate production"),
+                           ("reject", cmd_reject, "turn a candidate down")):
+        s = sub.add_parser(name, help=what)
+        s.add_argument("id", help="registry id (see `labelgate history`)")
+        s.add_argument("--reason", required=True, help="recorded in the ledger")
+        s.add_argument("--reviewer", help="recorded in the ledger (default: your user name)")
+        if name == "approve":
+            s.add_argument("--override-fail", action="store_true",
+                           help="approve a candidate that FAILED the gate (recorded)")
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("history", help="the ledger: every candidate and decision")
+    s.add_argument("--limit", type=int, default=50)
+    s.set_defaults(fn=cmd_history)
     sub.add_parser("status", help="production model, last run, dataset version"
                    ).set_defaults(fn=cmd_status)
     s = sub.add_parser("rollback", help="put the previous production model back")
     s.add_argument("--to", help="registry id to restore (default: the previous one)")
     s.add_argument("--reason", default="", help="recorded in the ledger")
+    s.add_argument("--reviewer", help="recorded in the ledger (default: your user name)")
     s.set_defaults(fn=cmd_rollback)
     sub.add_parser("serve", help="Prefect deployment on the cron schedule in params.yaml"
                    ).set_defaults(fn=cmd_serve)

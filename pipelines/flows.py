@@ -57,9 +57,12 @@ def stage_task(root: str, stage: str) -> str:
 @task(name="promote")
 def promote_task(root: str, dataset_version: str) -> dict:
     layout = Layout(root)
+    metrics = {**read_json(layout.candidate_metrics),
+               "train_class_counts": read_json(layout.prepared / "summary.json")
+               .get("train_class_counts")}
     return promote.run(layout.candidate_model, layout.decision, layout.registry,
                        dataset_version=dataset_version, params_hash=sha256_file(layout.params),
-                       metrics=read_json(layout.candidate_metrics))
+                       metrics=metrics, code=promote.code_version(layout.root))
 
 
 @task(name="preannotate", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)

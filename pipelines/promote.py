@@ -5,11 +5,13 @@
 
 Not a dvc.yaml stage: it changes the registry, which evaluate reads. The order of writes makes a
 crash at any point safe: blob (content-addressed) -> ledger event -> production pointer (one
-atomic rename). Until the rename, the old production model is the production model.
+atomic rename) -> ledger "promoted". Until the rename, the old production model is the
+production model; a crash after it is completed by `registry.reconcile`.
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,8 +19,21 @@ from pipelines import rawstore, registry
 from pipelines.files import read_json, sha256_file
 
 
+def code_version(root: str | Path = ".") -> str:
+    """git commit of the code that built the candidate (`+dirty` with uncommitted changes)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
 def run(model_file: str | Path, decision_path: str | Path, registry_dir: str | Path, *,
-        dataset_version: str, params_hash: str, metrics: dict | None = None) -> dict:
+        dataset_version: str, params_hash: str, metrics: dict | None = None,
+        code: str = "unknown") -> dict:
     """Returns the ledger event written (or `{"event": "unchanged", ...}`)."""
     decision = read_json(decision_path)
     sha = sha256_file(model_file)
@@ -27,30 +42,40 @@ def run(model_file: str | Path, decision_path: str | Path, registry_dir: str | P
             f"{model_file} changed after it was gated (sha256 {sha[:12]}… != "
             f"{decision['candidate_sha256'][:12]}…): re-run evaluate and gate")
     with registry.lock(registry_dir):
+        registry.reconcile(registry_dir)
         current = registry.production(registry_dir)
         if current and current["sha256"] == sha:
             return {"event": "unchanged", "id": current["id"], "verdict": decision["verdict"]}
-        seen = next((e for e in registry.ledger(registry_dir)
-                     if e.get("event") == "candidate" and e["sha256"] == sha
-                     and e["eval_hash"] == decision["eval_hash"]), None)
+        seen = next((e for e in registry.candidates(registry_dir).values()
+                     if e["sha256"] == sha and e["eval_hash"] == decision["eval_hash"]), None)
         if seen is not None and decision["verdict"] != "PASS":
             return {"event": "unchanged", "id": seen["id"], "verdict": decision["verdict"]}
+        # Every candidate's bytes are kept (content-addressed), so a reviewer can approve it later.
+        registry.store(registry_dir, model_file)
         model_id = seen["id"] if seen else registry.next_id(registry_dir, sha)
         record = {"id": model_id, "sha256": sha, "dataset_version": dataset_version,
                   "eval_hash": decision["eval_hash"], "params_hash": params_hash,
+                  "code_version": code,
                   "metrics": {**(metrics or {}), "eval_accuracy": decision["candidate_accuracy"]},
                   "verdict": decision["verdict"], "tests": decision["tests"],
-                  "previous": current["id"] if current else None}
+                  "decision": decision.get("action"),
+                  "production_at_gate": current["id"] if current else None}
         if seen is None:
             registry.append(registry_dir, {"event": "candidate", **record})
-        if decision["verdict"] != "PASS":
-            return {"event": "rejected", **record}
-        registry.store(registry_dir, model_file)
-        event = registry.append(registry_dir, {"event": "promoted", **record})
-        pointer = {k: record[k] for k in ("id", "sha256", "dataset_version", "eval_hash",
-                                           "metrics", "previous")}
-        registry.set_production(registry_dir, {**pointer, "since": event["at"], "via": "gate"})
-        return event
+        if decision["verdict"] == "PASS":
+            pointer = registry.make_production(registry_dir, record, event="promoted", via="gate",
+                                               previous=current["id"] if current else None)
+            return {"event": "promoted", **record, "since": pointer["since"]}
+        if (decision["verdict"] == "INCONCLUSIVE"
+                and decision.get("on_inconclusive") == "ask_reviewer"):
+            registry.append(registry_dir, {"event": "pending_review", "id": model_id})
+            return {"event": "pending_review", **record}
+        reason = ("failed: " + ", ".join(t["name"] for t in decision["tests"]
+                                         if t.get("result") == "fail")
+                  if decision["verdict"] == "FAIL" else "inconclusive: production kept")
+        registry.append(registry_dir, {"event": "rejected", "id": model_id, "by": "gate",
+                                       "reason": reason})
+        return {"event": "rejected", **record}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         event = run(args.model, args.decision, args.registry,
                     dataset_version=rawstore.dataset_version(args.raw),
-                    params_hash=sha256_file(args.params))
+                    params_hash=sha256_file(args.params), code=code_version())
     except registry.RegistryError as exc:
         print(f"promote failed: {exc}", file=sys.stderr)
         return 1

@@ -236,3 +236,39 @@ def write_store(raw_dir: str | Path, entries: list[tuple[dict, bytes | str | Non
         elif isinstance(image, str):
             rows.append(image_row(task["id"], url, error=image))
     return write_snapshot(raw_dir, [t for t, _ in entries], blobs, rows, removed=removed, seq=seq)
+
+
+# -- evaluations (what pipelines.evaluate writes) -----------------------------------------------
+
+def evaluation(truth, cand, prod=None, *, classes=tuple(str(c) for c in range(10)),
+               cand_conf=0.9, prod_conf=0.9, size_bytes=500_000, latency_ms=1.0,
+               cand_sha="a" * 64, prod_id="m0001-abcdef0123", prod_sha="b" * 64,
+               eval_hash="e" * 64):
+    """(evaluation.json, predictions.jsonl rows) from per-image class indices; confidences are
+    one number for all images or one per image."""
+    from pipelines.metrics import classification
+    truth, cand = np.asarray(truth), np.asarray(cand)
+    n = len(truth)
+    cc = np.broadcast_to(np.asarray(cand_conf, dtype=float), (n,))
+    ev = {"eval_hash": eval_hash, "eval_n": n, "classes": list(classes),
+          "candidate": {"sha256": cand_sha, "size_bytes": size_bytes, "latency_ms_p95": latency_ms,
+                        "latency_device": "cpu", **classification(truth, cand, classes)},
+          "production": None}
+    rows = [{"task_id": 1000 + i, "image_sha256": f"{i:064x}", "label": classes[truth[i]],
+             "candidate": classes[cand[i]], "candidate_confidence": float(cc[i])}
+            for i in range(n)]
+    if prod is not None:
+        prod = np.asarray(prod)
+        pc = np.broadcast_to(np.asarray(prod_conf, dtype=float), (n,))
+        ev["production"] = {"id": prod_id, "sha256": prod_sha, "judged_on_eval_hash": eval_hash,
+                            **classification(truth, prod, classes)}
+        for i, r in enumerate(rows):
+            r["production"], r["production_confidence"] = classes[prod[i]], float(pc[i])
+    return ev, rows
+
+
+def write_evaluation(folder: Path, ev: dict, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "evaluation.json").write_text(json.dumps(ev))
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder

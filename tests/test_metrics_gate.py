@@ -90,29 +90,8 @@ def gate_params(**overrides):
     return factories.params({f"gate.{k}": v for k, v in overrides.items()}).gate
 
 
-def scenario(truth, cand, prod=None, *, classes=TEN, cand_conf=0.9, prod_conf=0.9,
-             size_bytes=500_000, latency_ms=1.0):
-    """(evaluation as pipelines.evaluate writes it, predictions.jsonl rows) from per-image
-    class indices; confidences are one number for all images or one per image."""
-    truth, cand = np.asarray(truth), np.asarray(cand)
-    n = len(truth)
-    cc = np.broadcast_to(np.asarray(cand_conf, dtype=float), (n,))
-    ev = {"eval_hash": "e" * 64, "eval_n": n, "classes": list(classes),
-          "candidate": {"sha256": "a" * 64, "size_bytes": size_bytes, "latency_ms_p95": latency_ms,
-                        "latency_device": "cpu", **classification(truth, cand, classes)},
-          "production": None}
-    rows = [{"task_id": 1000 + i, "image_sha256": f"{i:064x}", "label": classes[truth[i]],
-             "candidate": classes[cand[i]], "candidate_confidence": float(cc[i])}
-            for i in range(n)]
-    if prod is not None:
-        prod = np.asarray(prod)
-        pc = np.broadcast_to(np.asarray(prod_conf, dtype=float), (n,))
-        ev["production"] = {"id": "m0001-abcdef0123", "sha256": "b" * 64,
-                            "judged_on_eval_hash": "e" * 64,
-                            **classification(truth, prod, classes)}
-        for i, r in enumerate(rows):
-            r["production"], r["production_confidence"] = classes[prod[i]], float(pc[i])
-    return ev, rows
+def scenario(truth, cand, prod=None, **kw):
+    return factories.evaluation(truth, cand, prod, **kw)
 
 
 def judged(ev_rows, g=GATE):
@@ -283,11 +262,7 @@ def test_mcnemar_exact_matches_the_binomial_tail():
 HOSTILE = "<script>alert(1)</script>|x"
 
 
-def write_evaluation(folder, ev, rows):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "evaluation.json").write_text(json.dumps(ev))
-    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+write_evaluation = factories.write_evaluation
 
 
 def table_rows(md: str) -> list[list[str]]:

@@ -14,7 +14,6 @@ import torch  # noqa: E402
 
 from pipelines import gate, net, promote, registry  # noqa: E402
 from pipelines.files import read_json, sha256_file  # noqa: E402
-from pipelines.metrics import classification  # noqa: E402
 from pipelines.registry import RegistryError  # noqa: E402
 from tests import factories  # noqa: E402
 
@@ -48,23 +47,19 @@ def gate_decision(tmp_path, model_file, accuracy: float, *, production: dict | N
     """Run the real gate on an evaluation of `model_file` at `accuracy`: decision.json exactly as
     gate.run writes it (candidate_sha256 = the file's sha256). Returns (path, decision)."""
     y, pred = predictions(accuracy)
-    evaluation = {"eval_hash": EVAL_HASH, "eval_n": len(y), "classes": list(CLASSES),
-                  "candidate": {"sha256": sha256_file(model_file),
-                                **classification(y, pred, CLASSES)},
-                  "production": None}
-    if production is not None:
-        y2, pred2 = predictions(production["accuracy"])
-        evaluation["production"] = {"id": production["id"], "sha256": production["sha256"],
-                                    **classification(y2, pred2, CLASSES)}
-    ev_path = tmp_path / f"{name}-evaluation.json"
-    ev_path.write_text(json.dumps(evaluation))
-    decision = gate.run(ev_path, tmp_path / name, params=factories.params())
+    prod_pred = predictions(production["accuracy"])[1] if production else None
+    ev, rows = factories.evaluation(
+        y, pred, prod_pred, cand_sha=sha256_file(model_file), cand_conf=accuracy,
+        prod_conf=production["accuracy"] if production else 0.9, eval_hash=EVAL_HASH,
+        **({"prod_id": production["id"], "prod_sha": production["sha256"]} if production else {}))
+    folder = factories.write_evaluation(tmp_path / f"{name}-evaluation", ev, rows)
+    decision = gate.run(folder, tmp_path / name, params=factories.params(), raw=tmp_path / "none")
     return tmp_path / name / "decision.json", decision
 
 
 def promote_run(model_file, decision_path, reg, **kw):
     return promote.run(model_file, decision_path, reg, dataset_version="pulls-000001-abc",
-                       params_hash="p" * 64, **kw)
+                       params_hash="p" * 64, code=promote.code_version(), **kw)
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -121,11 +116,14 @@ def test_fail_leaves_production_unchanged_and_records_the_candidate(first):
     assert result["event"] == "rejected" and result["verdict"] == "FAIL"
     assert (reg / registry.POINTER).read_bytes() == pointer_bytes
     events = registry.ledger(reg)
-    assert [e["event"] for e in events] == ["candidate", "promoted", "candidate"]
-    assert events[-1]["sha256"] == sha256_file(b_file) and events[-1]["verdict"] == "FAIL"
-    assert events[-1]["tests"] == decision["tests"]
-    assert events[-1]["previous"] == prod["id"]
-    assert not registry.blob_path(reg, sha256_file(b_file)).exists()  # never stored
+    assert [e["event"] for e in events] == ["candidate", "promoted", "candidate", "rejected"]
+    cand = events[-2]
+    assert cand["sha256"] == sha256_file(b_file) and cand["verdict"] == "FAIL"
+    assert cand["tests"] == decision["tests"] and cand["production_at_gate"] == prod["id"]
+    assert cand["code_version"] and cand["params_hash"] and cand["dataset_version"]
+    assert events[-1]["by"] == "gate" and "accuracy vs production" in events[-1]["reason"]
+    # kept (content-addressed, verified) so a reviewer could still look at it; not production
+    assert registry.blob_path(reg, sha256_file(b_file)).exists()
     # the same failed candidate again: nothing new
     again = promote_run(b_file, decision_path, reg)
     assert again["event"] == "unchanged" and len(registry.ledger(reg)) == len(events)
@@ -273,3 +271,112 @@ def test_ledger_is_append_only_across_promotions(first):
     ids = [e["id"] for e in registry.ledger(reg) if e["event"] == "candidate"]
     assert len(ids) == len(set(ids)) == 2
     assert read_json(reg / registry.POINTER)["id"] == ids[-1]
+
+
+# -- reviewers: approve / reject, re-baseline, ledger recovery ------------------------------------
+
+def gated_b(first, accuracy: float, *, seed: int = 5, **params):
+    """Model B gated against production A (0.95) at `accuracy`, with gate params overridden."""
+    tmp, reg = first["tmp"], first["reg"]
+    b_file = tmp / f"r{seed}" / "model.safetensors"
+    make_model(b_file, seed=seed)
+    prod = registry.production(reg)
+    y, pred = predictions(accuracy)
+    ev, rows = factories.evaluation(
+        y, pred, predictions(0.95)[1], cand_sha=sha256_file(b_file), cand_conf=accuracy,
+        prod_conf=0.95, eval_hash=prod["eval_hash"], prod_id=prod["id"], prod_sha=prod["sha256"])
+    folder = factories.write_evaluation(tmp / f"ev-{seed}", ev, rows)
+    decision = gate.run(folder, tmp / f"gate-{seed}", raw=tmp / "none",
+                        params=factories.params({f"gate.{k}": v for k, v in params.items()}))
+    return b_file, tmp / f"gate-{seed}" / "decision.json", decision
+
+
+def test_inconclusive_waits_for_a_reviewer_who_approves_it(first):
+    reg = first["reg"]
+    # 4 of 200 images newly wrong, none newly right: a 2 % drop, but p = 1/16 (could be noise)
+    b_file, path, decision = gated_b(first, 0.93, on_inconclusive="ask_reviewer")
+    assert decision["verdict"] == "INCONCLUSIVE"
+    event = promote_run(b_file, path, reg)
+    assert event["event"] == "pending_review"
+    assert registry.production(reg)["id"] == first["a_event"]["id"]     # production kept
+    pointer = registry.approve(reg, event["id"], reason="drop is in class 3 noise", reviewer="ana")
+    assert pointer["id"] == event["id"] and pointer["via"] == "approved"
+    assert pointer["reviewer"] == "ana" and pointer["previous"] == first["a_event"]["id"]
+    kinds = [e["event"] for e in registry.ledger(reg)]
+    assert kinds[-3:] == ["pending_review", "approved", "promoted"]
+    model, _, _, _ = registry.load_production(reg, device=CPU)              # verified blob
+    with pytest.raises(RegistryError, match="already the production model"):
+        registry.approve(reg, event["id"], reason="again", reviewer="ana")
+    # and back: rollback restores A, naming who
+    back = registry.rollback(reg, reason="complaints", reviewer="bo")
+    assert back["id"] == first["a_event"]["id"] and back["reviewer"] == "bo"
+
+
+def test_inconclusive_keeps_production_by_default(first):
+    b_file, path, decision = gated_b(first, 0.93)
+    assert decision["verdict"] == "INCONCLUSIVE"
+    event = promote_run(b_file, path, first["reg"])
+    assert event["event"] == "rejected"
+    assert registry.ledger(first["reg"])[-1]["reason"] == "inconclusive: production kept"
+
+
+def test_approving_a_failed_candidate_needs_an_explicit_override(first):
+    reg = first["reg"]
+    b_file, path, decision = gated_b(first, 0.80)
+    assert decision["verdict"] == "FAIL"
+    model_id = promote_run(b_file, path, reg)["id"]
+    with pytest.raises(RegistryError, match="--override-fail"):
+        registry.approve(reg, model_id, reason="ship it", reviewer="ana")
+    assert registry.production(reg)["id"] == first["a_event"]["id"]
+    pointer = registry.approve(reg, model_id, reason="known label bug", reviewer="ana",
+                               override_fail=True)
+    assert pointer["id"] == model_id
+    assert registry.ledger(reg)[-2]["override_fail"] is True
+
+
+def test_reject_is_recorded_and_production_cannot_be_rejected(first):
+    reg = first["reg"]
+    b_file, path, _ = gated_b(first, 0.93, on_inconclusive="ask_reviewer")
+    model_id = promote_run(b_file, path, reg)["id"]
+    event = registry.reject(reg, model_id, reason="looks off", reviewer="ana")
+    assert event["event"] == "rejected" and event["reviewer"] == "ana"
+    with pytest.raises(RegistryError, match="rollback"):
+        registry.reject(reg, first["a_event"]["id"], reason="x", reviewer="ana")
+    with pytest.raises(RegistryError, match="no candidate"):
+        registry.reject(reg, "m9999-nope", reason="x", reviewer="ana")
+
+
+def test_rebaseline_then_an_old_candidate_cannot_be_approved(first):
+    reg = first["reg"]
+    b_file, path, _ = gated_b(first, 0.93, on_inconclusive="ask_reviewer")
+    model_id = promote_run(b_file, path, reg)["id"]
+    event = registry.rebaseline(reg, eval_hash="f" * 64, accuracy=0.91, reason="new eval set",
+                                reviewer="ana")
+    assert event["old_eval_hash"] == EVAL_HASH and event["eval_hash"] == "f" * 64
+    pointer = registry.production(reg)
+    assert pointer["eval_hash"] == "f" * 64 and pointer["metrics"]["eval_accuracy"] == 0.91
+    assert pointer["id"] == first["a_event"]["id"]
+    with pytest.raises(RegistryError, match="gated on eval set"):
+        registry.approve(reg, model_id, reason="x", reviewer="ana")
+
+
+def test_a_crash_after_the_rename_is_completed_in_the_ledger(first, monkeypatch):
+    reg = first["reg"]
+    b_file, _, decision_path = promote_b(first)
+    real = registry.append
+
+    def crash_on_promoted(registry_dir, event):
+        if event.get("event") == "promoted":
+            raise OSError("simulated crash after the rename")
+        return real(registry_dir, event)
+    monkeypatch.setattr(registry, "append", crash_on_promoted)
+    with pytest.raises(OSError, match="simulated crash"):
+        promote_run(b_file, decision_path, reg)
+    monkeypatch.undo()
+    pointer = registry.production(reg)
+    assert pointer["sha256"] == sha256_file(b_file)              # the rename happened
+    assert registry.ledger(reg)[-1]["event"] == "candidate"      # its ledger line did not
+    recovered = registry.reconcile(reg)
+    assert recovered["event"] == "promoted" and recovered["recovered"] is True
+    assert recovered["id"] == pointer["id"]
+    assert registry.reconcile(reg) is None                       # idempotent
