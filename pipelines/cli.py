@@ -143,7 +143,8 @@ def _print_run(summary: dict, layout: Layout) -> None:
     print(f"accepted         {v['accepted']}")
     print(f"quarantined      {v['quarantined']}" + (f"  ({reasons})" if reasons else ""))
     print(f"prepared         train {p['train']}, val {p['val']}, disputed {p['disputed']}, "
-          f"excluded as eval images {p['excluded_eval_overlap']}")
+          f"excluded as eval images {p['excluded_eval_overlap']} (+ "
+          f"{p.get('excluded_near_duplicates', 0)} near-duplicates)")
     print(f"trained          {t['epochs']} epochs on {t['device']} in {t['seconds']} s, "
           f"val accuracy {t['val_acc']:.4f}")
     print(f"fixed eval set   candidate accuracy {summary['candidate_accuracy']:.4f}"
@@ -153,7 +154,7 @@ def _print_run(summary: dict, layout: Layout) -> None:
     if summary.get("preannotate"):
         print(f"pre-annotations  {summary['preannotate']['pushed']} unlabeled tasks "
               f"({summary['preannotate'].get('model_version')})")
-    print(f"report           {summary['report']}")
+    print(f"review report    {summary['report']}")
 
 
 def cmd_run(args, layout: Layout, params) -> int:

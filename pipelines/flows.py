@@ -116,7 +116,7 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
                "verdict": decision["verdict"], "candidate_accuracy": decision["candidate_accuracy"],
                "production_accuracy": decision["production_accuracy"],
                "eval_hash": decision["eval_hash"], "promotion": event, "preannotate": pre,
-               "report": str(layout.report)}
+               "report": str(layout.report_html)}
     atomic_write_json(layout.last_run, summary)
     return summary
 

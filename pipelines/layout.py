@@ -36,6 +36,8 @@ class Layout:
     @property
     def report(self) -> Path: return self.root / "reports" / "gate" / "report.md"
     @property
+    def report_html(self) -> Path: return self.root / "reports" / "gate" / "report.html"
+    @property
     def state(self) -> Path: return self.root / ".labelgate"       # git-ignored local state
     @property
     def studio(self) -> Path: return self.state / "studio"          # embedded Label Studio

@@ -138,11 +138,11 @@ h1{margin:0 0 4px} .verdict{padding:14px 18px;border-radius:8px;margin:8px 0 18p
 .PASS{background:#e3f6e6;border:2px solid #2e8b57}.FAIL{background:#fde8e8;border:2px solid #c0392b}
 .INCONCLUSIVE{background:#fff6db;border:2px solid #d4a017}
 table{border-collapse:collapse;margin:6px 0 18px}td,th{border:1px solid #ddd;padding:3px 7px;
-text-align:right}th{background:#f5f5f5}td.l,th.l{text-align:left}
+text-align:right;overflow-wrap:anywhere}th{background:#f5f5f5}td.l,th.l{text-align:left}
 .r-fail{color:#c0392b;font-weight:600}.r-inconclusive{color:#a67c00;font-weight:600}
 .r-pass{color:#2e8b57}.cm td.diag{background:#e3f6e6}.cm td.off{background:#fde8e8}
 .gallery{display:flex;flex-wrap:wrap;gap:8px}.card{border:1px solid #ddd;border-radius:6px;
-padding:6px;width:150px;font-size:12px}.card img{width:84px;height:84px;image-rendering:pixelated;
+padding:6px;width:150px;font-size:12px;overflow-wrap:anywhere}.card img{width:84px;height:84px;image-rendering:pixelated;
 display:block;margin:0 auto 4px;background:#000}figure{display:inline-block;margin:0 18px 0 0}
 """
 

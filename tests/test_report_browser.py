@@ -1,0 +1,106 @@
+"""The review report as a reviewer sees it: report.html opened in headless Chromium. Every image
+loads, no console errors, no request leaves the page, hostile class names stay text, and the
+verdict is the first thing on screen. CI installs Chromium (.ci/run) and sets
+LABELGATE_REQUIRE_BROWSER=1, so there this test can never be skipped."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from pipelines import gate
+from pipelines.files import sha256_bytes, tar_bytes
+from tests import factories
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+HOSTILE = '<img src=x onerror="console.error(\'pwned\')">'
+
+
+def _browser_or_skip():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if CHROMIUM and sync_playwright:
+        return sync_playwright
+    if os.environ.get("LABELGATE_REQUIRE_BROWSER"):
+        pytest.fail("Chromium and playwright are required here (LABELGATE_REQUIRE_BROWSER=1): "
+                    "apt-get install chromium; pip install playwright")
+    pytest.skip("no Chromium on this machine (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A real gate run: 10 classes x 25 real digit scans as the eval set; the candidate loses
+    class 3 to class 8 on 12 images and fixes 5 that production got wrong."""
+    root = tmp_path_factory.mktemp("report")
+    digits = factories.digits_by_class(25)
+    classes = [str(c) for c in range(10)]
+    classes[8] = HOSTILE  # annotator-supplied class names are untrusted
+    truth = np.array([c for _, _, c in digits])
+    prod, cand = truth.copy(), truth.copy()
+    threes = np.flatnonzero(truth == 3)[:12]
+    cand[threes] = 8
+    fixed = np.flatnonzero(truth == 5)[:5]
+    prod[fixed] = 6
+    ev, rows = factories.evaluation(truth, cand, prod, classes=tuple(classes),
+                                    cand_conf=np.where(np.isin(np.arange(len(truth)), threes),
+                                                       0.6, 0.97))
+    blobs = {}
+    for row, (_, png, _) in zip(rows, digits):
+        row["image_sha256"] = sha256_bytes(png)
+        blobs[row["image_sha256"]] = png
+    eval_dir = root / "eval"
+    eval_dir.mkdir()
+    (eval_dir / "images.tar").write_bytes(tar_bytes(blobs))
+    (eval_dir / "meta.json").write_text(json.dumps({"hash": ev["eval_hash"]}))
+    cand_dir = root / "candidate"
+    cand_dir.mkdir()
+    (cand_dir / "history.csv").write_text(
+        "epoch,train_loss,train_acc,val_loss,val_acc\n1,1.2,0.6,0.8,0.7\n2,0.5,0.85,0.4,0.88\n"
+        "3,0.3,0.92,0.3,0.93\n")
+    folder = factories.write_evaluation(root / "evaluation", ev, rows)
+    decision = gate.run(folder, root / "gate", params=factories.params(), eval_dir=eval_dir,
+                        candidate_dir=cand_dir, raw=root / "none")
+    return {"path": root / "gate" / "report.html", "decision": decision, "threes": len(threes),
+            "fixed": len(fixed), "root": root}
+
+
+def test_report_renders_in_chromium_with_every_image_and_no_errors(report):
+    sync_playwright = _browser_or_skip()
+    assert report["decision"]["verdict"] == "FAIL"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        console, requests = [], []
+        page.on("console", lambda m: console.append((m.type, m.text)))
+        page.on("pageerror", lambda e: console.append(("pageerror", str(e))))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(report["path"].as_uri())
+        page.wait_for_load_state("load")
+        state = page.evaluate("""() => Array.from(document.images).map(
+            i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight])""")
+        first = page.evaluate("() => document.body.innerText.trim().split('\\n')[0]")
+        title = page.title()
+        shot = report["root"] / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    # the gallery: 12 right->wrong and 5 wrong->right, every thumbnail decoded
+    assert len(state) == report["threes"] + report["fixed"], state
+    assert all(complete and w > 0 and h > 0 for _, complete, w, h in state), state
+    assert console == [], console                      # the hostile name did not run
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests  # nothing external
+    assert first == "Verdict: FAIL" and "FAIL" in title
+    assert shot.stat().st_size > 20_000                # a real page, not a blank one
+
+
+def test_report_html_keeps_hostile_names_as_text(report):
+    page = report["path"].read_text()
+    assert HOSTILE not in page and "onerror=&quot;" in page
+    assert "<script" not in page                        # the report itself carries no scripts
+    assert page.count("<img ") == report["threes"] + report["fixed"]
