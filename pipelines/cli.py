@@ -104,6 +104,20 @@ def cmd_reject(args, layout: Layout, params) -> int:
     return 0
 
 
+def cmd_calibrate(args, layout: Layout, params) -> int:
+    from pipelines import calibrate
+    out = layout.root / "reports" / "calibration"
+    result = calibrate.run(layout.prepared, layout.eval, out, params=params, seeds=args.seeds)
+    acc = result["accuracy"]
+    print(f"{args.seeds} seeds: fixed-eval accuracy {acc['mean']:.4f} ± {acc['std']:.4f} "
+          f"(min {acc['min']:.4f}, max {acc['max']:.4f})")
+    print("proposed gate margins (largest seed-to-seed difference, rounded up):")
+    for key, value in result["proposed"].items():
+        print(f"  {key}: {value}    # now {result['current'][key]}")
+    print(f"details: {out / 'calibration.json'}; edit params.yaml `gate` to adopt them")
+    return 0
+
+
 def cmd_history(args, layout: Layout, params) -> int:
     from pipelines import registry
     with registry.lock(layout.registry):
@@ -279,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--override-fail", action="store_true",
                            help="approve a candidate that FAILED the gate (recorded)")
         s.set_defaults(fn=fn)
+    s = sub.add_parser("calibrate", help="retrain with k seeds; propose gate margins from the "
+                       "measured noise")
+    s.add_argument("--seeds", type=int, default=5)
+    s.set_defaults(fn=cmd_calibrate)
     s = sub.add_parser("history", help="the ledger: every candidate and decision")
     s.add_argument("--limit", type=int, default=50)
     s.set_defaults(fn=cmd_history)

@@ -46,16 +46,22 @@ def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> fl
     return float(total)
 
 
-def bootstrap_worse_p(statistic, n: int, *, samples: int = BOOTSTRAP_SAMPLES,
-                      seed: int = BOOTSTRAP_SEED) -> float:
-    """Paired bootstrap over eval images: the share of resamples in which the candidate is not
-    worse (`statistic(idx) <= 0`, where statistic is production-better-by). Small = the
-    candidate is worse beyond resampling noise. Used where McNemar does not apply (precision,
-    calibration: not paired proportions)."""
+def bootstrap_beyond_p(statistic, n: int, margin: float, *, samples: int = BOOTSTRAP_SAMPLES,
+                       seed: int = BOOTSTRAP_SEED) -> float:
+    """Paired bootstrap over eval images for a non-inferiority question: the share of resamples
+    in which the drop (`statistic(idx)`, production-better-by) is within `margin`. Small means
+    the candidate is worse by more than the margin beyond what resampling noise explains."""
     rng = np.random.default_rng(seed)
-    not_worse = 0
-    for _ in range(samples):
-        idx = rng.integers(0, n, n)
-        if statistic(idx) <= 0:
-            not_worse += 1
-    return (not_worse + 1) / (samples + 1)
+    within = sum(1 for _ in range(samples) if statistic(rng.integers(0, n, n)) <= margin)
+    return (within + 1) / (samples + 1)
+
+
+def bootstrap_mean_beyond_p(diff: np.ndarray, margin: float, *,
+                            samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> float:
+    """`bootstrap_beyond_p` for a mean of per-image differences (accuracy, recall), vectorised:
+    `diff[i]` = production right - candidate right on image i (-1, 0 or 1)."""
+    if len(diff) == 0:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    drops = diff[rng.integers(0, len(diff), (samples, len(diff)))].mean(1)
+    return (int((drops <= margin + 1e-12).sum()) + 1) / (samples + 1)

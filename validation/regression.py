@@ -5,13 +5,17 @@ Pure functions over the evaluation (pipelines.evaluate): no I/O, no Prefect, no 
 returns {name, result, value, threshold, p_value, detail} with result one of
 
     pass          within its margin (or budget)
-    fail          beyond its margin and the paired evidence says it is real (p < gate.alpha)
-    inconclusive  beyond its margin, but within what resampling noise explains
+    fail          beyond its margin, and the paired evidence says so (p < gate.alpha)
+    inconclusive  beyond its margin, but resampling noise could explain it
     no evidence   not judged: too few eval examples of the class (gate.min_class_support)
 
 Verdict: FAIL if any test fails, else INCONCLUSIVE if any is inconclusive, else PASS.
-Comparisons are paired (both models on the same images): exact McNemar for accuracy and recall,
-a paired bootstrap for precision and calibration.
+
+Comparative tests are non-inferiority tests on the same images (paired): p is the paired
+bootstrap's probability that the drop is within the margin. Testing "worse than production at
+all" (exact McNemar, also shown for accuracy and recall) fails seed-to-seed noise: on the demo,
+a retrain with another seed lost 4 of 35 predictions of one class, a 11-point precision drop that
+McNemar-style testing calls significant; it is not evidence of a drop beyond the margin.
 """
 from __future__ import annotations
 
@@ -37,9 +41,13 @@ def _paired(name: str, drop: float, margin: float, p_value: float, alpha: float,
     if drop <= margin + EPS:
         return _test(name, "pass", drop, margin, detail)
     result = "fail" if p_value < alpha else "inconclusive"
-    return _test(name, result, drop, margin, f"{detail}; p = {p_value:.3g} "
-                 f"({'significant' if result == 'fail' else 'could be noise'} at {alpha})",
-                 p_value)
+    return _test(name, result, drop, margin, f"{detail}; p(drop <= margin) = {p_value:.3g} "
+                 f"({'beyond the margin' if result == 'fail' else 'could be noise'} at "
+                 f"alpha {alpha})", p_value)
+
+
+def _mean_drop_p(diff: np.ndarray, drop: float, margin: float) -> float:
+    return stats.bootstrap_mean_beyond_p(diff, margin) if drop > margin + EPS else 1.0
 
 
 def _precision(pred: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -68,12 +76,14 @@ def run_tests(ev: dict, g) -> list[dict]:
     pp = ev["prod_pred"]
     c_ok, p_ok = cp == truth, pp == truth
 
-    worse, better = int((p_ok & ~c_ok).sum()), int((~p_ok & c_ok).sum())
+    diff = p_ok.astype(np.int8) - c_ok.astype(np.int8)   # +1: newly wrong, -1: newly right
+    worse, better = int((diff == 1).sum()), int((diff == -1).sum())
     drop = prod["accuracy"] - acc
     tests.append(_paired("accuracy vs production", drop, g.max_accuracy_drop,
-                         stats.mcnemar_worse_p(worse, better), g.alpha,
+                         _mean_drop_p(diff, drop, g.max_accuracy_drop), g.alpha,
                          f"production {prod['accuracy']:.4f} -> candidate {acc:.4f}; "
-                         f"{worse} image(s) newly wrong, {better} newly right"))
+                         f"{worse} image(s) newly wrong, {better} newly right (McNemar "
+                         f"p = {stats.mcnemar_worse_p(worse, better):.3g})"))
 
     for k, cls in enumerate(ev["classes"]):
         support = cand["per_class"][cls]["support"]
@@ -82,18 +92,20 @@ def run_tests(ev: dict, g) -> list[dict]:
                                g.max_class_recall_drop, f"{support} eval image(s) of this class, "
                                f"fewer than gate.min_class_support = {g.min_class_support}"))
             continue
-        mine = truth == k
-        w, b = int((p_ok & ~c_ok & mine).sum()), int((~p_ok & c_ok & mine).sum())
+        mine = diff[truth == k]
+        w, b = int((mine == 1).sum()), int((mine == -1).sum())
         pr, cr = prod["per_class"][cls]["recall"], cand["per_class"][cls]["recall"]
         tests.append(_paired(f"recall of class {cls!r}", pr - cr, g.max_class_recall_drop,
-                             stats.mcnemar_worse_p(w, b), g.alpha,
-                             f"recall {pr:.4f} -> {cr:.4f} on {support} images"))
+                             _mean_drop_p(mine, pr - cr, g.max_class_recall_drop), g.alpha,
+                             f"recall {pr:.4f} -> {cr:.4f} on {support} images (McNemar "
+                             f"p = {stats.mcnemar_worse_p(w, b):.3g})"))
         pprec, cprec = _precision(pp, truth, k), _precision(cp, truth, k)
         p_value = 1.0
         if pprec - cprec > g.max_class_precision_drop + EPS:
-            p_value = stats.bootstrap_worse_p(
+            p_value = stats.bootstrap_beyond_p(
                 lambda idx, k=k: (_precision(pp[idx], truth[idx], k)
-                                  - _precision(cp[idx], truth[idx], k)), len(truth))
+                                  - _precision(cp[idx], truth[idx], k)), len(truth),
+                g.max_class_precision_drop)
         tests.append(_paired(f"precision of class {cls!r}", pprec - cprec,
                              g.max_class_precision_drop, p_value, g.alpha,
                              f"precision {pprec:.4f} -> {cprec:.4f}"))
@@ -111,9 +123,9 @@ def run_tests(ev: dict, g) -> list[dict]:
     c_ece, p_ece = stats.ece(c_conf, c_ok), stats.ece(p_conf, p_ok)
     p_value = 1.0
     if c_ece - p_ece > g.max_ece_increase + EPS:
-        p_value = stats.bootstrap_worse_p(
+        p_value = stats.bootstrap_beyond_p(
             lambda idx: stats.ece(c_conf[idx], c_ok[idx]) - stats.ece(p_conf[idx], p_ok[idx]),
-            len(truth), samples=500)
+            len(truth), g.max_ece_increase, samples=500)
     tests.append(_paired("calibration (ECE)", c_ece - p_ece, g.max_ece_increase, p_value,
                          g.alpha, f"expected calibration error {p_ece:.4f} -> {c_ece:.4f}"))
     return tests
