@@ -380,3 +380,30 @@ def test_a_crash_after_the_rename_is_completed_in_the_ledger(first, monkeypatch)
     assert recovered["event"] == "promoted" and recovered["recovered"] is True
     assert recovered["id"] == pointer["id"]
     assert registry.reconcile(reg) is None                       # idempotent
+
+
+def test_history_approve_and_reject_from_the_command_line(tmp_path, capsys):
+    from pipelines import cli
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "params.yaml").write_text((factories.REPO / "params.yaml").read_text())
+    reg = root / "models" / "registry"
+    a_file = tmp_path / "a" / "model.safetensors"
+    make_model(a_file, seed=1)
+    path, _ = gate_decision(tmp_path, a_file, 0.95, name="cli-a")
+    a_id = promote_run(a_file, path, reg)["id"]
+    first = {"tmp": tmp_path, "reg": reg}
+    b_file, b_path, decision = gated_b(first, 0.93, on_inconclusive="ask_reviewer")
+    b_id = promote_run(b_file, b_path, reg)["id"]
+    assert cli.main(["--root", str(root), "history"]) == 0
+    out = capsys.readouterr().out
+    assert a_id in out and b_id in out and "pending_review" in out and "INCONCLUSIVE" in out
+    assert cli.main(["--root", str(root), "approve", b_id, "--reason", "checked the flips",
+                     "--reviewer", "ana"]) == 0
+    assert registry.production(reg)["id"] == b_id
+    assert cli.main(["--root", str(root), "reject", b_id, "--reason", "x"]) == 2
+    assert "use `labelgate rollback`" in capsys.readouterr().err
+    assert cli.main(["--root", str(root), "rollback", "--reason", "back"]) == 0
+    assert registry.production(reg)["id"] == a_id
+    assert cli.main(["--root", str(root), "history"]) == 0
+    assert "ana checked the flips" in capsys.readouterr().out
