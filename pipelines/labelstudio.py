@@ -358,20 +358,47 @@ class Studio:
                 progress(len(chunk))
         return out
 
-    def unlabeled_tasks(self, project_id: int, *, without_model_version: str | None = None) -> list[dict]:
-        """`[{"id", "data"}]` of tasks nobody has annotated or skipped yet, optionally only those
-        without a prediction from `without_model_version` (so re-runs push nothing twice)."""
+    def unlabeled_tasks(self, project_id: int) -> list[dict]:
+        """`[{"id", "data", "predictions": [{"id", "model_version"}]}]` of tasks nobody has
+        annotated or skipped yet."""
         out = []
         with self._call("listing tasks"):
             for task in self._client.tasks.list(project=project_id, fields="all", page_size=500):
                 if task.total_annotations or task.cancelled_annotations:
                     continue
-                versions = {getattr(p, "model_version", None) if not isinstance(p, dict)
-                            else p.get("model_version") for p in (task.predictions or [])}
-                if without_model_version is not None and without_model_version in versions:
-                    continue
-                out.append({"id": task.id, "data": dict(task.data)})
+                preds = [p if isinstance(p, dict) else p.dict() for p in (task.predictions or [])]
+                out.append({"id": task.id, "data": dict(task.data),
+                            "predictions": [{"id": p.get("id"),
+                                             "model_version": p.get("model_version")}
+                                            for p in preds]})
         return out
+
+    def delete_predictions(self, ids: list[int]) -> int:
+        """Delete predictions by id (retiring an old model's pre-annotations)."""
+        with self._call(f"deleting {len(ids)} predictions"):
+            for pid in ids:
+                self._client.predictions.delete(pid)
+        return len(ids)
+
+    def set_uncertainty_queue(self, project_id: int, model_version: str) -> None:
+        """Annotators get the lowest-scored prediction of `model_version` first: Label Studio
+        Community's "Uncertainty sampling" orders tasks with predictions of the project's
+        model_version by prediction score, ascending."""
+        with self._call("setting the project's model version and sampling"):
+            self._client.projects.update(project_id, model_version=model_version,
+                                         sampling="Uncertainty sampling")
+
+    def queue_settings(self, project_id: int) -> dict:
+        with self._call("reading the project"):
+            project = self._client.projects.get(project_id)
+        return {"sampling": getattr(project, "sampling", None),
+                "model_version": getattr(project, "model_version", None)}
+
+    def next_task_id(self, project_id: int) -> int | None:
+        """The task Label Studio's labeling stream would give this user next."""
+        body = self._get_json(f"/api/projects/{int(project_id)}/next", {}, "asking for the "
+                              "next task")
+        return body.get("id") if isinstance(body, dict) else None
 
     def predictions(self, project_id: int) -> list[dict]:
         """`[{"task", "model_version", "score", "result"}]` of every prediction in the project."""

@@ -71,6 +71,11 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Preannotate:
+    uncertainty: str      # margin | entropy: how a prediction's score (certainty) is computed
+
+
+@dataclass(frozen=True)
 class Evaluate:
     batch_size: int
 
@@ -105,6 +110,7 @@ class Params:
     train: Train
     evaluate: Evaluate
     gate: Gate
+    preannotate: Preannotate
     schedule: Schedule
 
 
@@ -151,6 +157,7 @@ _RULES: dict[str, tuple[typing.Callable[[object], bool], str]] = {
     "gate.max_model_mb": (lambda v: v > 0, "> 0"),
     "gate.on_inconclusive": (lambda v: v in ("keep_production", "ask_reviewer"),
                              "keep_production or ask_reviewer"),
+    "preannotate.uncertainty": (lambda v: v in ("margin", "entropy"), "margin or entropy"),
     "schedule.cron": (lambda v: len(v.split()) == 5, "a 5-field cron expression"),
 }
 
