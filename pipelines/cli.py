@@ -190,7 +190,7 @@ def cmd_demo(args, layout: Layout, params) -> int:
         print(f"reusing Label Studio project {project_id}")
     if not (layout.eval / "meta.json").exists():
         cmd_pull(args, layout, params)
-        cmd_evalset(argparse.Namespace(force=False), layout, params)
+        cmd_evalset(argparse.Namespace(action="freeze", force=False), layout, params)
     rc = cmd_run(argparse.Namespace(force=False), layout, params)
     print(f"annotators       {conn.url}/projects/{project_id}  "
           f"(login in {layout.studio / 'credentials.json'})")

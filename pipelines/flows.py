@@ -11,13 +11,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from pipelines import dvcrepo, preannotate, promote, pull, rawstore
-from pipelines.files import Busy, atomic_write_json, exclusive, read_json, sha256_file
+from pipelines import dvcrepo, preannotate, promote, pull, rawstore, review
+from pipelines.files import Busy, atomic_write_json, exclusive, read_json, read_jsonl, sha256_file
 from pipelines.labelstudio import LabelStudioError, Studio
 from pipelines.layout import Layout
 from pipelines.settings import Params, load
 
-STAGES = ("validate", "prepare", "train", "evaluate", "gate")  # dvc.yaml, in order
+STAGES = ("validate", "prepare", "review", "train", "evaluate", "gate")  # dvc.yaml, in order
 
 
 def _studio(layout: Layout, params: Params) -> Studio:
@@ -73,6 +73,17 @@ def preannotate_task(root: str) -> dict:
     return preannotate.run(studio, project_id, layout.registry, params=params)
 
 
+@task(name="flag label errors", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
+def flag_task(root: str) -> dict:
+    """Suspected label errors (data/review) back to Label Studio for review; outcomes of
+    earlier flags recorded in the flag ledger."""
+    layout, params = Layout(root), load(Path(root) / "params.yaml")
+    studio = _studio(layout, params)
+    project_id = studio.require_project(params.studio.project_title)
+    return review.flag(studio, project_id, read_jsonl(layout.review / "suspects.jsonl"),
+                       read_jsonl(layout.prepared / "resolved.jsonl"), layout.review_ledger)
+
+
 @flow(name="labelgate-retrain", log_prints=True)
 def retrain(root: str = ".", force: bool = False) -> dict:
     """One retraining run. Returns a summary dict (also written to .labelgate/last_run.json)."""
@@ -109,6 +120,7 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
                              description=f"gate verdict {decision['verdict']}")
     event = promote_task(root, version)
     pre = preannotate_task(root) if event["event"] == "promoted" else None
+    flags = flag_task(root)
     summary = {"status": "done", "finished_at": _now(), "dataset_version": version,
                "pull": pulled, "validate": read_json(layout.validated / "summary.json"),
                "prepare": read_json(layout.prepared / "summary.json"),
@@ -116,6 +128,7 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
                "verdict": decision["verdict"], "candidate_accuracy": decision["candidate_accuracy"],
                "production_accuracy": decision["production_accuracy"],
                "eval_hash": decision["eval_hash"], "promotion": event, "preannotate": pre,
+               "review": {**read_json(layout.review / "summary.json"), **flags},
                "report": str(layout.report_html)}
     atomic_write_json(layout.last_run, summary)
     return summary

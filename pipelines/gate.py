@@ -62,7 +62,7 @@ def _data_changes(evaluation: dict, *, raw: Path, validated: Path, prepared: Pat
 def run(evaluation_dir: str | Path, out_dir: str | Path, *, params: Params,
         eval_dir: str | Path = "data/eval", candidate_dir: str | Path = "models/candidate",
         raw: str | Path = "data/raw", validated: str | Path = "data/validated",
-        prepared: str | Path = "data/prepared") -> dict:
+        prepared: str | Path = "data/prepared", review: str | Path = "data/review") -> dict:
     evaluation_dir = Path(evaluation_dir)
     evaluation = read_json(evaluation_dir / "evaluation.json")
     rows = read_jsonl(evaluation_dir / "predictions.jsonl")
@@ -94,7 +94,9 @@ def run(evaluation_dir: str | Path, out_dir: str | Path, *, params: Params,
                "ls": ({"url": meta.get("label_studio_url"), "project_id": meta["project_id"]}
                       if meta else None),
                "data": _data_changes(evaluation, raw=raw, validated=Path(validated),
-                                     prepared=Path(prepared))}
+                                     prepared=Path(prepared)),
+               "suspects": (read_jsonl(Path(review) / "suspects.jsonl")
+                            if (Path(review) / "suspects.jsonl").exists() else None)}
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "decision.json", decision)
     atomic_write_bytes(out_dir / "report.md", report.markdown(decision, evaluation, context).encode())
@@ -111,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw", default="data/raw")
     ap.add_argument("--validated", default="data/validated")
     ap.add_argument("--prepared", default="data/prepared")
+    ap.add_argument("--review", default="data/review")
     ap.add_argument("--out", default="reports/gate")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     try:
         decision = run(args.evaluation, args.out, params=settings.load(args.params),
                        eval_dir=args.eval, candidate_dir=args.candidate, raw=args.raw,
-                       validated=args.validated, prepared=args.prepared)
+                       validated=args.validated, prepared=args.prepared, review=args.review)
     except GateError as exc:
         print(f"gate refused: {exc}", file=sys.stderr)
         return 1

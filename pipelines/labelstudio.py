@@ -380,6 +380,23 @@ class Studio:
                 self._client.predictions.delete(pid)
         return len(ids)
 
+    def predictions_of(self, project_id: int, model_version: str) -> list[dict]:
+        """`[{"id", "task", "score"}]` of the project's predictions tagged `model_version`."""
+        with self._call("listing predictions"):
+            return [{"id": p.id, "task": p.task, "score": p.score}
+                    for p in self._client.predictions.list(project=project_id)
+                    if p.model_version == model_version]
+
+    def ensure_view(self, project_id: int, title: str, data: dict) -> int:
+        """A saved Data Manager tab (filters, ordering) annotators can open; created once."""
+        with self._call("listing data manager views"):
+            for view in self._client.views.list(project=project_id):
+                if (view.data or {}).get("title") == title:
+                    return view.id
+        with self._call("creating a data manager view"):
+            return self._client.views.create(project=project_id,
+                                             data={"title": title, **data}).id
+
     def set_uncertainty_queue(self, project_id: int, model_version: str) -> None:
         """Annotators get the lowest-scored prediction of `model_version` first: Label Studio
         Community's "Uncertainty sampling" orders tasks with predictions of the project's

@@ -24,6 +24,10 @@ class Layout:
     @property
     def prepared(self) -> Path: return self.root / "data" / "prepared"
     @property
+    def review(self) -> Path: return self.root / "data" / "review"
+    @property
+    def review_ledger(self) -> Path: return self.root / "data" / "review-flags.jsonl"
+    @property
     def candidate_model(self) -> Path: return self.root / "models" / "candidate" / "model.safetensors"
     @property
     def candidate_metrics(self) -> Path: return self.root / "models" / "candidate" / "metrics.json"

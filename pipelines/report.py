@@ -257,7 +257,26 @@ def html_page(decision: dict, evaluation: dict, context: dict) -> str:
                        ("disputed (sent for review, not trained on)", "disputed")):
         if key in data:
             out.append(f"<li>{esc(label)}: {int(data[key])}</li>")
-    out.append("</ul><h2>Training curves</h2>")
+    out.append("</ul>")
+    suspects = context.get("suspects")
+    if suspects is not None:
+        out.append(f"<h2>Suspected label errors: {len(suspects)} sent to Label Studio for "
+                   "review</h2>")
+        if suspects:
+            out.append("<table><tr><th class=l>task</th><th class=l>given label</th>"
+                       "<th class=l>model suggests</th><th>model's belief in the given label</th>"
+                       "</tr>")
+            for s in suspects:
+                link = task_link(ls, s["task_id"])
+                name = (f'<a href="{esc(link)}">task {int(s["task_id"])}</a>' if link
+                        else f"task {int(s['task_id'])}")
+                out.append(f"<tr><td class=l>{name}</td><td class=l>{esc(s['label'])}</td>"
+                           f"<td class=l>{esc(s['suggested'])}</td>"
+                           f"<td>{float(s['label_probability']):.1%}</td></tr>")
+            out.append("</table>")
+        else:
+            out.append("<p>None found.</p>")
+    out.append("<h2>Training curves</h2>")
     out.append(_svg_curves(context.get("history") or []))
     out.append("</body></html>")
     return "\n".join(out)

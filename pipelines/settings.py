@@ -71,6 +71,13 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Review:
+    folds: int            # out-of-fold models for the label-error search
+    epochs: int           # per fold model
+    max_suspects: int     # flagged per run, most suspicious first
+
+
+@dataclass(frozen=True)
 class Preannotate:
     uncertainty: str      # margin | entropy: how a prediction's score (certainty) is computed
 
@@ -110,6 +117,7 @@ class Params:
     train: Train
     evaluate: Evaluate
     gate: Gate
+    review: Review
     preannotate: Preannotate
     schedule: Schedule
 
@@ -157,6 +165,9 @@ _RULES: dict[str, tuple[typing.Callable[[object], bool], str]] = {
     "gate.max_model_mb": (lambda v: v > 0, "> 0"),
     "gate.on_inconclusive": (lambda v: v in ("keep_production", "ask_reviewer"),
                              "keep_production or ask_reviewer"),
+    "review.folds": (lambda v: 2 <= v <= 20, "between 2 and 20"),
+    "review.epochs": (lambda v: v >= 1, ">= 1"),
+    "review.max_suspects": (lambda v: v >= 0, ">= 0"),
     "preannotate.uncertainty": (lambda v: v in ("margin", "entropy"), "margin or entropy"),
     "schedule.cron": (lambda v: len(v.split()) == 5, "a 5-field cron expression"),
 }

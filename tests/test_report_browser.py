@@ -63,8 +63,12 @@ def report(tmp_path_factory):
         "epoch,train_loss,train_acc,val_loss,val_acc\n1,1.2,0.6,0.8,0.7\n2,0.5,0.85,0.4,0.88\n"
         "3,0.3,0.92,0.3,0.93\n")
     folder = factories.write_evaluation(root / "evaluation", ev, rows)
+    (root / "review").mkdir()
+    (root / "review" / "suspects.jsonl").write_text(json.dumps(
+        {"task_id": 77, "label": HOSTILE, "suggested": "3", "label_probability": 0.02,
+         "suggested_probability": 0.97}) + "\n")
     decision = gate.run(folder, root / "gate", params=factories.params(), eval_dir=eval_dir,
-                        candidate_dir=cand_dir, raw=root / "none")
+                        candidate_dir=cand_dir, raw=root / "none", review=root / "review")
     return {"path": root / "gate" / "report.html", "decision": decision, "threes": len(threes),
             "fixed": len(fixed), "root": root}
 
@@ -103,4 +107,5 @@ def test_report_html_keeps_hostile_names_as_text(report):
     page = report["path"].read_text()
     assert HOSTILE not in page and "onerror=&quot;" in page
     assert "<script" not in page                        # the report itself carries no scripts
+    assert "Suspected label errors: 1 sent to Label Studio" in page
     assert page.count("<img ") == report["threes"] + report["fixed"]

@@ -1,0 +1,185 @@
+"""review: suspected label errors, found with held-out (out-of-fold) predictions.
+
+    python -m pipelines.review --prepared data/prepared --out data/review
+
+Every labeled training/validation image gets a prediction from a model that never saw it
+(k-fold: `review.folds` models, each trained on the other folds with the training loop of
+pipelines.train). Confident learning (Northcutt et al., 2021) then flags an image whose given
+label i is probably wrong: it is confidently another class j — p_j at least class j's average
+self-confidence t_j — while the model is not confident in i. Suspects are ranked by how little
+the model believes the given label, capped at `review.max_suspects`, and written to
+`data/review/suspects.jsonl`.
+
+`flag()` then sends them back to Label Studio: each suspect gets a prediction tagged
+`labelgate-review` suggesting the other class (score = the model's belief in the given label),
+and a saved Data Manager tab "labelgate: suspected label errors" lists them, least believed
+first. When annotators re-annotate a flagged task, the next run records the outcome (relabeled
+or confirmed) in the flag ledger and removes the flag; a confirmed label is not flagged again.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines import net, train
+from pipelines.device import pick_device, seed_everything
+from pipelines.files import atomic_write_json, atomic_write_jsonl, read_jsonl
+from pipelines.labelstudio import Studio, choice_result
+from pipelines.settings import Params
+
+REVIEW_VERSION = "labelgate-review"   # model_version of the review flags in Label Studio
+VIEW_TITLE = "labelgate: suspected label errors"
+
+
+def _fold(task_id: int, seed: int, folds: int) -> int:
+    """A task's fold: a hash, so adding tasks never moves the others."""
+    return int(hashlib.sha256(f"review:{seed}:{task_id}".encode()).hexdigest()[:8], 16) % folds
+
+
+def out_of_fold(x: np.ndarray, y: np.ndarray, task_ids: np.ndarray, *, params: Params) -> np.ndarray:
+    """(N, K) class probabilities, each row from the fold model that did not train on it."""
+    r, t = params.review, params.train
+    device = pick_device(t.device)
+    seed_everything(params.base.seed, deterministic=t.deterministic)
+    folds = np.array([_fold(int(i), params.base.seed, r.folds) for i in task_ids])
+    probs = np.zeros((len(y), len(params.base.classes)), dtype=np.float32)
+    for k in range(r.folds):
+        held = folds == k
+        if not held.any() or held.all():
+            continue
+        xt = torch.from_numpy(x[~held]).to(device)
+        yt = torch.from_numpy(y[~held]).to(device)
+        lp = train.plan(t, device, n_train=len(yt))
+        model = train.to_device(net.Net(len(params.base.classes), params.base.image_size), lp)
+        train.fit(model, xt, yt, None, None, lp=lp, epochs=r.epochs, shift_px=t.shift_px,
+                  seed=params.base.seed + k, progress=False)
+        probs[held] = net.predict_proba(model, x[held], device=device)
+    return probs
+
+
+def confident_errors(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of probable label errors, most suspicious first. Per class j, t_j is the mean
+    predicted probability of j over images labeled j; image n (labeled i) is an issue when some
+    j != i has p_j >= t_j and p_j is its largest such probability (the confident joint's
+    off-diagonal)."""
+    k = probs.shape[1]
+    thresholds = np.array([probs[y == j, j].mean() if (y == j).any() else 1.0 for j in range(k)])
+    above = probs >= thresholds[None, :]
+    masked = np.where(above, probs, -1.0)
+    confident = masked.argmax(1)
+    has = above.any(1)
+    issues = np.flatnonzero(has & (confident != y))
+    self_conf = probs[np.arange(len(y)), y]
+    return issues[np.argsort(self_conf[issues], kind="stable")]
+
+
+def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params) -> dict:
+    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
+    parts = [np.load(prepared_dir / f"{s}.npz") for s in ("train", "val")]
+    x = np.concatenate([p["x"] for p in parts])
+    y = np.concatenate([p["y"] for p in parts])
+    task_ids = np.concatenate([p["task_id"] for p in parts])
+    classes = params.base.classes
+    probs = out_of_fold(x, y, task_ids, params=params)
+    issues = confident_errors(probs, y)[:params.review.max_suspects]
+    rows = [{"task_id": int(task_ids[n]), "label": classes[int(y[n])],
+             "suggested": classes[int(probs[n].argmax())],
+             "label_probability": round(float(probs[n, y[n]]), 5),
+             "suggested_probability": round(float(probs[n].max()), 5)}
+            for n in issues]
+    acc = float((probs.argmax(1) == y).mean()) if len(y) else 0.0
+    summary = {"images": int(len(y)), "folds": params.review.folds,
+               "out_of_fold_accuracy": round(acc, 5), "suspects": len(rows)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(out_dir / "suspects.jsonl", rows)
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _append(ledger: Path, rows: list[dict]) -> None:
+    if rows:
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        with open(ledger, "a") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+
+def flag(studio: Studio, project_id: int, suspects: list[dict], resolved: list[dict],
+         ledger: str | Path) -> dict:
+    """Send suspects to Label Studio for review; record outcomes of earlier flags.
+
+    `resolved`: data/prepared/resolved.jsonl (the current label and votes of every task);
+    `ledger`: the append-only flag ledger ({event: flagged | relabeled | confirmed | gone})."""
+    ledger = Path(ledger)
+    history = read_jsonl(ledger) if ledger.exists() else []
+    open_flags: dict[int, dict] = {}
+    closed: set[int] = set()
+    for e in history:
+        if e["event"] == "flagged":
+            open_flags[e["task_id"]] = e
+        else:
+            open_flags.pop(e["task_id"], None)
+            if e["event"] == "confirmed":
+                closed.add(e["task_id"])
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    current = {r["task_id"]: r for r in resolved}
+    outcomes = []
+    for task_id, f in open_flags.items():
+        row = current.get(task_id)
+        if row is None:
+            outcomes.append({"event": "gone", "task_id": task_id, "at": now})
+        elif row.get("votes") != f["votes"]:
+            relabeled = row.get("label") != f["label"]
+            outcomes.append({"event": "relabeled" if relabeled else "confirmed",
+                             "task_id": task_id, "at": now, "from": f["label"],
+                             "to": row.get("label"), "votes": row.get("votes")})
+    done = {o["task_id"] for o in outcomes}
+    new = [s for s in suspects if s["task_id"] not in open_flags and s["task_id"] not in closed
+           and s["task_id"] in current]
+    flagged = [{"event": "flagged", "at": now, **s, "votes": current[s["task_id"]].get("votes")}
+               for s in new]
+    existing = studio.predictions_of(project_id, REVIEW_VERSION)
+    stale = [p["id"] for p in existing if p["task"] in done]
+    if stale:
+        studio.delete_predictions(stale)
+    studio.create_predictions(project_id, [
+        {"task": s["task_id"], "model_version": REVIEW_VERSION,
+         "score": s["label_probability"], "result": choice_result(s["suggested"])}
+        for s in new])
+    studio.ensure_view(project_id, VIEW_TITLE, {
+        "filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:predictions_model_versions", "operator": "contains",
+             "type": "List", "value": [REVIEW_VERSION]}]},
+        "ordering": ["tasks:predictions_score"]})
+    _append(ledger, outcomes + flagged)
+    counts = {k: sum(1 for o in outcomes if o["event"] == k)
+              for k in ("relabeled", "confirmed", "gone")}
+    return {"flagged": len(flagged), "open": len(open_flags) - len(done) + len(flagged),
+            **counts}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines import settings
+    ap = argparse.ArgumentParser(prog="python -m pipelines.review", description=__doc__)
+    ap.add_argument("--prepared", default="data/prepared")
+    ap.add_argument("--out", default="data/review")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    try:
+        summary = run(args.prepared, args.out, params=settings.load(args.params))
+    except (train.TrainingError, settings.ParamsError) as exc:
+        print(f"review failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"review: {summary['suspects']} suspected label errors among {summary['images']} "
+          f"images (out-of-fold accuracy {summary['out_of_fold_accuracy']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
