@@ -232,6 +232,23 @@ def cmd_serve(args, layout: Layout, params) -> int:
     return 0
 
 
+def cmd_backend(args, layout: Layout, params) -> int:
+    from pipelines import backend
+    from pipelines.device import pick_device
+    holder = backend.ModelHolder(layout.registry, pick_device(params.train.device))
+    server = backend.make_server(holder, _connect(layout, params), params=params,
+                                 host=args.host, port=args.port)
+    loaded = holder.get()
+    print(f"labelgate ML backend on http://{args.host}:{args.port} serving "
+          f"{loaded[3]['id'] if loaded else 'no model yet'} (reloads on promotion); Ctrl-C "
+          "to stop")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_predict(args, layout: Layout, params) -> int:
     from pipelines import images, net, registry
     from pipelines.device import pick_device
@@ -309,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_rollback)
     sub.add_parser("serve", help="Prefect deployment on the cron schedule in params.yaml"
                    ).set_defaults(fn=cmd_serve)
+    s = sub.add_parser("backend", help="serve the production model as a Label Studio ML "
+                       "backend")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=9090)
+    s.set_defaults(fn=cmd_backend)
     s = sub.add_parser("predict", help="classify images with the production model")
     s.add_argument("images", nargs="+", metavar="IMAGE")
     s.set_defaults(fn=cmd_predict)

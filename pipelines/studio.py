@@ -28,6 +28,16 @@ class StudioError(RuntimeError):
     pass
 
 
+# Label Studio 1.23's default SSRF block list (core/utils/io.py) without loopback.
+BANNED_SUBNETS = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
+    "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "233.252.0.0/24", "240.0.0.0/4",
+    "255.255.255.255/32", "::/128", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96",
+    "64:ff9b:1::/48", "100::/64", "2001:0000::/32", "2001:20::/28", "2001:db8::/32",
+    "2002::/16", "fc00::/7", "fe80::/10", "ff00::/8")
+
+
 def studio_bin() -> Path:
     """LABELGATE_STUDIO_BIN, else the `label-studio` of `.venv-studio` next to this checkout."""
     env = os.environ.get("LABELGATE_STUDIO_BIN")
@@ -114,6 +124,11 @@ def up(studio_dir: str | Path, *, port: int) -> Connection:
         "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
         "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
         "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
+        # This server is local-only (127.0.0.1); let it reach a local `labelgate backend`:
+        # loopback leaves Label Studio's SSRF block list, every other reserved range stays.
+        "ML_BLOCK_LOCAL_IP": "false",
+        "USE_DEFAULT_BANNED_SUBNETS": "false",
+        "USER_ADDITIONAL_BANNED_SUBNETS": ",".join(BANNED_SUBNETS),
     })
     log = open(studio_dir / "server.log", "ab")
     proc = subprocess.Popen(

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from pipelines import cli, registry
+from pipelines import cli, registry, review
 from pipelines.files import exclusive, read_json
 from pipelines.labelstudio import choice_result
 from pipelines.layout import Layout
@@ -73,9 +73,13 @@ def test_first_run_pulls_validates_trains_and_promotes(world):
     prod = registry.production(layout.registry)
     assert prod["sha256"] == read_json(layout.decision)["candidate_sha256"]
     # pre-annotations from the production model, tagged with its registry id
-    preds = project["studio"].predictions(project["id"])
+    preds = [p for p in project["studio"].predictions(project["id"])
+             if p["model_version"] != review.REVIEW_VERSION]
     assert summary["preannotate"]["pushed"] == len(preds) == project["counts"]["unlabeled"]
     assert {p["model_version"] for p in preds} == {prod["id"]}
+    # suspected label errors went back to Label Studio as review flags
+    flags = project["studio"].predictions_of(project["id"], review.REVIEW_VERSION)
+    assert summary["review"]["flagged"] == len(flags) == summary["review"]["suspects"] > 0
     report = layout.report.read_text()
     assert report.startswith("# Gate verdict: **PASS**")
 
@@ -88,7 +92,9 @@ def test_run_with_nothing_new_does_not_retrain(world):
     assert layout.candidate_model.stat().st_mtime_ns == before
     # pre-annotations are not pushed twice
     project = world["project"]
-    assert len(project["studio"].predictions(project["id"])) == project["counts"]["unlabeled"]
+    prod = registry.production(layout.registry)["id"]
+    assert len(project["studio"].predictions_of(project["id"], prod)) == \
+        project["counts"]["unlabeled"]
 
 
 def test_dvc_repro_offline_reaches_the_same_verdict(world):
