@@ -15,7 +15,7 @@ import csv
 import sys
 from pathlib import Path
 
-from pipelines import evaluate, evalset, rawstore, report
+from pipelines import audit, evaluate, evalset, rawstore, report
 from pipelines.files import atomic_write_bytes, atomic_write_json, read_json, read_jsonl
 from pipelines.settings import Params
 from validation import regression
@@ -89,12 +89,14 @@ def run(evaluation_dir: str | Path, out_dir: str | Path, *, params: Params,
         with open(candidate_dir / "history.csv", newline="") as f:
             history = list(csv.DictReader(f))
     meta = rawstore.latest_meta(raw) if raw.exists() else None
+    accepted = audit.acceptance(rawstore.load(raw)) if meta else None
     context = {"rows": rows, "history": history,
                "images": evalset.image_bytes(eval_dir) if Path(eval_dir, "meta.json").exists() else {},
                "ls": ({"url": meta.get("label_studio_url"), "project_id": meta["project_id"]}
                       if meta else None),
                "data": _data_changes(evaluation, raw=raw, validated=Path(validated),
                                      prepared=Path(prepared)),
+               "acceptance": accepted,
                "suspects": (read_jsonl(Path(review) / "suspects.jsonl")
                             if (Path(review) / "suspects.jsonl").exists() else None)}
     out_dir = Path(out_dir)

@@ -380,6 +380,14 @@ class Studio:
                 self._client.predictions.delete(pid)
         return len(ids)
 
+    def predictions_by_id(self, project_id: int, ids: set[int]) -> list[dict]:
+        """The project's predictions with these ids (those still there), as
+        `[{"id", "task", "model_version", "score", "result"}]`."""
+        with self._call("listing predictions"):
+            return [{"id": p.id, "task": p.task, "model_version": p.model_version,
+                     "score": p.score, "result": p.result}
+                    for p in self._client.predictions.list(project=project_id) if p.id in ids]
+
     def predictions_of(self, project_id: int, model_version: str) -> list[dict]:
         """`[{"id", "task", "score"}]` of the project's predictions tagged `model_version`."""
         with self._call("listing predictions"):

@@ -201,6 +201,14 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
     atomic_write_json(tmp / "changes.json", changes)
     if new_blobs:
         atomic_write_bytes(tmp / "images.tar", tar_bytes(new_blobs))
+    # What each pre-annotated answer started from, for the acceptance audit (the export names
+    # only the prediction's id). One listing, and only when a changed annotation has one.
+    parents = {int(a["parent_prediction"]) for t in changed for a in t.get("annotations") or []
+               if isinstance(a.get("parent_prediction"), int)}
+    if parents:
+        atomic_write_jsonl(tmp / "predictions.jsonl",
+                           sorted(studio.predictions_by_id(project_id, parents),
+                                  key=lambda r: r["id"]))
     summary.update(annotations={k: len(v) for k, v in changes.items()},
                    images_fetched=len(new_blobs),
                    image_errors=sum(1 for r in image_rows if r["error"]),

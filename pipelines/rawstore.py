@@ -7,6 +7,8 @@ files, so images are packed):
     images.jsonl   one line per fetched task image: {task_id, url, sha256 | null, error | null}
     removed.json   task ids that had annotations before and have none now
     images.tar     image bytes, members named by sha256 (content-addressed; only new images)
+    predictions.jsonl  the pre-annotations annotators started from (`parent_prediction` of an
+                   annotation in this snapshot): {id, task, model_version, score, result}
     changes.json   the change set: annotation ids added / changed / removed by this pull
     meta.json      pull metadata and the cursor: fingerprint of every task seen so far
 
@@ -88,6 +90,7 @@ class RawState:
     tasks: dict[int, dict] = field(default_factory=dict)         # task id -> exported task
     images: dict[int, dict] = field(default_factory=dict)        # task id -> images.jsonl row
     packs: dict[str, tuple[Path, int, int]] = field(default_factory=dict)  # sha -> (tar, off, len)
+    predictions: dict[int, dict] = field(default_factory=dict)   # prediction id -> row
     snapshots: int = 0
 
     def image_bytes(self, sha256: str) -> bytes:
@@ -114,6 +117,9 @@ def load(raw_dir: str | Path) -> RawState:
         for task_id in read_json(snap / "removed.json"):
             state.tasks.pop(int(task_id), None)
             state.images.pop(int(task_id), None)
+        if (snap / "predictions.jsonl").exists():
+            for row in read_jsonl(snap / "predictions.jsonl"):
+                state.predictions[int(row["id"])] = row
         tar_path = snap / "images.tar"
         if tar_path.exists():
             with tarfile.open(tar_path, "r:") as tar:

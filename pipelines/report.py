@@ -276,6 +276,25 @@ def html_page(decision: dict, evaluation: dict, context: dict) -> str:
             out.append("</table>")
         else:
             out.append("<p>None found.</p>")
+    acc = context.get("acceptance")
+    if acc is not None:
+        out.append("<h2>Pre-annotation acceptance</h2>")
+        if not acc["annotations"]:
+            out.append("<p>No annotation started from a pre-annotation yet.</p>")
+        else:
+            unknown = (f"; {acc['unknown']} more started from a suggestion no longer known"
+                       if acc["unknown"] else "")
+            out.append(f"<p>{acc['accepted']} of {acc['annotations']} pre-annotated answers "
+                       f"were submitted unchanged ({acc['accepted'] / acc['annotations']:.0%})"
+                       f"{unknown}. A pre-filled answer can bias people: a rate near 100 % for "
+                       "one annotator or one class is worth a look.</p>")
+            for title, key in (("annotator", "by_annotator"), ("suggested class", "by_class")):
+                out.append(f"<table><tr><th class=l>{title}</th><th>pre-annotated</th>"
+                           "<th>accepted unchanged</th><th>rate</th></tr>")
+                for name, row in acc[key].items():
+                    out.append(f"<tr><td class=l>{esc(name)}</td><td>{row['n']}</td>"
+                               f"<td>{row['accepted']}</td><td>{row['rate']:.0%}</td></tr>")
+                out.append("</table>")
     out.append("<h2>Training curves</h2>")
     out.append(_svg_curves(context.get("history") or []))
     out.append("</body></html>")
