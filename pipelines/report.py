@@ -46,6 +46,13 @@ def task_link(ls: dict | None, task_id: int) -> str | None:
     return f"{ls['url'].rstrip('/')}/projects/{int(ls['project_id'])}/data?task={int(task_id)}"
 
 
+def _task_html(ls: dict | None, task_id: int) -> str:
+    """"task N", linked to Label Studio when its address is known."""
+    link = task_link(ls, task_id)
+    return (f'<a href="{esc(link)}">task {int(task_id)}</a>' if link
+            else f"task {int(task_id)}")
+
+
 def _thumb(data: bytes) -> str:
     img = Image.open(io.BytesIO(data)).convert("L")
     img.thumbnail((THUMB_SIDE, THUMB_SIDE))
@@ -223,10 +230,7 @@ def html_page(decision: dict, evaluation: dict, context: dict) -> str:
             data = images.get(r["image_sha256"])
             img = (f'<img alt="eval task {int(r["task_id"])}" src="{_thumb(data)}">' if data
                    else "<div>(image unavailable)</div>")
-            link = task_link(ls, r["task_id"])
-            name = (f'<a href="{esc(link)}">task {int(r["task_id"])}</a>' if link
-                    else f"task {int(r['task_id'])}")
-            out.append(f'<div class="card">{img}{name}<br>label <b>{esc(r["label"])}</b><br>'
+            out.append(f'<div class="card">{img}{_task_html(ls, r["task_id"])}<br>label <b>{esc(r["label"])}</b><br>'
                        f"production {esc(r['production'])} ({r['production_confidence']:.0%})<br>"
                        f"candidate {esc(r['candidate'])} ({r['candidate_confidence']:.0%})</div>")
         out.append("</div>")
@@ -267,10 +271,7 @@ def html_page(decision: dict, evaluation: dict, context: dict) -> str:
                        "<th class=l>model suggests</th><th>model's belief in the given label</th>"
                        "</tr>")
             for s in suspects:
-                link = task_link(ls, s["task_id"])
-                name = (f'<a href="{esc(link)}">task {int(s["task_id"])}</a>' if link
-                        else f"task {int(s['task_id'])}")
-                out.append(f"<tr><td class=l>{name}</td><td class=l>{esc(s['label'])}</td>"
+                out.append(f"<tr><td class=l>{_task_html(ls, s['task_id'])}</td><td class=l>{esc(s['label'])}</td>"
                            f"<td class=l>{esc(s['suggested'])}</td>"
                            f"<td>{float(s['label_probability']):.1%}</td></tr>")
             out.append("</table>")
