@@ -225,10 +225,25 @@ def cmd_rollback(args, layout: Layout, params) -> int:
 
 
 def cmd_serve(args, layout: Layout, params) -> int:
+    import threading
     from prefect import serve
-    from pipelines.flows import deployment
-    print(f"serving labelgate-retrain on cron {params.schedule.cron!r}; Ctrl-C to stop")
-    serve(deployment(str(layout.root), params.schedule.cron))
+    from prefect.deployments import run_deployment
+    from pipelines import trigger
+    from pipelines.flows import DEPLOYMENT, deployment
+    studio = _connect(layout, params)
+    project_id = studio.require_project(params.studio.project_title)
+    stop = threading.Event()
+    watcher = threading.Thread(target=trigger.watch, daemon=True, kwargs=dict(
+        layout=layout, params=params, studio=studio, project_id=project_id, stop=stop,
+        start_run=lambda: run_deployment(DEPLOYMENT, timeout=0)))
+    print(f"serving labelgate-retrain on cron {params.schedule.cron!r} and when "
+          f">= {params.schedule.min_new_labels} new resolved labels exist (checked every "
+          f"{params.schedule.check_every_s:g} s); Ctrl-C to stop")
+    watcher.start()
+    try:
+        serve(deployment(str(layout.root), params.schedule.cron))
+    finally:
+        stop.set()
     return 0
 
 

@@ -134,9 +134,14 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
     return summary
 
 
+DEPLOYMENT = "labelgate-retrain/labelgate-retrain"  # flow name / deployment name
+
+
 def deployment(root: str, cron: str):
     """The retraining flow as a Prefect deployment on `cron` (params.yaml `schedule.cron`)."""
-    return retrain.to_deployment(name="labelgate-retrain", cron=cron,
+    # concurrency_limit=1: Prefect queues a second run of this deployment until the first ends
+    # (the run lock then still skips one started some other way)
+    return retrain.to_deployment(name="labelgate-retrain", cron=cron, concurrency_limit=1,
                                  parameters={"root": str(Layout(root).root)})
 
 

@@ -20,6 +20,8 @@ from pipelines.device import pick_device
 from pipelines.labelstudio import ImageFetchError, Studio, choice_result
 from pipelines.settings import Params
 
+QUEUE_VIEW = "labelgate: most uncertain first"
+
 
 def certainty(probs: np.ndarray, how: str) -> np.ndarray:
     """Per row, 0 (as uncertain as it gets) .. 1 (sure): `margin` = top-1 minus top-2
@@ -62,5 +64,11 @@ def run(studio: Studio, project_id: int, registry_dir: str | Path, *, params: Pa
              "result": choice_result(classes[int(p.argmax())])}
             for task_id, p, score in zip(kept, probs, scores)])
     studio.set_uncertainty_queue(project_id, version)
+    # the same order as a Data Manager tab, for people who pick tasks from the list
+    studio.ensure_view(project_id, QUEUE_VIEW, {
+        "filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number",
+             "value": 0}]},
+        "ordering": ["tasks:predictions_score"]})
     return {"pushed": pushed, "retired": retired, "model_version": version,
             "image_errors": failed}

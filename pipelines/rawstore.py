@@ -106,9 +106,12 @@ class RawState:
         return data
 
 
-def load(raw_dir: str | Path) -> RawState:
+def load(raw_dir: str | Path, *, upto: int | None = None) -> RawState:
+    """Replay the snapshots in order (only up to snapshot `upto`, when given)."""
     state = RawState()
     for snap in snapshot_dirs(raw_dir):
+        if upto is not None and int(snap.name) > upto:
+            break
         state.snapshots += 1
         for task in read_jsonl(snap / "tasks.jsonl"):
             state.tasks[int(task["id"])] = task

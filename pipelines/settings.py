@@ -105,6 +105,8 @@ class Gate:
 @dataclass(frozen=True)
 class Schedule:
     cron: str
+    min_new_labels: int     # `labelgate serve` also runs when this many new resolved labels exist
+    check_every_s: float    # how often it looks (the debounce: a burst causes one run)
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,8 @@ _RULES: dict[str, tuple[typing.Callable[[object], bool], str]] = {
     "review.epochs": (lambda v: v >= 1, ">= 1"),
     "review.max_suspects": (lambda v: v >= 0, ">= 0"),
     "preannotate.uncertainty": (lambda v: v in ("margin", "entropy"), "margin or entropy"),
+    "schedule.min_new_labels": (lambda v: v >= 1, ">= 1"),
+    "schedule.check_every_s": (lambda v: v >= 1, ">= 1"),
     "schedule.cron": (lambda v: len(v.split()) == 5, "a 5-field cron expression"),
 }
 

@@ -7,10 +7,12 @@ one run at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -215,6 +217,7 @@ def test_serve_deployment_uses_the_cron_from_params(world):
     assert dep.name == "labelgate-retrain"
     assert [s.schedule.cron for s in dep.schedules] == [params.schedule.cron]
     assert dep.parameters == {"root": str(world["layout"].root)}
+    assert dep.concurrency_limit == 1                   # Prefect queues a second run
 
 
 def test_cli_studio_status_without_server(tmp_path, capsys):
@@ -250,3 +253,59 @@ def test_flow_does_not_retry_a_refused_key(world, monkeypatch):
     with pytest.raises(flows.LabelStudioError):
         just_pull(str(world["root"]))
     assert len(attempts) == 3
+
+
+# -- triggers -------------------------------------------------------------------------------------
+
+def _annotate(world, n: int, *, skip_first: bool = False) -> None:
+    """Annotators label `n` unlabeled tasks (the first one skipped, when asked)."""
+    import httpx
+    st, pid = world["project"]["studio"], world["project"]["id"]
+    api = httpx.Client(base_url=st.conn.url, timeout=30,
+                       headers={"Authorization": f"Token {st.conn.api_key}"})
+    for i, task in enumerate(st.unlabeled_tasks(pid)[:n]):
+        skipped = skip_first and i == 0
+        api.post(f"/api/tasks/{task['id']}/annotations/", json={
+            "result": [] if skipped else choice_result("4"),
+            "was_cancelled": skipped}).raise_for_status()
+
+
+def test_label_trigger_fires_once_for_a_burst(world):
+    import threading
+    from pipelines import trigger
+    from pipelines.settings import load
+    layout = world["layout"]
+    params = dataclasses.replace(load(layout.params), schedule=dataclasses.replace(
+        load(layout.params).schedule, min_new_labels=3, check_every_s=1))
+    st = world["project"]["studio"]
+    pid = world["project"]["id"]
+    first = trigger.check(layout, params, st, pid)
+    assert first["new_resolved_labels"] == 0 and not first["fire"]
+    _annotate(world, 4, skip_first=True)          # a burst: 3 labels and a skip
+    runs, stop = [], threading.Event()
+
+    def start_run():
+        runs.append(_retrain(world["root"]))      # the real flow, synchronously
+    watcher = threading.Thread(target=trigger.watch, kwargs=dict(
+        layout=layout, params=params, studio=st, project_id=pid, start_run=start_run,
+        stop=stop, log=lambda msg: None))
+    watcher.start()
+    deadline = time.monotonic() + 240
+    while not runs and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)                                   # three more checks after the run
+    stop.set()
+    watcher.join(timeout=60)
+    assert len(runs) == 1 and runs[0]["status"] == "done"
+    assert runs[0]["prepare"]["train"] > 0
+    after = trigger.check(layout, params, st, pid)
+    assert after["new_resolved_labels"] == 0 and not after["fire"]
+
+
+def test_ten_simultaneous_triggers_produce_exactly_one_run(world):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        results = list(pool.map(lambda _: _retrain(world["root"], force=True), range(10)))
+    statuses = sorted(r["status"] for r in results)
+    assert statuses.count("done") == 1 and statuses.count("skipped") == 9, statuses
+    assert all("in progress" in r["reason"] for r in results if r["status"] == "skipped")

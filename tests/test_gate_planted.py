@@ -92,6 +92,10 @@ def world(tmp_path_factory):
 def test_a_retrain_with_another_seed_does_not_fail(world):
     other = world["candidate"]("seed", "clean", 7)
     decision = other["decision"]
+    print(f"\nseed retrain: verdict {decision['verdict']}, accuracy "
+          f"{decision['production_accuracy']:.4f} -> {decision['candidate_accuracy']:.4f}; "
+          + "; ".join(f"{t['name']} {t['result']} ({t['value']:+.4f})" for t in decision["tests"]
+                      if t["result"] != "pass"))
     assert decision["production_id"] == registry.production(world["reg"])["id"]
     assert decision["verdict"] != "FAIL", [t for t in decision["tests"] if t["result"] == "fail"]
 
@@ -102,6 +106,10 @@ def test_a_planted_label_corruption_fails_naming_the_class(world):
     assert decision["verdict"] == "FAIL"
     failed = {t["name"]: t for t in decision["tests"] if t["result"] == "fail"}
     recall = failed[f"recall of class '{CORRUPT_CLASS}'"]
+    print(f"\ncorrupted retrain: verdict {decision['verdict']}, accuracy "
+          f"{decision['production_accuracy']:.4f} -> {decision['candidate_accuracy']:.4f}; "
+          f"failed: " + "; ".join(f"{n} {t['value']:+.4f} (p {t['p_value']})"
+                                  for n, t in failed.items()))
     assert recall["value"] >= 0.03 and recall["p_value"] < world["params"].gate.alpha
     report = (world["root"] / "gate-corrupt" / "report.html").read_text()
     assert "Verdict: FAIL" in report and "Right → wrong" in report
@@ -120,6 +128,7 @@ def test_calibrate_proposes_margins_from_seed_noise(world):
                            params=world["params"], seeds=2)
     assert read_json(out / "calibration.json") == result
     proposed = result["proposed"]
+    print(f"\ncalibrate (2 seeds): accuracy {result['accuracy']}, proposed {proposed}")
     acc = result["accuracy"]
     # the accuracy margin covers the spread it measured, rounded up to 0.005
     assert proposed["max_accuracy_drop"] >= acc["max"] - acc["min"] - 1e-9

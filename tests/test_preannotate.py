@@ -3,6 +3,7 @@ certainty score, the labeling stream ordered most-uncertain-first (Community "Un
 sampling"), and an older model's suggestions retired when production changes."""
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -50,6 +51,15 @@ def test_predictions_queue_and_retirement_on_a_real_label_studio(make_project, t
     # the labeling stream serves the most uncertain task first
     lowest = min(preds, key=lambda p: p["score"])
     assert st.next_task_id(pid) == lowest["task"]
+    # and the Data Manager tab lists the unlabeled tasks in that order
+    conn = st.conn
+    auth = {"Authorization": f"Token {conn.api_key}"}
+    views = httpx.get(f"{conn.url}/api/dm/views?project={pid}", headers=auth).json()
+    view = next(v for v in views if v["data"].get("title") == preannotate.QUEUE_VIEW)
+    listed = httpx.get(f"{conn.url}/api/tasks?project={pid}&view={view['id']}&fields=task_only",
+                       headers=auth).json()["tasks"]
+    score = {p["task"]: p["score"] for p in preds}
+    assert [t["id"] for t in listed] == sorted(score, key=lambda t: (score[t], t))
 
     second = make_production(reg, tmp_path, seed=2)
     out = preannotate.run(st, pid, reg, params=params)
