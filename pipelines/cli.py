@@ -168,6 +168,11 @@ def _print_run(summary: dict, layout: Layout) -> None:
     if summary.get("preannotate"):
         print(f"pre-annotations  {summary['preannotate']['pushed']} unlabeled tasks "
               f"({summary['preannotate'].get('model_version')})")
+    if summary.get("review"):
+        r = summary["review"]
+        print(f"label review     {r['suspects']} suspected label errors, {r['flagged']} newly "
+              f"flagged in Label Studio ({r['open']} open; {r['relabeled']} relabeled, "
+              f"{r['confirmed']} confirmed since the last run)")
     print(f"review report    {summary['report']}")
 
 

@@ -68,7 +68,9 @@ def run(studio: Studio, project_id: int, registry_dir: str | Path, *, params: Pa
     studio.ensure_view(project_id, QUEUE_VIEW, {
         "filters": {"conjunction": "and", "items": [
             {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number",
-             "value": 0}]},
+             "value": 0},
+            {"filter": "filter:tasks:cancelled_annotations", "operator": "equal",
+             "type": "Number", "value": 0}]},
         "ordering": ["tasks:predictions_score"]})
     return {"pushed": pushed, "retired": retired, "model_version": version,
             "image_errors": failed}
