@@ -45,7 +45,8 @@ def seed_run(prepared_dir: str | Path, ev: evalset.EvalSet, *, params: Params, s
 
 
 def propose(runs: list[dict], classes: tuple[str, ...]) -> dict:
-    """Margins from the spread between seed runs (largest pairwise drop of each metric)."""
+    """Margins from the spread between seed runs (largest pairwise drop of each metric), never
+    below one eval image's worth (a margin of 0 would call any single flipped image a drop)."""
     pairs = list(itertools.permutations(runs, 2))
     acc = max(a["accuracy"] - b["accuracy"] for a, b in pairs)
     recall = max(a["per_class"][c]["recall"] - b["per_class"][c]["recall"]
@@ -53,8 +54,14 @@ def propose(runs: list[dict], classes: tuple[str, ...]) -> dict:
     precision = max(a["per_class"][c]["precision"] - b["per_class"][c]["precision"]
                     for a, b in pairs for c in classes)
     ece = max(b["ece"] - a["ece"] for a, b in pairs)
-    return {"max_accuracy_drop": _up(acc), "max_class_recall_drop": _up(recall),
-            "max_class_precision_drop": _up(precision), "max_ece_increase": _up(ece)}
+    one_image = 1 / max(runs[0]["n"], 1)
+    smallest_class = min((runs[0]["per_class"][c]["support"] for c in classes
+                          if runs[0]["per_class"][c]["support"]), default=1)
+    one_of_class = 1 / smallest_class
+    return {"max_accuracy_drop": _up(max(acc, one_image)),
+            "max_class_recall_drop": _up(max(recall, one_of_class)),
+            "max_class_precision_drop": _up(max(precision, one_of_class)),
+            "max_ece_increase": _up(max(ece, STEP))}
 
 
 def run(prepared_dir: str | Path, eval_dir: str | Path, out_dir: str | Path, *, params: Params,
