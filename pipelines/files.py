@@ -92,14 +92,15 @@ class Busy(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: str | Path) -> Iterator[None]:
-    """Non-blocking exclusive lock on a file. The kernel drops it when the holder dies, so a crashed
-    run never leaves a stale lock behind (unlike a pid file)."""
+def exclusive(lock_path: str | Path, *, wait: bool = False) -> Iterator[None]:
+    """Exclusive lock on a file: Busy at once if held, or (`wait`) until it is free. The kernel
+    drops it when the holder dies, so a crashed run never leaves a stale lock behind (unlike a
+    pid file)."""
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as f:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise Busy(f"another labelgate run holds {lock_path}") from None
         try:

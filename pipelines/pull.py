@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipelines import rawstore
 from pipelines.files import (atomic_write_bytes, atomic_write_json, atomic_write_jsonl,
-                             read_json, sha256_bytes, tar_bytes)
+                             exclusive, read_json, sha256_bytes, tar_bytes)
 from pipelines.labelstudio import ImageFetchError, LabelStudioError, Studio, connection_from_env
 from pipelines.settings import Params
 
@@ -110,11 +110,19 @@ def _minus(iso: str, seconds: float) -> str:
 
 def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
         full: bool = False) -> dict:
-    """Write `data/raw/pulls/NNNNNN/` with the tasks that changed; return a summary.
-    Returns `{"snapshot": None, ...}` and writes nothing when nothing changed. The first pull,
+    """Write `data/raw/pulls/NNNNNN/` with the tasks that changed; return a summary. Pulls into
+    one data directory take turns (the label trigger's and a flow's may meet)."""
+    raw_dir = Path(raw_dir)
+    with exclusive(raw_dir.parent / f".{raw_dir.name}.lock", wait=True):
+        return _run(raw_dir, studio=studio, project_id=project_id, params=params, full=full)
+
+
+def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
+         full: bool) -> dict:
+    """The pull itself (see `run`): `{"snapshot": None, ...}` and nothing written when nothing
+    changed. The first pull,
     and any with `full=True`, compares every annotated task (a reconciliation: it also catches
     changes Label Studio makes without touching timestamps, such as bulk label renames)."""
-    raw_dir = Path(raw_dir)
     started = time.monotonic()
     rawstore.clean_partial(raw_dir)
     prev = rawstore.latest_meta(raw_dir)

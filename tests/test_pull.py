@@ -197,3 +197,16 @@ def test_sync_killed_at_random_points_then_rerun_equals_one_clean_sync(project, 
         got = {p.name: p.read_bytes() for p in snaps[0].iterdir() if p.name != "meta.json"}
         assert got == reference
         assert not [p for p in (raw_dir / "pulls").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_concurrent_pulls_into_one_directory_take_turns(project, tmp_path):
+    """The label trigger's pull and a flow's pull may meet: one writes the snapshot, the other
+    waits and then finds nothing new. Never an error, never two snapshots of one change."""
+    from concurrent.futures import ThreadPoolExecutor
+    params = _params(project)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda _: pull.run(tmp_path, studio=project["studio"],
+                                                   project_id=project["id"], params=params),
+                                range(2)))
+    assert sorted(str(r["snapshot"]) for r in results) == ["000001", "None"]
+    assert len(rawstore.snapshot_dirs(tmp_path)) == 1
