@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reason", default="", help="recorded in the ledger")
     s.add_argument("--reviewer", help="recorded in the ledger (default: your user name)")
     s.set_defaults(fn=cmd_rollback)
-    sub.add_parser("serve", help="Prefect deployment on the cron schedule in params.yaml"
+    sub.add_parser("serve", help="Prefect deployment: cron + the new-labels trigger (params.yaml)"
                    ).set_defaults(fn=cmd_serve)
     s = sub.add_parser("backend", help="serve the production model as a Label Studio ML "
                        "backend")
