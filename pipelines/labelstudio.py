@@ -380,21 +380,6 @@ class Studio:
                 self._client.predictions.delete(pid)
         return len(ids)
 
-    def predictions_by_id(self, project_id: int, ids: set[int]) -> list[dict]:
-        """The project's predictions with these ids (those still there), as
-        `[{"id", "task", "model_version", "score", "result"}]`."""
-        with self._call("listing predictions"):
-            return [{"id": p.id, "task": p.task, "model_version": p.model_version,
-                     "score": p.score, "result": p.result}
-                    for p in self._client.predictions.list(project=project_id) if p.id in ids]
-
-    def predictions_of(self, project_id: int, model_version: str) -> list[dict]:
-        """`[{"id", "task", "score"}]` of the project's predictions tagged `model_version`."""
-        with self._call("listing predictions"):
-            return [{"id": p.id, "task": p.task, "score": p.score}
-                    for p in self._client.predictions.list(project=project_id)
-                    if p.model_version == model_version]
-
     def ensure_view(self, project_id: int, title: str, data: dict) -> int:
         """A saved Data Manager tab (filters, ordering) annotators can open; created once."""
         with self._call("listing data manager views"):
@@ -425,12 +410,16 @@ class Studio:
                               "next task")
         return body.get("id") if isinstance(body, dict) else None
 
-    def predictions(self, project_id: int) -> list[dict]:
-        """`[{"task", "model_version", "score", "result"}]` of every prediction in the project."""
+    def predictions(self, project_id: int, *, model_version: str | None = None,
+                    ids: set[int] | None = None) -> list[dict]:
+        """`[{"id", "task", "model_version", "score", "result"}]` of the project's predictions,
+        only those of `model_version` and/or with these `ids` when given."""
         with self._call("listing predictions"):
-            return [{"task": p.task, "model_version": p.model_version, "score": p.score,
-                     "result": p.result}
-                    for p in self._client.predictions.list(project=project_id)]
+            return [{"id": p.id, "task": p.task, "model_version": p.model_version,
+                     "score": p.score, "result": p.result}
+                    for p in self._client.predictions.list(project=project_id)
+                    if (model_version is None or p.model_version == model_version)
+                    and (ids is None or p.id in ids)]
 
     def create_predictions(self, project_id: int, predictions: list[dict]) -> int:
         """Bulk-import `[{"task", "result", "score", "model_version"}]`; returns the count."""

@@ -215,7 +215,7 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
                if isinstance(a.get("parent_prediction"), int)}
     if parents:
         atomic_write_jsonl(tmp / "predictions.jsonl",
-                           sorted(studio.predictions_by_id(project_id, parents),
+                           sorted(studio.predictions(project_id, ids=parents),
                                   key=lambda r: r["id"]))
     summary.update(annotations={k: len(v) for k, v in changes.items()},
                    images_fetched=len(new_blobs),

@@ -144,7 +144,7 @@ def flag(studio: Studio, project_id: int, suspects: list[dict], resolved: list[d
            and s["task_id"] in current]
     flagged = [{"event": "flagged", "at": now, **s, "votes": current[s["task_id"]].get("votes")}
                for s in new]
-    existing = studio.predictions_of(project_id, REVIEW_VERSION)
+    existing = studio.predictions(project_id, model_version=REVIEW_VERSION)
     stale = [p["id"] for p in existing if p["task"] in done]
     if stale:
         studio.delete_predictions(stale)

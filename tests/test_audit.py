@@ -19,7 +19,7 @@ def test_acceptance_is_counted_from_what_annotators_started_with(make_project, t
     tasks = [t["id"] for t in st.unlabeled_tasks(pid)][:4]
     st.create_predictions(pid, [{"task": t, "model_version": "m0001-test", "score": 0.5,
                                  "result": choice_result("3")} for t in tasks])
-    preds = {p["task"]: p for p in st.predictions_of(pid, "m0001-test")}
+    preds = {p["task"]: p for p in st.predictions(pid, model_version="m0001-test")}
     answers = [("3", False), ("3", False), ("5", False), ("3", True)]  # last one: a skip
     for task_id, (label, skipped) in zip(tasks, answers):
         api.post(f"/api/tasks/{task_id}/annotations/", json={

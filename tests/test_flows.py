@@ -80,7 +80,7 @@ def test_first_run_pulls_validates_trains_and_promotes(world):
     assert summary["preannotate"]["pushed"] == len(preds) == project["counts"]["unlabeled"]
     assert {p["model_version"] for p in preds} == {prod["id"]}
     # suspected label errors went back to Label Studio as review flags
-    flags = project["studio"].predictions_of(project["id"], review.REVIEW_VERSION)
+    flags = project["studio"].predictions(project["id"], model_version=review.REVIEW_VERSION)
     assert summary["review"]["flagged"] == len(flags) == summary["review"]["suspects"] > 0
     report = layout.report.read_text()
     assert report.startswith("# Gate verdict: **PASS**")
@@ -95,7 +95,7 @@ def test_run_with_nothing_new_does_not_retrain(world):
     # pre-annotations are not pushed twice
     project = world["project"]
     prod = registry.production(layout.registry)["id"]
-    assert len(project["studio"].predictions_of(project["id"], prod)) == \
+    assert len(project["studio"].predictions(project["id"], model_version=prod)) == \
         project["counts"]["unlabeled"]
 
 

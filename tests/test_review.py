@@ -60,7 +60,7 @@ def test_flags_reach_label_studio_and_outcomes_are_recorded(make_project, tmp_pa
 
     out = review.flag(st, pid, suspects, resolved, ledger)
     assert out == {"flagged": 2, "open": 2, "relabeled": 0, "confirmed": 0, "gone": 0}
-    flags = st.predictions_of(pid, review.REVIEW_VERSION)
+    flags = st.predictions(pid, model_version=review.REVIEW_VERSION)
     assert sorted(p["task"] for p in flags) == sorted(s["task_id"] for s in suspects)
     # the saved tab annotators open lists exactly the flagged tasks, least believed first
     views = _api(project, "GET", f"/api/dm/views?project={pid}")
@@ -70,7 +70,7 @@ def test_flags_reach_label_studio_and_outcomes_are_recorded(make_project, tmp_pa
 
     # running again with the same suspects adds nothing
     assert review.flag(st, pid, suspects, resolved, ledger)["flagged"] == 0
-    assert len(st.predictions_of(pid, review.REVIEW_VERSION)) == 2
+    assert len(st.predictions(pid, model_version=review.REVIEW_VERSION)) == 2
 
     # an annotator relabels the first flagged task; the second is re-annotated unchanged
     first, second = suspects
@@ -78,7 +78,7 @@ def test_flags_reach_label_studio_and_outcomes_are_recorded(make_project, tmp_pa
     resolved[1] = {**resolved[1], "votes": {second["label"]: 2}}
     out = review.flag(st, pid, suspects, resolved, ledger)
     assert out["relabeled"] == 1 and out["confirmed"] == 1 and out["open"] == 0
-    assert st.predictions_of(pid, review.REVIEW_VERSION) == []      # flags removed
+    assert st.predictions(pid, model_version=review.REVIEW_VERSION) == []      # flags removed
     events = read_jsonl(ledger)
     assert [e["event"] for e in events] == ["flagged", "flagged", "relabeled", "confirmed"]
     assert events[2]["from"] == first["label"] and events[2]["to"] == first["suggested"]
