@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import reprlib
+import stat
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,62 +127,156 @@ class Params:
     schedule: Schedule
 
 
+# -- limits of the file itself --------------------------------------------------------------------
+MAX_FILE_BYTES = 256 * 1024  # the real file is ~5 KB; PyYAML parses ~1 MB/s in pure Python
+MAX_VALUES = 20_000          # YAML nodes once aliases are expanded (a billion-laughs bomb stops here)
+MAX_DEPTH = 16               # section -> key -> list -> item is depth 3
+MAX_CLASSES = 10_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+# Pillow's image modes (PIL.Image.MODES and the raw 16-bit ones): what validate.allowed_modes may name.
+PIL_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+             "LAB", "HSV", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 6, 6, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+
+
+def show(value: object) -> str:
+    """A bounded repr for messages: never more than a few hundred characters, whatever the value
+    (a 10,000-item list, a 1 MB string, an alias bomb), with the item count of long lists."""
+    text = _REPR.repr(value)
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > _REPR.maxlist:
+        text += f" ({len(value)} items)"
+    return text
+
+
+def brief(items: typing.Iterable[object], *, first: int = 5) -> str:
+    """A list for an error message: the first few, then a count. `['0', '1', '2', '3', '4', …
+    (1000 in all)]` rather than 13,671 characters of class names."""
+    items = list(items)
+    shown = ", ".join(_REPR.repr(x) for x in items[:first])
+    more = f", … ({len(items)} in all)" if len(items) > first else ""
+    return f"[{shown}{more}]"
+
+
+# -- rules beyond the type ------------------------------------------------------------------------
+Rule = tuple[typing.Callable[[typing.Any], bool], str]
+
+
+def _num(n: float) -> str:
+    return f"{n:g}" if isinstance(n, float) else str(n)
+
+
+def _between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
+             what: str = "") -> Rule:
+    """lo <= v <= hi (or < with the open flags). NaN never passes (every comparison is False)."""
+    def ok(v):
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    if lo_open and hi_open:
+        text = f"between {_num(lo)} and {_num(hi)}, exclusive"
+    elif lo_open:
+        text = f"above {_num(lo)} and at most {_num(hi)}"
+    elif hi_open:
+        text = f"at least {_num(lo)} and below {_num(hi)}"
+    else:
+        text = f"between {_num(lo)} and {_num(hi)}"
+    return ok, f"{what} {text}" if what else text
+
+
+def _one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+def _text(lo: int, hi: int, what: str = "characters") -> Rule:
+    return ((lambda v: lo <= len(v) <= hi and v.isprintable() and v == v.strip()),
+            f"{lo} to {hi} printable {what}, no leading or trailing spaces")
+
+
 def _is_origin(value: str) -> bool:
-    parts = urlsplit(value)
+    if len(value) > 2048:
+        return False
+    try:  # urlsplit and .port raise ValueError on e.g. `http://[::1` or `:99999`
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (validates the port)
+    except ValueError:
+        return False
     return (parts.scheme in ("http", "https") and bool(parts.hostname) and "@" not in parts.netloc
-            and parts.path in ("", "/") and not parts.query and not parts.fragment)
+            and parts.path in ("", "/") and not parts.query and not parts.fragment
+            and value.isprintable() and " " not in value)
 
 
-# Checks beyond the type, keyed by dotted name: (predicate, what it must be).
-_RULES: dict[str, tuple[typing.Callable[[object], bool], str]] = {
-    "base.image_size": (lambda v: 8 <= v <= 512, "between 8 and 512"),
-    "base.classes": (lambda v: len(v) >= 2 and len(set(v)) == len(v) and all(v),
-                     "at least two distinct, non-empty class names"),
-    "studio.port": (lambda v: 1 <= v <= 65535, "a TCP port (1-65535)"),
-    "pull.connect_timeout_s": (lambda v: v > 0, "> 0"),
-    "pull.read_timeout_s": (lambda v: v > 0, "> 0"),
-    "pull.max_image_bytes": (lambda v: v > 0, "> 0"),
-    "pull.image_hosts": (lambda v: all(_is_origin(o) for o in v),
+_CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?#-]{1,60}")
+
+# Checks beyond the type, keyed by dotted name: (predicate, what it must be). Every int and float
+# setting has one (tests/test_settings.py checks that), so nothing absurd reaches a stage:
+# `base.seed: -1` crashed NumPy, `read_timeout_s: 1e308` crashed the socket layer, and
+# `train.batch_size: 1000000000` trained a garbage model at lr 5.6.
+_RULES: dict[str, Rule] = {
+    # NumPy seeds must fit 32 bits; stages add small offsets (rank, fold) to the seed.
+    "base.seed": _between(0, 2**31 - 1),
+    "base.image_size": _between(8, 512),
+    "base.classes": ((lambda v: 2 <= len(v) <= MAX_CLASSES and len(set(v)) == len(v)
+                      and all(0 < len(c) <= 200 and c.isprintable() and c == c.strip()
+                              for c in v)),
+                     f"at least two and at most {MAX_CLASSES} distinct, non-empty class names "
+                     "(printable, at most 200 characters, no leading or trailing spaces)"),
+    "studio.project_title": _text(3, 50),  # Label Studio's own limits on a project title
+    "studio.image_key": ((lambda v: re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", v) is not None),
+                         "a task data key: letters, digits and _, not starting with a digit, "
+                         "at most 64 characters"),
+    "studio.port": _between(1, 65535, what="a TCP port"),
+    "pull.connect_timeout_s": _between(0, 600, lo_open=True),      # seconds
+    "pull.read_timeout_s": _between(0, 3600, lo_open=True),        # seconds
+    "pull.max_image_bytes": _between(1, 2**30),                    # 1 GiB: beyond any scan
+    "pull.image_hosts": ((lambda v: len(v) <= 100 and all(_is_origin(o) for o in v)),
                          "a list of origins like https://bucket.example.com (scheme and host, "
-                         "optional port; no path, query or user)"),
-    "validate.min_side": (lambda v: v >= 1, ">= 1"),
-    "validate.max_side": (lambda v: v >= 1, ">= 1"),
-    "validate.min_per_class": (lambda v: v >= 0, ">= 0"),
-    "prepare.val_fraction": (lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)"),
-    "prepare.min_annotations": (lambda v: v >= 1, ">= 1"),
-    "prepare.min_agreement": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
-    "prepare.near_duplicate_similarity": (lambda v: 0.0 < v <= 1.0, "between 0 (exclusive) and 1"),
-    "train.epochs": (lambda v: v >= 1, ">= 1"),
-    "train.batch_size": (lambda v: v >= 1, ">= 1"),
-    "train.batch_size_cuda": (lambda v: v >= 1, ">= 1"),
-    "train.shift_px": (lambda v: 0 <= v <= 8, "between 0 and 8"),
-    "train.lr": (lambda v: v > 0, "> 0"),
-    "train.device": (lambda v: v in ("auto", "cpu", "cuda"), "one of auto, cpu, cuda"),
-    "evaluate.batch_size": (lambda v: v >= 1, ">= 1"),
-    "gate.min_accuracy": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
-    "gate.max_accuracy_drop": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
-    "gate.max_class_recall_drop": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
-    "gate.max_class_precision_drop": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
-    "gate.min_class_support": (lambda v: v >= 1, ">= 1"),
-    "gate.alpha": (lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)"),
-    "gate.max_ece_increase": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
-    "gate.max_latency_ms_p95": (lambda v: v > 0, "> 0"),
-    "gate.max_model_mb": (lambda v: v > 0, "> 0"),
-    "gate.on_inconclusive": (lambda v: v in ("keep_production", "ask_reviewer"),
-                             "keep_production or ask_reviewer"),
-    "review.folds": (lambda v: 2 <= v <= 20, "between 2 and 20"),
-    "review.epochs": (lambda v: v >= 1, ">= 1"),
-    "review.max_suspects": (lambda v: v >= 0, ">= 0"),
-    "preannotate.uncertainty": (lambda v: v in ("margin", "entropy"), "margin or entropy"),
-    "schedule.min_new_labels": (lambda v: v >= 1, ">= 1"),
-    "schedule.check_every_s": (lambda v: v >= 1, ">= 1"),
-    "schedule.cron": (lambda v: len(v.split()) == 5, "a 5-field cron expression"),
+                         "optional port; no path, query or user; at most 100)"),
+    "validate.allowed_modes": ((lambda v: 1 <= len(v) <= len(PIL_MODES) and len(set(v)) == len(v)
+                                and set(v) <= set(PIL_MODES)),
+                               "a non-empty list of distinct Pillow modes from " + ", ".join(PIL_MODES)),
+    "validate.min_side": _between(1, 65535),   # pixels
+    "validate.max_side": _between(1, 65535),   # pixels (PNG/JPEG decoders' own ceilings)
+    "validate.min_per_class": _between(0, 10_000_000),
+    "prepare.val_fraction": _between(0.0, 1.0, lo_open=True, hi_open=True),
+    "prepare.min_annotations": _between(1, 1000),
+    "prepare.min_agreement": _between(0.0, 1.0),
+    "prepare.near_duplicate_similarity": _between(0.0, 1.0, lo_open=True),
+    "train.epochs": _between(1, 10_000),
+    "train.batch_size": _between(1, 65_536),
+    "train.batch_size_cuda": _between(1, 65_536),
+    "train.lr": _between(0.0, 1.0, lo_open=True),   # Adam; 1e-3 is typical, 1 already absurd
+    "train.shift_px": _between(0, 8),
+    "train.device": _one_of("auto", "cpu", "cuda"),
+    "evaluate.batch_size": _between(1, 65_536),
+    "gate.min_accuracy": _between(0.0, 1.0),
+    "gate.max_accuracy_drop": _between(0.0, 1.0),
+    "gate.max_class_recall_drop": _between(0.0, 1.0),
+    "gate.max_class_precision_drop": _between(0.0, 1.0),
+    "gate.min_class_support": _between(1, 10_000_000),
+    "gate.alpha": _between(0.0, 1.0, lo_open=True, hi_open=True),
+    "gate.max_ece_increase": _between(0.0, 1.0),
+    "gate.max_latency_ms_p95": _between(0.0, 600_000.0, lo_open=True),  # ms per image
+    "gate.max_model_mb": _between(0.0, 100_000.0, lo_open=True),        # MB
+    "gate.critical_task_ids": ((lambda v: len(v) <= 100_000 and all(1 <= i < 2**63 for i in v)),
+                               "a list of at most 100000 Label Studio task ids (positive integers)"),
+    "gate.on_inconclusive": _one_of("keep_production", "ask_reviewer"),
+    "review.folds": _between(2, 20),
+    "review.epochs": _between(1, 10_000),
+    "review.max_suspects": _between(0, 1_000_000),
+    "preannotate.uncertainty": _one_of("margin", "entropy"),
+    "schedule.min_new_labels": _between(1, 10_000_000),
+    "schedule.check_every_s": _between(1.0, 7 * 86_400.0),  # seconds: one second to a week
+    "schedule.cron": ((lambda v: len(v) <= 200 and len(v.split()) == 5
+                       and all(_CRON_FIELD.fullmatch(f) for f in v.split())),
+                      "a 5-field cron expression such as \"0 3 * * *\""),
 }
 
 
 def _coerce(key: str, tp: object, value: object) -> object:
     def bad(what: str) -> ParamsError:
-        return ParamsError(f"params.yaml: {key} must be {what}, got {value!r}")
+        return ParamsError(f"params.yaml: {key} must be {what}, got {show(value)}")
 
     if tp is bool:
         if not isinstance(value, bool):
@@ -198,6 +295,8 @@ def _coerce(key: str, tp: object, value: object) -> object:
                 raise bad("a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if isinstance(value, int) and abs(value) > 2**53:  # also keeps float() from overflowing
+            raise bad("a number of sensible size")
         if not math.isfinite(value):
             raise bad("a finite number")
         return float(value)
@@ -215,14 +314,21 @@ def _coerce(key: str, tp: object, value: object) -> object:
     raise TypeError(f"unsupported settings type {tp!r} for {key}")  # a bug here, not in the file
 
 
+def _name(key: object) -> str:
+    """A key as it may appear in a message (keys are untrusted too: bounded)."""
+    text = key if isinstance(key, str) else repr(key)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _section(name: str, cls: type, raw: object) -> object:
     if not isinstance(raw, dict):
-        raise ParamsError(f"params.yaml: section '{name}' must be a mapping, got {raw!r}")
+        raise ParamsError(f"params.yaml: section '{name}' must be a mapping, got {show(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
+    unknown = sorted((k for k in raw if k not in names), key=repr)  # keys may be any YAML scalar
     if unknown:
-        raise ParamsError(f"params.yaml: unknown key {name}.{unknown[0]} (known: {', '.join(names)})")
+        raise ParamsError(f"params.yaml: unknown key {name}.{_name(unknown[0])} "
+                          f"(known: {', '.join(names)})")
     values = {}
     for field in names:
         key = f"{name}.{field}"
@@ -231,7 +337,7 @@ def _section(name: str, cls: type, raw: object) -> object:
         value = _coerce(key, hints[field], raw[field])
         rule = _RULES.get(key)
         if rule and not rule[0](value):
-            raise ParamsError(f"params.yaml: {key} must be {rule[1]}, got {raw[field]!r}")
+            raise ParamsError(f"params.yaml: {key} must be {rule[1]}, got {show(raw[field])}")
         values[field] = value
     return cls(**values)
 
@@ -241,40 +347,176 @@ def parse(raw: object) -> Params:
     if not isinstance(raw, dict):
         raise ParamsError("params.yaml: the top level must be a mapping of sections")
     hints = typing.get_type_hints(Params)
+    unknown = sorted((k for k in raw if k not in hints), key=repr)
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown section '{_name(unknown[0])}' "
+                          f"(known: {', '.join(hints)})")
     sections = {}
     for name, cls in hints.items():
         if name not in raw:
             raise ParamsError(f"params.yaml: missing section '{name}'")
         sections[name] = _section(name, cls, raw[name])
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        raise ParamsError(f"params.yaml: unknown section '{unknown[0]}'")
     params = Params(**sections)
     if params.validate.min_side > params.validate.max_side:
-        raise ParamsError("params.yaml: validate.min_side must not exceed validate.max_side")
+        raise ParamsError("params.yaml: validate.min_side must not exceed validate.max_side "
+                          f"(got {params.validate.min_side} > {params.validate.max_side})")
     return params
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice (PyYAML silently keeps the last one)."""
+# -- reading the file -----------------------------------------------------------------------------
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+def _build(loader: yaml.SafeLoader, node: yaml.Node, place: str) -> None:
+    """Build one scalar now, so that a failure names its key; cached for construct_document."""
+    try:  # e.g. a 5,000-digit integer, `2001-13-45` read as a date, `!!float abc`
+        loader.construct_object(node)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+        raise ParamsError(f"{place} (line {node.start_mark.line + 1}) cannot be read: "
+                          f"{str(exc)[:200]}") from None
+
+
+def _check_tree(loader: yaml.SafeLoader, root: yaml.Node) -> None:
+    """Walk the composed YAML graph before building Python objects from it: bounded depth and
+    size once aliases are expanded (billion laughs, self-referencing anchors), no key given
+    twice (PyYAML would silently keep the last one), and every scalar buildable. Errors name the
+    dotted key (`train.epochs`, `base.classes[3]`)."""
+    budget = MAX_VALUES
+    stack: list[tuple[yaml.Node, str, int]] = [(root, "", 0)]
+    while stack:
+        node, where, depth = stack.pop()
+        place = where or "the top level"
+        budget -= 1
+        if budget < 0:
+            raise ParamsError(f"{place} is too large: over {MAX_VALUES} values once "
+                              "YAML aliases are expanded (an alias bomb?); write the values out")
+        if depth > MAX_DEPTH:
+            raise ParamsError(f"{place} is nested more than {MAX_DEPTH} levels deep "
+                              "(or an alias refers to itself)")
+        if node.tag not in loader.yaml_constructors:  # `!!python/object:...`, `!custom`
+            raise ParamsError(f"{place} (line {node.start_mark.line + 1}) has the YAML tag "
+                              f"{_name(node.tag)}, which a params file cannot use")
+        children: list[tuple[yaml.Node, str, int]] = []
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG:  # `<<: *anchor`: checked as part of this mapping
+                    children.append((value_node, where, depth + 1))
+                    continue
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise ParamsError(f"{place} has a key that is a list or mapping "
+                                      f"(line {key_node.start_mark.line + 1}); keys are plain names")
+                child = f"{where}.{_name(key_node.value)}" if where else _name(key_node.value)
+                _build(loader, key_node, child)
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise ParamsError(f"{child} is given twice (lines "
+                                      f"{seen[key_node.value]} and {line}); keep one")
+                seen[key_node.value] = line
+                children.append((value_node, child, depth + 1))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(node.value)]
+        else:
+            _build(loader, node, place)
+        stack.extend(reversed(children))  # depth first, in document order
+
+
+def _read_yaml(text: str, name: str) -> object:
+    loader = yaml.SafeLoader(text)  # SafeLoader: no Python objects, ever
+    loader.name = name  # YAML's error marks say `in "<name>", line 4` rather than "<unicode string>"
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_tree(loader, node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def load(path: str | Path = "params.yaml") -> Params:
+    """Typed settings from a params file; every problem is a ParamsError that says what to fix."""
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        info = path.stat()
     except FileNotFoundError:
-        raise ParamsError(f"params file not found: {path} (run from the project root or pass --params)") from None
+        raise ParamsError(f"params file not found: {path} (run from the project root or pass "
+                          "--params)") from None
+    except (OSError, ValueError) as exc:  # permission denied, a NUL in the path, ...
+        raise ParamsError(f"cannot read params file {path}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ParamsError(f"{path} is a directory, not a params file; pass the params.yaml "
+                          "inside it")
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or /dev/zero would block or never end
+        raise ParamsError(f"{path} is not a regular file; pass a params.yaml file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ParamsError(f"cannot read params file {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ParamsError(f"{path} is over {MAX_FILE_BYTES // 1024} KB; a params file is a few "
+                          "KB of settings")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ParamsError(f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line "
+                          f"{line}); save it as UTF-8") from None
+    try:
+        raw = _read_yaml(text, str(path))
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        raise ParamsError(f"{path}: not valid YAML: {str(exc)[:500]}") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: not valid YAML: nested too deeply") from None
+    except ParamsError as exc:  # from _check_tree, which names the key
+        raise ParamsError(f"{path}: {exc}") from None
     return parse(raw)
+
+
+# -- the environment ------------------------------------------------------------------------------
+
+def check_studio_env(url: str, key: str) -> str:
+    """LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY as read from the environment (or the embedded
+    server's credentials): the URL without a trailing slash, or a ParamsError naming the variable
+    and what to fix. The key is never echoed (it is a secret); the URL is, bounded."""
+    where = "LABEL_STUDIO_URL"
+    if not isinstance(url, str) or not url.strip():
+        raise ParamsError(f"{where} is empty; set it to Label Studio's address, e.g. "
+                          "http://127.0.0.1:8080")
+    url = url.strip()
+    if len(url) > 2048 or not url.isascii() or not url.isprintable() or " " in url:
+        raise ParamsError(f"{where} must be a plain http(s) URL (ASCII, no spaces or control "
+                          f"characters, at most 2048 characters), got {show(url)}")
+    try:  # urlsplit and .port raise ValueError on `http://[::1` or `http://host:99999`
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ParamsError(f"{where} is not a valid URL ({exc}), got {show(url)}; e.g. "
+                          "http://127.0.0.1:8080 or http://[::1]:8080") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ParamsError(f"{where} must start with http:// or https:// and name a host, got "
+                          f"{show(url)}")
+    if "@" in parts.netloc:
+        raise ParamsError(f"{where} must not carry a user name or password; the API key goes "
+                          "in LABEL_STUDIO_API_KEY")
+    if parts.query or parts.fragment:
+        raise ParamsError(f"{where} must not have a query or fragment, got {show(url)}")
+    if port == 0:
+        raise ParamsError(f"{where} has port 0, got {show(url)}")
+    what = "LABEL_STUDIO_API_KEY"
+    if not isinstance(key, str) or not key.strip():
+        raise ParamsError(f"{what} is empty; copy the access token from Label Studio's Account & "
+                          "Settings page")
+    if key != key.strip():
+        raise ParamsError(f"{what} has leading or trailing spaces or a newline; copy the token "
+                          "again without them")
+    bad = next((i for i, ch in enumerate(key) if not (ch.isascii() and ch.isprintable())
+                or ch.isspace()), None)
+    if bad is not None:  # an HTTP header carries ASCII only: httpx would raise mid-request
+        raise ParamsError(f"{what} has a non-ASCII, space or control character at position "
+                          f"{bad + 1} (of {len(key)}); copy the access token from Label Studio "
+                          "again")
+    if len(key) > 4096:
+        raise ParamsError(f"{what} is {len(key)} characters long; a Label Studio token is "
+                          "40 (legacy) to a few hundred (JWT)")
+    return url.rstrip("/")

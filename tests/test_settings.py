@@ -105,12 +105,12 @@ def test_section_that_is_not_a_mapping_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("prepare.val_fraction", 1.5, "between 0 and 1"),
-    ("prepare.val_fraction", 0, "between 0 and 1"),
-    ("train.epochs", 0, ">= 1"),
-    ("train.lr", -0.1, "> 0"),
+    ("prepare.val_fraction", 1.5, "between 0 and 1, exclusive"),
+    ("prepare.val_fraction", 0, "between 0 and 1, exclusive"),
+    ("train.epochs", 0, "between 1 and 10000"),
+    ("train.lr", -0.1, "above 0 and at most 1"),
     ("train.device", "tpu", "one of auto, cpu, cuda"),
-    ("studio.port", 70000, "TCP port"),
+    ("studio.port", 70000, "a TCP port between 1 and 65535"),
     ("base.classes", ["0", "0", "1"], "distinct"),
     ("base.classes", ["only"], "at least two"),
     ("base.image_size", 4, "between 8 and 512"),
