@@ -46,18 +46,20 @@ class LoopPlan:
     """What the loop does on this device: derived from params, never configured twice."""
     device: torch.device
     batch_size: int          # global batch per optimizer step (all ranks together)
-    lr: float
+    lr: float                # scaled for batch_size, the batch actually used
     autocast: bool           # bf16 autocast (CUDA only)
     channels_last: bool
     compile: bool
     rank: int = 0
     world: int = 1
+    note: str = ""           # why batch_size differs from the configured one ("" if it doesn't)
 
 
 def plan(t: Train, device: torch.device, *, n_train: int | None = None, rank: int = 0,
          world: int = 1) -> LoopPlan:
     cuda = device.type == "cuda"
-    batch = t.batch_size_cuda if cuda else t.batch_size
+    configured = t.batch_size_cuda if cuda else t.batch_size
+    batch, note = configured, ""
     if cuda and n_train is not None:
         # The big GPU batch only where the data can fill it: on a small dataset it would mean a
         # handful of steps per epoch at a learning rate scaled for a batch that never happens
@@ -65,11 +67,29 @@ def plan(t: Train, device: torch.device, *, n_train: int | None = None, rank: in
         # least MIN_STEPS_PER_EPOCH steps, never going below the CPU batch size.
         fits = 1 << max(0, (n_train // MIN_STEPS_PER_EPOCH).bit_length() - 1)  # power of 2
         batch = min(batch, max(t.batch_size, fits))
+        if batch < configured:
+            note = (f"CUDA batch {batch} instead of train.batch_size_cuda {configured}: keeps "
+                    f"{MIN_STEPS_PER_EPOCH} steps per epoch on {n_train} training images")
+    if n_train is not None and batch > n_train:
+        # A batch can't hold more than the whole split; the learning rate below must follow
+        # the batch really used (batch 10^9 configured on 128 images meant lr 5.6: garbage).
+        batch = max(1, n_train)
+        name = "train.batch_size_cuda" if cuda else "train.batch_size"
+        note = (f"batch {batch} instead of {name} {configured}: the training split has only "
+                f"{n_train} images")
     # Adam: scale the learning rate with sqrt(batch) (linear scaling over-shoots with Adam).
     lr = t.lr * math.sqrt(batch / LR_REF_BATCH)
     # channels_last also pays on CPU: +25 % fwd+bwd at batch 64 on this conv net (oneDNN).
     return LoopPlan(device=device, batch_size=batch, lr=lr, autocast=cuda, channels_last=True,
-                    compile=cuda and t.compile, rank=rank, world=world)
+                    compile=cuda and t.compile, rank=rank, world=world, note=note)
+
+
+def chance_floor(num_classes: int) -> float:
+    """Validation accuracy at or below which a model has learnt nothing: 1.5x uniform guessing
+    (0.15 for 10 classes), at most 1/K + 0.1 (2 classes: 0.6 rather than 0.75, which a weak but
+    real binary model may not reach)."""
+    uniform = 1.0 / num_classes
+    return min(1.5 * uniform, uniform + 0.1)
 
 
 def to_device(model: torch.nn.Module, lp: LoopPlan) -> torch.nn.Module:
@@ -204,7 +224,13 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params) -> dic
     try:
         x_train, y_train = _load_split(prepared_dir / "train.npz", device)
         x_val, y_val = _load_split(prepared_dir / "val.npz", device)
+        if not len(x_train) or not len(x_val):
+            raise TrainingError(f"the {'training' if not len(x_train) else 'validation'} split "
+                                f"in {prepared_dir} is empty: label more tasks or change "
+                                "prepare.val_fraction")
         lp = plan(t, device, n_train=len(x_train), rank=rank, world=world)
+        if lp.note and rank == 0:
+            print(f"train: {lp.note} (lr {lp.lr:.6g} for that batch)", file=sys.stderr)
         model = to_device(net.Net(len(params.base.classes), params.base.image_size), lp)
         trained = model
         if world > 1:
@@ -227,7 +253,19 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params) -> dic
     if rank != 0:
         return {}
     if not math.isfinite(history[-1]["val_loss"]):
-        raise TrainingError(f"validation loss is not finite after epoch {t.epochs}")
+        raise TrainingError(f"validation loss is not finite after epoch {t.epochs}; lower "
+                            f"train.lr (lr {lp.lr:.6g} at batch {lp.batch_size}) or check the data")
+    # A model that learnt nothing is a failed run, not a candidate (lr 5.6 once gave val acc
+    # 0.09 on 10 classes and exit 0).
+    floor = chance_floor(len(params.base.classes))
+    if history[-1]["val_acc"] <= floor:
+        raise TrainingError(
+            f"validation accuracy {history[-1]['val_acc']:.3f} after {t.epochs} epochs is no "
+            f"better than chance ({floor:.3f} for {len(params.base.classes)} classes on "
+            f"{len(y_val)} validation images); no model was written. Check train.lr "
+            f"({t.lr:g} configured, {lp.lr:.6g} used at batch {lp.batch_size}), "
+            f"train.batch_size, train.epochs, and the labels in {prepared_dir} (shuffled, "
+            "mostly one class, or base.classes in another order than in Label Studio?)")
     out_dir.mkdir(parents=True, exist_ok=True)
     net.save(model, out_dir / "model.safetensors", classes=params.base.classes,
              image_size=params.base.image_size)

@@ -3,6 +3,7 @@ with a readable error, and the safetensors model format."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -112,9 +113,11 @@ def test_another_seed_gives_another_model(trained, tmp_path):
 
 
 def test_divergence_raises_naming_epoch_and_step(trained, tmp_path):
+    # params.yaml refuses lr > 1 now; the loop's own NaN check is tested past the loader
+    params = train_params()
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, lr=1e12))
     with pytest.raises(train.TrainingError) as err:
-        train.run(trained["root"] / "prepared", tmp_path / "out",
-                  params=train_params(**{"train.lr": 1e12}))
+        train.run(trained["root"] / "prepared", tmp_path / "out", params=params)
     msg = str(err.value)
     m = re.search(r"epoch (\d+), step (\d+)", msg)
     assert m, msg
@@ -298,3 +301,89 @@ def test_cuda_requested_without_cuda_falls_back_with_one_notice(monkeypatch, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "CUDA" in err and "CPU" in err
     assert pick_device("auto").type == "cpu" and capsys.readouterr().err == ""
+
+
+# --- issue 10: the batch really used, and no garbage model with exit 0 -------------------------
+
+def test_batch_larger_than_the_split_is_clamped_and_lr_follows_it():
+    """`train.batch_size: 1000000000` once meant lr 0.002 * sqrt(10^9 / 128) = 5.6 on a
+    128-image split. The batch is the split, and the learning rate is scaled for that."""
+    t = train_params(**{"train.batch_size": 65_536}).train
+    lp = train.plan(t, torch.device("cpu"), n_train=128)
+    assert lp.batch_size == 128
+    assert lp.lr == pytest.approx(t.lr)          # sqrt(128 / 128) = 1
+    assert "train.batch_size 65536" in lp.note and "128 images" in lp.note
+    cuda = train.plan(train_params(**{"train.batch_size": 256}).train, torch.device("cuda"),
+                      n_train=100)
+    assert cuda.batch_size == 100 and "train.batch_size_cuda" in cuda.note
+    assert train.plan(t, torch.device("cpu"), n_train=100_000).note == ""  # nothing to say
+
+
+def test_cuda_shrink_is_explained():
+    t = train_params(**{"train.batch_size": 32, "train.batch_size_cuda": 2048}).train
+    lp = train.plan(t, torch.device("cuda"), n_train=10_000)
+    assert lp.batch_size == 256 and "train.batch_size_cuda 2048" in lp.note
+    assert train.plan(t, torch.device("cuda"), n_train=1_000_000).note == ""
+
+
+def test_huge_batch_trains_a_real_model_and_says_so(trained, tmp_path, capsys):
+    n_train = trained["sizes"]["train"]
+    params = train_params(**{"train.batch_size": 65_536, "train.epochs": 20})
+    metrics = train.run(trained["root"] / "prepared", tmp_path / "out", params=params)
+    assert metrics["batch_size"] == n_train
+    assert metrics["lr"] == pytest.approx(0.003 * math.sqrt(n_train / train.LR_REF_BATCH), abs=1e-6)
+    assert f"batch {n_train} instead of train.batch_size 65536" in capsys.readouterr().err
+    assert metrics["val_acc"] > train.chance_floor(10)
+
+
+def test_chance_floor():
+    assert train.chance_floor(10) == pytest.approx(0.15)
+    assert train.chance_floor(2) == pytest.approx(0.6)   # not 0.75
+    assert train.chance_floor(1000) == pytest.approx(0.0015)
+
+
+def _labels_nobody_trained_on(folder, source):
+    """The split from `source` with every validation label set to a class absent from training:
+    what a swapped class order or a broken export looks like to the trainer."""
+    folder.mkdir(parents=True)
+    with np.load(source / "train.npz") as z:
+        tr = dict(z)
+    with np.load(source / "val.npz") as z:
+        va = dict(z)
+    keep = tr["y"] != 9
+    np.savez(folder / "train.npz", **{k: v[keep] for k, v in tr.items()})
+    np.savez(folder / "val.npz", **{**va, "y": np.full_like(va["y"], 9)})
+
+
+def test_a_model_no_better_than_chance_fails_without_writing_one(trained, tmp_path):
+    _labels_nobody_trained_on(tmp_path / "prepared", trained["root"] / "prepared")
+    with pytest.raises(train.TrainingError) as err:
+        train.run(tmp_path / "prepared", tmp_path / "out", params=trained["params"])
+    msg = str(err.value)
+    assert "no better than chance" in msg
+    for what in ("train.lr", "train.batch_size", "labels"):
+        assert what in msg
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_main_exits_non_zero_on_a_chance_model(trained, tmp_path, capsys):
+    import yaml
+    _labels_nobody_trained_on(tmp_path / "prepared", trained["root"] / "prepared")
+    overrides = {"train.epochs": EPOCHS, "train.batch_size": BATCH, "train.lr": 0.003,
+                 "train.device": "cpu"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(factories.params_dict(overrides)))
+    rc = train.main(["--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "out"),
+                     "--params", str(tmp_path / "params.yaml")])
+    assert rc == 1
+    assert "train failed: validation accuracy" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_empty_validation_split_is_a_clear_error(trained, tmp_path):
+    (tmp_path / "prepared").mkdir()
+    src = trained["root"] / "prepared"
+    (tmp_path / "prepared" / "train.npz").write_bytes((src / "train.npz").read_bytes())
+    with np.load(src / "val.npz") as z:
+        np.savez(tmp_path / "prepared" / "val.npz", **{k: v[:0] for k, v in z.items()})
+    with pytest.raises(train.TrainingError, match="validation split .* is empty"):
+        train.run(tmp_path / "prepared", tmp_path / "out", params=trained["params"])
