@@ -12,9 +12,22 @@ from pipelines.layout import Layout
 def _quiet_env(layout: Layout) -> None:
     """Per-workspace Prefect home; no telemetry from any tool. Before Prefect is imported."""
     os.environ.setdefault("PREFECT_HOME", str(layout.state / "prefect"))
+    # Prefect makes its home without parents: with no .labelgate/ yet (a user's own Label
+    # Studio, no embedded one) it had no database and every run timed out
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    # flows report to a long-lived server (`_prefect`), never to a temporary per-command one
+    # (10-18 s each, gone afterwards, and it misses its start-up window on a busy machine)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def _prefect(layout: Layout) -> str:
+    """The Prefect API this command reports to: the user's PREFECT_API_URL, else the embedded
+    server (started if needed). Before flows are imported."""
+    from pipelines import prefect_server
+    return prefect_server.ensure(layout.state / "prefect")
 
 
 def _connect(layout: Layout, params):
@@ -35,6 +48,32 @@ def cmd_studio(args, layout: Layout, params) -> int:
         s = studio.status(layout.studio)
         print(f"Label Studio: {'running at ' + s['url'] if s['running'] else 'not running'} "
               f"(data in {s['data_dir']})")
+    return 0
+
+
+def cmd_prefect(args, layout: Layout, params) -> int:
+    from pipelines import prefect_server
+    home = layout.state / "prefect"
+    s = prefect_server.status(home)
+    if s.external:
+        if args.action == "up":
+            prefect_server.ensure(home)
+        state = "answers" if prefect_server.healthy(s.api_url) else "does NOT answer"
+        print(f"PREFECT_API_URL is set: labelgate uses the Prefect server at {s.api_url} "
+              f"({state}) and starts or stops none of its own")
+        return 0 if args.action == "down" or state == "answers" else 1
+    if args.action == "up":
+        url = prefect_server.up(home)
+        print(f"Prefect server running at {prefect_server.ui_url(url)} (API {url}; data and "
+              f"log in {home})")
+    elif args.action == "down":
+        if not prefect_server.down(home):
+            print("the Prefect server was not running")
+    else:
+        print(f"Prefect server: "
+              + (f"running at {prefect_server.ui_url(s.api_url)} (pid {s.pid})" if s.running
+                 else "not running (`labelgate run` starts it)")
+              + f"; data and log in {home}")
     return 0
 
 
@@ -177,9 +216,13 @@ def _print_run(summary: dict, layout: Layout) -> None:
 
 
 def cmd_run(args, layout: Layout, params) -> int:
+    from pipelines.prefect_server import ui_url
+    api = _prefect(layout)
     from pipelines.flows import retrain
-    summary = retrain(root=str(layout.root), force=args.force)
+    state = retrain(root=str(layout.root), force=args.force, return_state=True)
+    summary = state.result()  # raises what the flow raised
     _print_run(summary, layout)
+    print(f"Prefect run      {ui_url(api)}/runs/flow-run/{state.state_details.flow_run_id}")
     return 0
 
 
@@ -231,10 +274,13 @@ def cmd_rollback(args, layout: Layout, params) -> int:
 
 def cmd_serve(args, layout: Layout, params) -> int:
     import threading
+    api = _prefect(layout)  # before Prefect is imported: it reads its settings then
     from prefect import serve
     from prefect.deployments import run_deployment
     from pipelines import trigger
     from pipelines.flows import DEPLOYMENT, deployment
+    from pipelines.prefect_server import ui_url
+    print(f"Prefect UI: {ui_url(api)}")
     studio = _connect(layout, params)
     project_id = studio.require_project(params.studio.project_title)
     stop = threading.Event()
@@ -304,8 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("studio", help="embedded Label Studio server: up | down | status")
     s.add_argument("action", choices=("up", "down", "status"))
     s.set_defaults(fn=cmd_studio)
-    sub.add_parser("demo", help="start Label Studio, seed the digits demo, run the flow"
-                   ).set_defaults(fn=cmd_demo)
+    s = sub.add_parser("prefect", help="embedded Prefect server (flow runs, UI): up | down | "
+                       "status; PREFECT_API_URL, if set, names your own instead")
+    s.add_argument("action", choices=("up", "down", "status"))
+    s.set_defaults(fn=cmd_prefect)
+    sub.add_parser("demo", help="start Label Studio and Prefect, seed the digits demo, run "
+                   "the flow").set_defaults(fn=cmd_demo)
     s = sub.add_parser("pull", help="pull new/changed annotations into data/raw (dvc add)")
     s.add_argument("--full", action="store_true",
                    help="compare every annotated task (reconciliation), not only updated ones")
@@ -365,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.dvcrepo import DvcError
     from pipelines.evalset import EvalSetError
     from pipelines.labelstudio import LabelStudioError
+    from pipelines.prefect_server import PrefectServerError
     from pipelines.pull import PullError
     from pipelines.registry import RegistryError
     from pipelines.studio import StudioError
@@ -372,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         params = settings.load(layout.params)
         return args.fn(args, layout, params)
     except (settings.ParamsError, LabelStudioError, PullError, StudioError, DvcError,
-            EvalSetError, RegistryError) as exc:
+            EvalSetError, RegistryError, PrefectServerError) as exc:
         print(f"labelgate {args.command}: {exc}", file=sys.stderr)
         return 2
 
