@@ -1,19 +1,29 @@
 """evaluate: candidate (and production, if any) on the fixed eval set `data/eval/`.
 
     python -m pipelines.evaluate --model models/candidate/model.safetensors --eval data/eval \
-        --registry models/registry --out reports/evaluation
+        --registry models/registry --out reports/evaluation --latency reports/latency.json
 
-Writes evaluation.json (eval-set hash, metrics of both models) and predictions.jsonl (one line
-per eval image: truth, candidate and production predictions). Production is re-evaluated on the
-current eval set, so both numbers come from the same images.
+Writes evaluation.json (eval-set hash, metrics of both models, the candidate's size and compute
+per image) and predictions.jsonl (one line per eval image: truth, candidate and production
+predictions). Production is re-evaluated on the current eval set, so both numbers come from the
+same images.
+
+Everything in reports/evaluation is a function of the model files and the eval set: `dvc repro`
+elsewhere or under load writes the same bytes, and the gate judges only these. Wall-clock
+latency is not: it is measured apart (`--latency`, a non-cached DVC metric the gate does not
+read; the report shows it against its budget). The gate's stand-in for latency is the compute
+per image (multiply-accumulates), counted from the layer shapes.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from pipelines import evalset, net, registry
 from pipelines.device import pick_device
@@ -21,9 +31,49 @@ from pipelines.files import atomic_write_json, atomic_write_jsonl, sha256_file
 from pipelines.metrics import classification
 from pipelines.settings import Params
 
+# Latency: k repeated runs of 200 single-image predictions on one CPU thread
+# (net.latency_ms_p95), reported as the median of the k p95s: a run disturbed by a neighbour on
+# a shared machine moves one p95, and the median of 5 ignores up to two such runs. Still a
+# timing, so only the report judges it; the gate judges macs_per_image.
+LATENCY_REPEATS = 5
+
+
+@torch.no_grad()
+def macs_per_image(model: nn.Module, x: np.ndarray, *, device: torch.device) -> int:
+    """Multiply-accumulates of one forward pass on one image of `x` (`(N, S, S)` uint8),
+    counted from the shapes of the convolutions and linear layers (the rest is a rounding
+    error): the same number on every machine, unlike a timing."""
+    total = 0
+
+    def count(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += output.numel() * (module.in_channels // module.groups) * kh * kw
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        model.eval()
+        model(net.normalize(torch.as_tensor(x[:1]).to(device)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return int(total)
+
+
+def measure_latency(model: nn.Module, x: np.ndarray, *, device: torch.device,
+                    repeats: int = LATENCY_REPEATS) -> dict:
+    """Median over `repeats` runs of the p95 single-image prediction time, in ms."""
+    runs = [round(net.latency_ms_p95(model, x, device=device), 4) for _ in range(repeats)]
+    return {"p95_ms": statistics.median(runs), "p95_ms_runs": runs, "repeats": repeats,
+            "device": device.type, "threads": 1 if device.type == "cpu" else None}
+
 
 def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
-        out_dir: str | Path, *, params: Params) -> dict:
+        out_dir: str | Path, *, params: Params, latency_file: str | Path | None = None) -> dict:
+    """Evaluate; with `latency_file`, also time the candidate there (see LATENCY_REPEATS)."""
     out_dir = Path(out_dir)
     device = pick_device(params.train.device)
     ev = evalset.load(eval_dir, params=params)
@@ -38,9 +88,7 @@ def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
     result = {"eval_hash": ev.hash, "eval_n": len(ev.y), "classes": list(classes),
               "candidate": {"sha256": sha256_file(model_file),
                             "size_bytes": Path(model_file).stat().st_size,
-                            "latency_ms_p95": round(net.latency_ms_p95(model, ev.x,
-                                                                       device=device), 4),
-                            "latency_device": device.type,
+                            "macs_per_image": macs_per_image(model, ev.x, device=device),
                             **classification(ev.y, cand_pred, classes)},
               "production": None}
     prod_probs = None
@@ -71,21 +119,9 @@ def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "evaluation.json", result)
     atomic_write_jsonl(out_dir / "predictions.jsonl", rows)
+    if latency_file is not None:
+        atomic_write_json(Path(latency_file), measure_latency(model, ev.x, device=device))
     return result
-
-
-def arrays(result: dict, rows: list[dict]) -> dict:
-    """The evaluation with per-image arrays the paired tests need (truth, predictions,
-    confidences, task id -> row index), rebuilt from predictions.jsonl."""
-    index = {c: i for i, c in enumerate(result["classes"])}
-    out = {**result, "truth": np.array([index[r["label"]] for r in rows], dtype=np.int64),
-           "cand_pred": np.array([index[r["candidate"]] for r in rows], dtype=np.int64),
-           "cand_conf": np.array([r["candidate_confidence"] for r in rows], dtype=np.float64),
-           "index": {r["task_id"]: i for i, r in enumerate(rows)}}
-    if result["production"] is not None:
-        out["prod_pred"] = np.array([index[r["production"]] for r in rows], dtype=np.int64)
-        out["prod_conf"] = np.array([r["production_confidence"] for r in rows], dtype=np.float64)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,11 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", default="data/eval")
     ap.add_argument("--registry", default="models/registry")
     ap.add_argument("--out", default="reports/evaluation")
+    ap.add_argument("--latency", default=None,
+                    help="also time the candidate; write the measurement here (JSON)")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     try:
         result = run(args.model, args.eval, args.registry, args.out,
-                     params=settings.load(args.params))
+                     params=settings.load(args.params), latency_file=args.latency)
     except (evalset.EvalSetError, registry.RegistryError, ValueError) as exc:
         print(f"evaluate failed: {exc}", file=sys.stderr)
         return 1

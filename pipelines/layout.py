@@ -1,5 +1,5 @@
 """Where things live in a labelgate workspace — declared once. dvc.yaml names the same paths
-(tests/test_layout.py checks that the two agree)."""
+(tests/test_dvc_deps.py checks that the two agree)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,6 +41,10 @@ class Layout:
     def report(self) -> Path: return self.root / "reports" / "gate" / "report.md"
     @property
     def report_html(self) -> Path: return self.root / "reports" / "gate" / "report.html"
+    @property
+    def latency(self) -> Path: return self.root / "reports" / "latency.json"   # not cached by DVC
+    @property
+    def dvc_lock(self) -> Path: return self.root / "dvc.lock"
     @property
     def state(self) -> Path: return self.root / ".labelgate"       # git-ignored local state
     @property

@@ -241,7 +241,7 @@ def write_store(raw_dir: str | Path, entries: list[tuple[dict, bytes | str | Non
 # -- evaluations (what pipelines.evaluate writes) -----------------------------------------------
 
 def evaluation(truth, cand, prod=None, *, classes=tuple(str(c) for c in range(10)),
-               cand_conf=0.9, prod_conf=0.9, size_bytes=500_000, latency_ms=1.0,
+               cand_conf=0.9, prod_conf=0.9, size_bytes=500_000, macs=12_000_000,
                cand_sha="a" * 64, prod_id="m0001-abcdef0123", prod_sha="b" * 64,
                eval_hash="e" * 64):
     """(evaluation.json, predictions.jsonl rows) from per-image class indices; confidences are
@@ -251,8 +251,8 @@ def evaluation(truth, cand, prod=None, *, classes=tuple(str(c) for c in range(10
     n = len(truth)
     cc = np.broadcast_to(np.asarray(cand_conf, dtype=float), (n,))
     ev = {"eval_hash": eval_hash, "eval_n": n, "classes": list(classes),
-          "candidate": {"sha256": cand_sha, "size_bytes": size_bytes, "latency_ms_p95": latency_ms,
-                        "latency_device": "cpu", **classification(truth, cand, classes)},
+          "candidate": {"sha256": cand_sha, "size_bytes": size_bytes, "macs_per_image": macs,
+                        **classification(truth, cand, classes)},
           "production": None}
     rows = [{"task_id": 1000 + i, "image_sha256": f"{i:064x}", "label": classes[truth[i]],
              "candidate": classes[cand[i]], "candidate_confidence": float(cc[i])}

@@ -1,5 +1,6 @@
-"""pipelines.metrics, validation.regression and pipelines.gate: hand-checkable numbers, the
-regression rules at and around their margins, and a report that cannot carry markup."""
+"""pipelines.metrics, validation.regression, pipelines.gate and pipelines.report: hand-checkable
+numbers, the regression rules at and around their margins, a decision that reads nothing but the
+evaluation, the compute and latency measures, and a report that cannot carry markup."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import re  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from pipelines import evaluate, gate, stats  # noqa: E402
+from pipelines import evaluate, gate, report, stats  # noqa: E402
 from pipelines.files import read_json  # noqa: E402
 from pipelines.metrics import classification  # noqa: E402
 from tests import factories  # noqa: E402
@@ -95,7 +96,7 @@ def scenario(truth, cand, prod=None, **kw):
 
 
 def judged(ev_rows, g=GATE):
-    tests = regression.run_tests(evaluate.arrays(*ev_rows), g)
+    tests = regression.run_tests(regression.arrays(*ev_rows), g)
     return tests, regression.verdict(tests)
 
 
@@ -122,7 +123,7 @@ def wrong(truth, idx):
 def test_first_model_is_judged_on_the_absolute_tests_alone():
     truth = balanced()
     tests, verdict = judged(scenario(truth, truth))
-    assert [t["name"] for t in tests] == ["accuracy floor", "model size", "latency p95"]
+    assert [t["name"] for t in tests] == ["accuracy floor", "model size", "compute per image"]
     assert verdict == regression.PASS
     assert by_name(tests, "accuracy floor")["value"] == 1.0
 
@@ -141,11 +142,18 @@ def test_accuracy_exactly_at_the_floor_passes():
     assert by_name(tests, "accuracy floor")["result"] == "pass"
 
 
-def test_budgets_for_size_and_latency_fail_when_exceeded():
+def test_budgets_for_size_and_compute_fail_when_exceeded():
     truth = balanced()
     tests, verdict = judged(scenario(truth, truth, size_bytes=int(GATE.max_model_mb * 1e6) + 1,
-                                     latency_ms=GATE.max_latency_ms_p95 * 2))
-    assert results(tests, "fail") == ["model size", "latency p95"] and verdict == regression.FAIL
+                                     macs=int(GATE.max_mmacs_per_image * 1e6) + 1))
+    assert results(tests, "fail") == ["model size", "compute per image"]
+    assert verdict == regression.FAIL
+
+
+def test_compute_exactly_at_the_budget_passes():
+    truth = balanced()
+    tests, _ = judged(scenario(truth, truth, macs=int(GATE.max_mmacs_per_image * 1e6)))
+    assert by_name(tests, "compute per image")["result"] == "pass"
 
 
 LOOSE_CLASSES = dict(max_class_recall_drop=1.0, max_class_precision_drop=1.0)
@@ -279,7 +287,9 @@ def test_reports_escape_hostile_class_names(tmp_path):
     cand = truth.copy()
     cand[30:45] = 0                                        # the hostile class loses half
     folder = write_evaluation(tmp_path / "ev", *scenario(truth, cand, truth, classes=classes))
-    gate.run(folder, tmp_path / "gate", params=factories.params(), raw=tmp_path / "none")
+    gate.run(folder, tmp_path / "gate", params=factories.params())
+    report.run(tmp_path / "gate" / "decision.json", folder, tmp_path / "gate",
+               params=factories.params(), raw=tmp_path / "none")
     md = (tmp_path / "gate" / "report.md").read_text()
     page = (tmp_path / "gate" / "report.html").read_text()
     for text in (md, page):
@@ -302,13 +312,82 @@ def test_reports_escape_hostile_class_names(tmp_path):
 def test_gate_run_writes_decision_like_promote_reads_it(tmp_path):
     truth = balanced()
     folder = write_evaluation(tmp_path / "ev", *scenario(truth, truth))
-    decision = gate.run(folder, tmp_path / "gate", params=factories.params(), raw=tmp_path / "x")
+    decision = gate.run(folder, tmp_path / "gate", params=factories.params())
     assert read_json(tmp_path / "gate" / "decision.json") == decision
     assert decision["candidate_sha256"] == "a" * 64 and decision["eval_hash"] == "e" * 64
     assert decision["production_id"] is None and decision["verdict"] == "PASS"
     assert decision["action"].startswith("Promote")
+    assert sorted(p.name for p in (tmp_path / "gate").iterdir()) == ["decision.json"]
+    report.run(tmp_path / "gate" / "decision.json", folder, tmp_path / "gate",
+               params=factories.params(), raw=tmp_path / "x")
     md = (tmp_path / "gate" / "report.md").read_text()
     assert re.search(r"Gate verdict: \*\*PASS\*\*", md) and "no production model yet" in md
+    assert "latency not measured" in md
+
+
+def test_the_decision_is_the_same_bytes_however_often_it_is_made(tmp_path):
+    truth = balanced()
+    prod = wrong(truth, np.arange(1, 300, 60))
+    folder = write_evaluation(tmp_path / "ev", *scenario(truth, wrong(truth, [3, 7]), prod))
+    gate.run(folder, tmp_path / "a", params=factories.params())
+    gate.run(folder, tmp_path / "b", params=factories.params())
+    assert ((tmp_path / "a" / "decision.json").read_bytes()
+            == (tmp_path / "b" / "decision.json").read_bytes())
+
+
+def test_report_shows_latency_against_its_budget(tmp_path):
+    truth = balanced()
+    folder = write_evaluation(tmp_path / "ev", *scenario(truth, truth))
+    gate.run(folder, tmp_path / "gate", params=factories.params())
+    budget = factories.params().gate.max_latency_ms_p95
+    for name, p95 in (("fast", budget / 25), ("slow", budget * 2)):
+        latency = tmp_path / f"{name}.json"
+        latency.write_text(json.dumps({"p95_ms": p95, "p95_ms_runs": [p95] * 5, "repeats": 5,
+                                       "device": "cpu", "threads": 1}))
+        report.run(tmp_path / "gate" / "decision.json", folder, tmp_path / name,
+                   params=factories.params(), latency_file=latency, raw=tmp_path / "none")
+        md = (tmp_path / name / "report.md").read_text()
+        page = (tmp_path / name / "report.html").read_text()
+        line = next(x for x in md.splitlines() if x.startswith("Latency"))
+        assert f"p95 {p95:.3f} ms" in line and "median of 5 runs" in line and line in md
+        assert f"budget {budget:g} ms" in page
+        if name == "fast":
+            assert "25x headroom" in line and "OVER BUDGET" not in line
+        else:
+            assert "OVER BUDGET" in line and "headroom" not in line
+    # the decision did not move: it never read the latency
+    assert read_json(tmp_path / "gate" / "decision.json")["verdict"] == "PASS"
+
+
+def test_macs_per_image_counts_convolutions_and_linear_layers():
+    import torch
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)           # 5x5 -> 2 x 3x3 outputs, 9 MACs each
+            self.fc = nn.Linear(18, 4)               # 4 outputs, 18 MACs each
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+    x = np.zeros((7, 5, 5), dtype=np.uint8)
+    assert evaluate.macs_per_image(Tiny(), x, device=torch.device("cpu")) == 2 * 9 * 9 + 4 * 18
+    grouped = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
+    # 4x3x3 outputs x 9 + 4x1x1 outputs x (2 channels x 9)
+    assert evaluate.macs_per_image(grouped, x, device=torch.device("cpu")) == 36 * 9 + 4 * 18
+
+
+def test_latency_is_the_median_of_repeated_runs_on_one_thread():
+    import torch
+    from torch import nn
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(8 * 26 * 26, 10))
+    x = np.zeros((20, 28, 28), dtype=np.uint8)
+    threads = torch.get_num_threads()
+    measured = evaluate.measure_latency(model, x, device=torch.device("cpu"), repeats=3)
+    assert measured["repeats"] == 3 and len(measured["p95_ms_runs"]) == 3
+    assert measured["p95_ms"] == sorted(measured["p95_ms_runs"])[1] > 0
+    assert measured["threads"] == 1 and torch.get_num_threads() == threads
 
 
 def test_inconclusive_action_follows_the_configured_rule(tmp_path):

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pipelines import gate
+from pipelines import gate, report as report_stage
 from pipelines.files import sha256_bytes, tar_bytes
 from tests import factories
 
@@ -67,8 +67,13 @@ def report(tmp_path_factory):
     (root / "review" / "suspects.jsonl").write_text(json.dumps(
         {"task_id": 77, "label": HOSTILE, "suggested": "3", "label_probability": 0.02,
          "suggested_probability": 0.97}) + "\n")
-    decision = gate.run(folder, root / "gate", params=factories.params(), eval_dir=eval_dir,
-                        candidate_dir=cand_dir, raw=root / "none", review=root / "review")
+    decision = gate.run(folder, root / "gate", params=factories.params())
+    (root / "latency.json").write_text(json.dumps({"p95_ms": 1.25, "p95_ms_runs": [1.25] * 5,
+                                                   "repeats": 5, "device": "cpu", "threads": 1}))
+    report_stage.run(root / "gate" / "decision.json", folder, root / "gate",
+                     params=factories.params(), latency_file=root / "latency.json",
+                     eval_dir=eval_dir, candidate_dir=cand_dir, raw=root / "none",
+                     review=root / "review")
     return {"path": root / "gate" / "report.html", "decision": decision, "threes": len(threes),
             "fixed": len(fixed), "root": root}
 
@@ -108,4 +113,5 @@ def test_report_html_keeps_hostile_names_as_text(report):
     assert HOSTILE not in page and "onerror=&quot;" in page
     assert "<script" not in page                        # the report itself carries no scripts
     assert "Suspected label errors: 1 sent to Label Studio" in page
+    assert "p95 1.250 ms per image (median of 5 runs" in page
     assert page.count("<img ") == report["threes"] + report["fixed"]

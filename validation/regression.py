@@ -55,9 +55,25 @@ def _precision(pred: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float((truth[chosen] == k).mean()) if chosen.any() else 0.0
 
 
+def arrays(evaluation: dict, rows: list[dict]) -> dict:
+    """evaluation.json plus the per-image arrays the paired tests need (truth, predictions,
+    confidences, task id -> row index), rebuilt from predictions.jsonl's `rows`."""
+    index = {c: i for i, c in enumerate(evaluation["classes"])}
+    out = {**evaluation, "truth": np.array([index[r["label"]] for r in rows], dtype=np.int64),
+           "cand_pred": np.array([index[r["candidate"]] for r in rows], dtype=np.int64),
+           "cand_conf": np.array([r["candidate_confidence"] for r in rows], dtype=np.float64),
+           "index": {r["task_id"]: i for i, r in enumerate(rows)}}
+    if evaluation["production"] is not None:
+        out["prod_pred"] = np.array([index[r["production"]] for r in rows], dtype=np.int64)
+        out["prod_conf"] = np.array([r["production_confidence"] for r in rows],
+                                    dtype=np.float64)
+    return out
+
+
 def run_tests(ev: dict, g) -> list[dict]:
-    """`ev`: pipelines.evaluate's result plus arrays `truth`, `cand_pred`, `cand_conf`, and
-    `prod_pred`, `prod_conf` when there is a production model. `g`: params.gate."""
+    """`ev`: `arrays(evaluation, rows)`: pipelines.evaluate's result plus `truth`, `cand_pred`,
+    `cand_conf`, and `prod_pred`, `prod_conf` when there is a production model.
+    `g`: params.gate."""
     cand, prod = ev["candidate"], ev["production"]
     truth, cp = ev["truth"], ev["cand_pred"]
     acc = cand["accuracy"]
@@ -66,11 +82,15 @@ def run_tests(ev: dict, g) -> list[dict]:
     size_mb = cand["size_bytes"] / 1e6
     tests.append(_test("model size", "pass" if size_mb <= g.max_model_mb + EPS else "fail",
                        size_mb, g.max_model_mb, f"{size_mb:.2f} MB (budget {g.max_model_mb} MB)"))
-    lat = cand["latency_ms_p95"]
-    tests.append(_test("latency p95", "pass" if lat <= g.max_latency_ms_p95 + EPS else "fail",
-                       lat, g.max_latency_ms_p95,
-                       f"{lat:.3f} ms per image on {cand['latency_device']} "
-                       f"(budget {g.max_latency_ms_p95} ms)"))
+    # Compute, not wall-clock latency: a timing depends on the machine and its load, and the
+    # verdict must be the same wherever `dvc repro` runs. Multiply-accumulates per image follow
+    # from the layer shapes alone (pipelines.evaluate.macs_per_image); the measured latency is
+    # shown in the report against gate.max_latency_ms_p95.
+    mmacs = cand["macs_per_image"] / 1e6
+    tests.append(_test("compute per image", "pass" if mmacs <= g.max_mmacs_per_image + EPS
+                       else "fail", mmacs, g.max_mmacs_per_image,
+                       f"{mmacs:.2f} million multiply-accumulates per image "
+                       f"(budget {g.max_mmacs_per_image})"))
     if prod is None:
         return tests
     pp = ev["prod_pred"]
