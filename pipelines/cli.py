@@ -120,26 +120,43 @@ def _rebaseline(args, layout: Layout, params) -> int:
         raise registry.RegistryError("no production model to re-baseline")
     model, _, _, pointer = loaded
     accuracy = float((net.predict_proba(model, ev.x, device=device).argmax(1) == ev.y).mean())
+    from pipelines.studiosync import StudioSync
+    sync = StudioSync(layout.studio, layout.registry, params)
     event = registry.rebaseline(layout.registry, eval_hash=ev.hash, accuracy=accuracy,
-                                reason=args.reason, reviewer=_reviewer(args))
+                                reason=args.reason, reviewer=_reviewer(args), then=sync)
     print(f"re-baselined {pointer['id']} on eval set {ev.hash[:12]} (was "
-          f"{str(event['old_eval_hash'])[:12]}): accuracy {accuracy:.4f} on {len(ev.y)} images")
+          f"{str(event['old_eval_hash'])[:12]}): accuracy {accuracy:.4f} on {len(ev.y)} images"
+          + (" (finished an interrupted run of this command)" if event.get("resumed") else ""))
+    if sync.message:
+        print(sync.message)
     return 0
 
 
 def cmd_approve(args, layout: Layout, params) -> int:
     from pipelines import registry
+    from pipelines.studiosync import StudioSync
+    sync = StudioSync(layout.studio, layout.registry, params)
     pointer = registry.approve(layout.registry, args.id, reason=args.reason,
-                               reviewer=_reviewer(args), override_fail=args.override_fail)
+                               reviewer=_reviewer(args), override_fail=args.override_fail,
+                               then=sync)
     print(f"production is now {pointer['id']} (approved by {pointer['reviewer']}; was "
-          f"{pointer['previous'] or 'none'})")
+          f"{pointer['previous'] or 'none'})"
+          + (" (finished an interrupted run of this command)" if pointer.get("resumed") else ""))
+    if sync.message:
+        print(sync.message)
     return 0
 
 
 def cmd_reject(args, layout: Layout, params) -> int:
     from pipelines import registry
-    registry.reject(layout.registry, args.id, reason=args.reason, reviewer=_reviewer(args))
+    from pipelines.studiosync import StudioSync
+    # the sync runs only when an interrupted approve/rollback still owes Label Studio one
+    sync = StudioSync(layout.studio, layout.registry, params)
+    registry.reject(layout.registry, args.id, reason=args.reason, reviewer=_reviewer(args),
+                    then=sync)
     print(f"rejected {args.id}; production unchanged")
+    if sync.message:
+        print(sync.message)
     return 0
 
 
@@ -266,9 +283,14 @@ def cmd_status(args, layout: Layout, params) -> int:
 
 def cmd_rollback(args, layout: Layout, params) -> int:
     from pipelines import registry
+    from pipelines.studiosync import StudioSync
+    sync = StudioSync(layout.studio, layout.registry, params)
     pointer = registry.rollback(layout.registry, to=args.to, reason=args.reason,
-                                reviewer=_reviewer(args))
-    print(f"production is now {pointer['id']} (was {pointer['rolled_back_from']})")
+                                reviewer=_reviewer(args), then=sync)
+    print(f"production is now {pointer['id']} (was {pointer['rolled_back_from']})"
+          + (" (finished an interrupted run of this command)" if pointer.get("resumed") else ""))
+    if sync.message:
+        print(sync.message)
     return 0
 
 

@@ -8,6 +8,13 @@ Studio's "Uncertainty sampling" on the production model's version: annotators wh
 all tasks" get the most uncertain task first. When a new model is promoted, the older models'
 predictions on unlabeled tasks are retired (deleted), so annotators only ever see the current
 production model's suggestions.
+
+`run` is the reconcile "Label Studio shows the current production model": idempotent, it
+brings Label Studio to the pointer from whatever state it finds (a model change, a crash
+half-way through an earlier sync, new unlabeled tasks). The flow calls it on every run; the
+reviewer commands that move the pointer (approve, rollback, evalset rebaseline) call it through
+`studiosync.StudioSync` right after the change. When Label Studio cannot be reached then, the change
+stands and the sync happens on the next run or command.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import numpy as np
 
 from pipelines import images, net, registry
 from pipelines.device import pick_device
+from pipelines.files import exclusive
 from pipelines.labelstudio import ImageFetchError, Studio, choice_result
 from pipelines.settings import Params
 
@@ -34,15 +42,27 @@ def certainty(probs: np.ndarray, how: str) -> np.ndarray:
 
 
 def run(studio: Studio, project_id: int, registry_dir: str | Path, *, params: Params) -> dict:
-    device = pick_device(params.train.device)
-    loaded = registry.load_production(registry_dir, device=device)
-    if loaded is None:
+    """Make Label Studio show the production model: its predictions on every unlabeled task,
+    other labelgate models' predictions on unlabeled tasks retired (annotators' own and other
+    tools' predictions are left alone), the queue ordered by its uncertainty. Idempotent."""
+    registry_dir = Path(registry_dir)
+    if registry.production(registry_dir) is None:
         return {"pushed": 0, "retired": 0, "reason": "no production model"}
-    model, classes, image_size, pointer = loaded
+    # one sync at a time (a reviewer's rollback and a flow run may meet): two would push the
+    # same task's suggestion twice
+    with exclusive(registry_dir / ".studio.lock", wait=True):
+        return _sync(studio, project_id, registry_dir, params=params)
+
+
+def _sync(studio: Studio, project_id: int, registry_dir: Path, *, params: Params) -> dict:
+    device = pick_device(params.train.device)
+    model, classes, image_size, pointer = registry.load_production(registry_dir, device=device)
     version = pointer["id"]
+    ours = registry.model_ids(registry_dir)
     unlabeled = studio.unlabeled_tasks(project_id)
     stale = [p["id"] for t in unlabeled for p in t["predictions"]
-             if p["model_version"] != version and p["id"] is not None]
+             if p["model_version"] != version and p["model_version"] in ours
+             and p["id"] is not None]
     retired = studio.delete_predictions(stale) if stale else 0
     key = params.studio.image_key
     tasks = [t for t in unlabeled if isinstance(t["data"].get(key), str)
@@ -74,3 +94,13 @@ def run(studio: Studio, project_id: int, registry_dir: str | Path, *, params: Pa
         "ordering": ["tasks:predictions_score"]})
     return {"pushed": pushed, "retired": retired, "model_version": version,
             "image_errors": failed}
+
+
+
+def describe(result: dict) -> str:
+    """One line for a person: what `run` did."""
+    if result.get("reason"):
+        return f"Label Studio unchanged: {result['reason']}"
+    return (f"Label Studio follows {result['model_version']}: {result['pushed']} unlabeled tasks "
+            f"got its suggestions, {result['retired']} older suggestions retired"
+            + (f", {result['image_errors']} images unreadable" if result["image_errors"] else ""))

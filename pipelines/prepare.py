@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import evalset, images, rawstore
-from pipelines.files import atomic_write_json, atomic_write_jsonl, read_jsonl
+from pipelines.files import (atomic_write_json, atomic_write_jsonl, atomic_writer,
+                             read_jsonl)
 from pipelines.settings import Params
 
 
@@ -76,11 +77,10 @@ def _exclude_near_duplicates(rows: list[dict], state: rawstore.RawState, eval_fp
 def _pack(path: Path, rows: list[dict], state: rawstore.RawState, params: Params) -> None:
     index = {c: i for i, c in enumerate(params.base.classes)}
     x = images.stack([state.image_bytes(r["image_sha256"]) for r in rows], params.base.image_size)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, x=x, y=np.array([index[r["label"]] for r in rows], dtype=np.int64),
-             task_id=np.array([r["task_id"] for r in rows], dtype=np.int64),
-             sha256=np.array([r["image_sha256"] for r in rows]))
-    tmp.replace(path)
+    with atomic_writer(path) as f:  # a random, O_EXCL temp name: nothing planted is followed
+        np.savez(f, x=x, y=np.array([index[r["label"]] for r in rows], dtype=np.int64),
+                 task_id=np.array([r["task_id"] for r in rows], dtype=np.int64),
+                 sha256=np.array([r["image_sha256"] for r in rows]))
 
 
 def run(manifest: str | Path, raw_dir: str | Path, eval_dir: str | Path, out_dir: str | Path,

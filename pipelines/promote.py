@@ -3,10 +3,11 @@
     python -m pipelines.promote --model models/candidate/model.safetensors \
         --decision reports/gate/decision.json --registry models/registry --raw data/raw
 
-Not a dvc.yaml stage: it changes the registry, which evaluate reads. The order of writes makes a
-crash at any point safe: blob (content-addressed) -> ledger event -> production pointer (one
-atomic rename) -> ledger "promoted". Until the rename, the old production model is the
-production model; a crash after it is completed by `registry.reconcile`.
+Not a dvc.yaml stage: it changes the registry, which evaluate reads. One registry operation
+(`registry.operation`): blob (content-addressed) -> plan -> ledger "candidate" -> production
+pointer (one atomic rename, PASS only) -> the decision's ledger line. Until the rename, the old
+production model is the production model; a crash after the plan is completed by the next
+registry command, and re-running promote for the same candidate only finishes it.
 """
 from __future__ import annotations
 
@@ -41,16 +42,17 @@ def run(model_file: str | Path, decision_path: str | Path, registry_dir: str | P
         raise registry.RegistryError(
             f"{model_file} changed after it was gated (sha256 {sha[:12]}… != "
             f"{decision['candidate_sha256'][:12]}…): re-run evaluate and gate")
-    with registry.lock(registry_dir):
-        registry.reconcile(registry_dir)
+
+    def plan(at: str) -> tuple[list[dict], dict]:
         current = registry.production(registry_dir)
         if current and current["sha256"] == sha:
-            return {"event": "unchanged", "id": current["id"], "verdict": decision["verdict"]}
+            return [], {"event": "unchanged", "id": current["id"], "verdict": decision["verdict"]}
         seen = next((e for e in registry.candidates(registry_dir).values()
                      if e["sha256"] == sha and e["eval_hash"] == decision["eval_hash"]), None)
         if seen is not None and decision["verdict"] != "PASS":
-            return {"event": "unchanged", "id": seen["id"], "verdict": decision["verdict"]}
-        # Every candidate's bytes are kept (content-addressed), so a reviewer can approve it later.
+            return [], {"event": "unchanged", "id": seen["id"], "verdict": decision["verdict"]}
+        # Every candidate's bytes are kept (content-addressed), so a reviewer can approve it
+        # later; stored before the plan, which may point production at them.
         registry.store(registry_dir, model_file)
         model_id = seen["id"] if seen else registry.next_id(registry_dir, sha)
         record = {"id": model_id, "sha256": sha, "dataset_version": dataset_version,
@@ -60,22 +62,25 @@ def run(model_file: str | Path, decision_path: str | Path, registry_dir: str | P
                   "verdict": decision["verdict"], "tests": decision["tests"],
                   "decision": decision.get("action"),
                   "production_at_gate": current["id"] if current else None}
-        if seen is None:
-            registry.append(registry_dir, {"event": "candidate", **record})
+        steps = [] if seen else [registry.line({"event": "candidate", **record})]
         if decision["verdict"] == "PASS":
-            pointer = registry.make_production(registry_dir, record, event="promoted", via="gate",
-                                               previous=current["id"] if current else None)
-            return {"event": "promoted", **record, "since": pointer["since"]}
+            pointer = registry.production_pointer(record, at=at, via="gate",
+                                                  previous=current["id"] if current else None)
+            steps += [registry.pointer_step(pointer),
+                      registry.line({"event": "promoted", **pointer})]
+            return steps, {"event": "promoted", **record, "since": at}
         if (decision["verdict"] == "INCONCLUSIVE"
                 and decision.get("on_inconclusive") == "ask_reviewer"):
-            registry.append(registry_dir, {"event": "pending_review", "id": model_id})
-            return {"event": "pending_review", **record}
+            steps.append(registry.line({"event": "pending_review", "id": model_id}))
+            return steps, {"event": "pending_review", **record}
         reason = ("failed: " + ", ".join(t["name"] for t in decision["tests"]
                                          if t.get("result") == "fail")
                   if decision["verdict"] == "FAIL" else "inconclusive: production kept")
-        registry.append(registry_dir, {"event": "rejected", "id": model_id, "by": "gate",
-                                       "reason": reason})
-        return {"event": "rejected", **record}
+        steps.append(registry.line({"event": "rejected", "id": model_id, "by": "gate",
+                                    "reason": reason}))
+        return steps, {"event": "rejected", **record}
+
+    return registry.operation(registry_dir, ["promote", sha, decision["eval_hash"]], plan)
 
 
 def main(argv: list[str] | None = None) -> int:

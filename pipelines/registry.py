@@ -3,24 +3,45 @@ pointer. Exactly one production model at any time; it changes only by an atomic 
 
     models/registry/ledger.jsonl        one JSON event per line, never rewritten
     models/registry/production.json     {id, sha256, file, ...}: the pointer
+    models/registry/pending.json        the plan of a command in progress (absent when none)
     models/registry/blobs/<sha256>.safetensors
+
+Every command that writes (promote, approve, reject, rollback, rebaseline) is one operation.
+Under the registry lock it first works out every write it will make — its ledger lines, the new
+pointer — and records that plan in pending.json: that one atomic rename is the commit point.
+Then it makes the writes in order, skipping any already made (ledger lines carry the plan's
+`op` id; the pointer is compared), and removes the plan. A crash before the plan leaves
+nothing; a crash after it leaves a plan that the next registry command completes first. A
+re-run of the interrupted command itself (same command, same target) recognises its own plan
+and only finishes it: it never acts twice (a re-run rollback does not go back two models, a
+re-run approve writes one `approved` line, a re-run promote writes the decision it owed).
+A plan that changed production may also owe the outside world a follow-up (`then`: Label
+Studio's pre-annotations); it stays in pending.json until that ran, so a re-run after a crash
+there runs the follow-up, not the command again.
 
 Every load checks the file against the sha256 recorded in the registry first.
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import hashlib
 import os
-import shutil
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from pipelines.files import (append_jsonl, atomic_write_json, atomic_writer, clean_stale_tmp,
+                             exclusive, read_json, read_jsonl, sha256_file)
 
-from pipelines import net
-from pipelines.files import atomic_write_json, exclusive, read_json, read_jsonl, sha256_file
+if TYPE_CHECKING:
+    import torch
 
-LEDGER, POINTER, BLOBS = "ledger.jsonl", "production.json", "blobs"
+LEDGER, POINTER, PENDING, BLOBS = "ledger.jsonl", "production.json", "pending.json", "blobs"
+POINTER_KEYS = ("id", "sha256", "dataset_version", "eval_hash", "metrics")
+CHANGES_PRODUCTION = ("promoted", "rolled_back")
+_CHUNK = 1 << 20  # 1 MiB copies keep storing a large model flat in memory
 
 
 class RegistryError(RuntimeError):
@@ -48,20 +69,19 @@ def ledger(registry_dir: str | Path) -> list[dict]:
     return read_jsonl(path) if path.exists() else []
 
 
-def append(registry_dir: str | Path, event: dict) -> dict:
-    """Append one event (fsynced) to the ledger; returns it with its timestamp."""
-    registry_dir = Path(registry_dir)
-    registry_dir.mkdir(parents=True, exist_ok=True)
-    event = {"at": now(), **event}
-    with open(registry_dir / LEDGER, "a") as f:
-        f.write(json.dumps(event, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return event
+def model_ids(registry_dir: str | Path) -> set[str]:
+    """Every model id the ledger names (the `model_version`s labelgate ever gave out)."""
+    return {e["id"] for e in ledger(registry_dir) if isinstance(e.get("id"), str)}
 
 
 def production(registry_dir: str | Path) -> dict | None:
     path = Path(registry_dir) / POINTER
+    return read_json(path) if path.exists() else None
+
+
+def pending(registry_dir: str | Path) -> dict | None:
+    """The plan of a command that has not finished (crashed, or running now), or None."""
+    path = Path(registry_dir) / PENDING
     return read_json(path) if path.exists() else None
 
 
@@ -71,6 +91,7 @@ def blob_path(registry_dir: str | Path, sha256: str) -> Path:
 
 def load_production(registry_dir: str | Path, *, device: torch.device):
     """(model, classes, image_size, pointer) of the production model, verified; None if none."""
+    from pipelines import net  # torch: only for the commands that load a model
     pointer = production(registry_dir)
     if pointer is None:
         return None
@@ -80,29 +101,51 @@ def load_production(registry_dir: str | Path, *, device: torch.device):
 
 
 def store(registry_dir: str | Path, model_file: str | Path) -> tuple[str, Path]:
-    """Copy a model file into the content-addressed blob store; (sha256, stored path)."""
+    """Copy a model file into the content-addressed blob store; (sha256, stored path). The
+    bytes copied are hashed on the way: a file that changed since it was hashed never lands."""
     sha = sha256_file(model_file)
     dest = blob_path(registry_dir, sha)
     if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".tmp")
-        shutil.copyfile(model_file, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        verify(tmp, sha)  # the copy itself, before it becomes visible
-        tmp.replace(dest)
+        copied = hashlib.sha256()
+        with open(model_file, "rb") as src, atomic_writer(dest) as out:
+            while chunk := src.read(_CHUNK):
+                copied.update(chunk)
+                out.write(chunk)
+            if copied.hexdigest() != sha:
+                raise RegistryError(f"{model_file} changed while it was being stored; "
+                                    "run the command again")
     return sha, dest
 
 
 def set_production(registry_dir: str | Path, pointer: dict) -> None:
-    """The single commit point of a promotion or rollback: one atomic rename."""
+    """Write the pointer: one atomic rename. Refuses a pointer to a missing or altered blob."""
     verify(blob_path(registry_dir, pointer["sha256"]), pointer["sha256"])
     atomic_write_json(Path(registry_dir) / POINTER, pointer)
 
 
-def lock(registry_dir: str | Path):
-    """Serialises writers of the registry (promote, approve, rollback)."""
-    return exclusive(Path(registry_dir) / ".lock")
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def lock(registry_dir: str | Path) -> Iterator[None]:
+    """Serialises writers of the registry; waits for the holder (registry writes take
+    milliseconds). Re-entrant within a thread. On entry, temp files a killed writer left in
+    the registry are removed: every writer holds this lock, so none of them is in use."""
+    registry_dir = Path(registry_dir).resolve()
+    held = getattr(_held, "paths", None)
+    if held is None:
+        held = _held.paths = set()
+    if registry_dir in held:
+        yield
+        return
+    with exclusive(registry_dir / ".lock", wait=True):
+        held.add(registry_dir)
+        try:
+            clean_stale_tmp(registry_dir, older_than_s=0)
+            clean_stale_tmp(registry_dir / BLOBS, older_than_s=0)
+            yield
+        finally:
+            held.discard(registry_dir)
 
 
 def next_id(registry_dir: str | Path, sha256: str) -> str:
@@ -110,25 +153,55 @@ def next_id(registry_dir: str | Path, sha256: str) -> str:
     return f"m{n:04d}-{sha256[:10]}"
 
 
-POINTER_KEYS = ("id", "sha256", "dataset_version", "eval_hash", "metrics")
-CHANGES_PRODUCTION = ("promoted", "rolled_back")
+def candidates(registry_dir: str | Path) -> dict[str, dict]:
+    """id -> the candidate's ledger record (what the gate saw)."""
+    return {e["id"]: e for e in ledger(registry_dir) if e.get("event") == "candidate"}
 
 
-def make_production(registry_dir: str | Path, record: dict, *, event: str, via: str,
-                    previous: str | None, **extra) -> dict:
-    """Point production at `record` (a candidate), then record it in the ledger. Call with the
-    lock held. The rename is the commit point: a crash before it leaves the old production in
-    place and no ledger line claims otherwise; a crash after it is completed by `reconcile`."""
-    pointer = {**{k: record.get(k) for k in POINTER_KEYS}, "since": now(), "previous": previous,
-               "via": via, **extra}
-    set_production(registry_dir, pointer)
-    append(registry_dir, {"event": event, **pointer})
-    return pointer
+# -- operations: plan, commit the plan, apply it ----------------------------------------------
+
+def line(event: dict) -> dict:
+    """A plan step: append `event` to the ledger."""
+    return {"ledger": event}
+
+
+def pointer_step(pointer: dict) -> dict:
+    """A plan step: make `pointer` the production pointer."""
+    return {"pointer": pointer}
+
+
+def _apply(registry_dir: Path, plan: dict) -> None:
+    """Make the plan's writes that are not made yet, in order. Idempotent."""
+    written = sum(1 for e in ledger(registry_dir) if e.get("op") == plan["op"])
+    n = 0
+    for step in plan["steps"]:
+        if "pointer" in step:
+            if production(registry_dir) != step["pointer"]:
+                set_production(registry_dir, step["pointer"])
+        else:
+            if n >= written:
+                append_jsonl(registry_dir / LEDGER, [step["ledger"]])
+            n += 1
+
+
+def _drop(registry_dir: Path, plan: dict) -> None:
+    if (pending(registry_dir) or {}).get("op") == plan["op"]:
+        os.unlink(registry_dir / PENDING)
 
 
 def reconcile(registry_dir: str | Path) -> dict | None:
-    """Complete the ledger after a crash between a production rename and its ledger line:
-    the pointer is the truth; a missing event is appended, marked `recovered`."""
+    """Complete what a killed command left (call with the lock held): the writes of its plan
+    are made; its plan stays in pending.json only while it still owes its follow-up (`then`),
+    so that a re-run of that command runs the follow-up instead of acting again. Returns the
+    plan completed, or None. Registries written before plans existed: a pointer renamed
+    without its ledger line gets the line, marked `recovered`."""
+    registry_dir = Path(registry_dir)
+    plan = pending(registry_dir)
+    if plan is not None:
+        _apply(registry_dir, plan)
+        if not plan.get("then"):
+            _drop(registry_dir, plan)
+        return plan
     pointer = production(registry_dir)
     if pointer is None:
         return None
@@ -137,95 +210,165 @@ def reconcile(registry_dir: str | Path) -> dict | None:
     if last and last.get("id") == pointer["id"] and last.get("since") == pointer.get("since"):
         return None
     event = "rolled_back" if pointer.get("via") == "rollback" else "promoted"
-    return append(registry_dir, {"event": event, **pointer, "recovered": True})
+    append_jsonl(registry_dir / LEDGER, [{"at": now(), "event": event, **pointer,
+                                          "recovered": True}])
+    return None
 
 
-def candidates(registry_dir: str | Path) -> dict[str, dict]:
-    """id -> the candidate's ledger record (what the gate saw)."""
-    return {e["id"]: e for e in ledger(registry_dir) if e.get("event") == "candidate"}
+Planner = Callable[[str], tuple[list[dict], dict]]
+
+
+def operation(registry_dir: str | Path, key: list, planner: Planner, *,
+              then: Callable[[], object] | None = None) -> dict:
+    """Run one registry command as a plan (see the module docstring).
+
+    `key`: the command and the arguments that decide what it does (`["rollback", to]`); a
+    pending plan with the same key is this command's own interrupted run. `planner(at)`, called
+    under the lock after any earlier plan is complete, returns (steps, result): the steps
+    (`line(...)`, `pointer_step(...)`; none: nothing to do) and what the command returns; it
+    may raise RegistryError. `then`: run after the writes, outside the lock, when the plan
+    changed production (or took over a follow-up a killed command still owed); a crash in it
+    leaves the plan pending, and the re-run runs it again. Returns the result, with
+    `resumed: True` when it finished an interrupted run instead of acting anew."""
+    registry_dir = Path(registry_dir)
+    with lock(registry_dir):
+        left = reconcile(registry_dir)
+        if left is not None and left["key"] == key:
+            plan, resumed = left, True
+        else:
+            at = now()
+            steps, result = planner(at)
+            if not steps:
+                return result
+            n = len(ledger(registry_dir))
+            op = f"{key[0]}@{n}"  # unique: every plan appends at least one ledger line
+            steps = [line({"at": at, "op": op, **s["ledger"]}) if "ledger" in s else s
+                     for s in steps]
+            owes = then is not None and (any("pointer" in s for s in steps)
+                                         or bool(left and left.get("then")))
+            plan = {"op": op, "key": key, "at": at, "steps": steps, "result": result,
+                    "then": owes}
+            atomic_write_json(registry_dir / PENDING, plan)  # the commit point
+            _apply(registry_dir, plan)
+            resumed = False
+        if not (plan["then"] and then is not None):
+            _drop(registry_dir, plan)
+            return {**plan["result"], "resumed": True} if resumed else plan["result"]
+    then()
+    with lock(registry_dir):
+        _drop(registry_dir, plan)
+    return {**plan["result"], "resumed": True} if resumed else plan["result"]
+
+
+# -- the commands ---------------------------------------------------------------------------
+
+def production_pointer(record: dict, *, at: str, via: str, previous: str | None,
+                       **extra) -> dict:
+    return {**{k: record.get(k) for k in POINTER_KEYS}, "since": at, "previous": previous,
+            "via": via, **extra}
+
+
+def make_production(registry_dir: str | Path, record: dict, *, event: str = "promoted",
+                    via: str, previous: str | None, then: Callable[[], object] | None = None,
+                    **extra) -> dict:
+    """Point production at `record` (a stored model: id, sha256, ...) and record it: the
+    pointer rename, then its ledger line. For tools and tests; commands use their own plans."""
+    def plan(at: str) -> tuple[list[dict], dict]:
+        pointer = production_pointer(record, at=at, via=via, previous=previous, **extra)
+        return [pointer_step(pointer), line({"event": event, **pointer})], pointer
+    return operation(registry_dir, ["make_production", record["id"], via], plan, then=then)
 
 
 def rollback(registry_dir: str | Path, *, to: str | None = None, reason: str = "",
-             reviewer: str | None = None) -> dict:
+             reviewer: str | None = None, then: Callable[[], object] | None = None) -> dict:
     """Point production back at an earlier production model (default: the one before it)."""
-    with lock(registry_dir):
-        reconcile(registry_dir)
+    def plan(at: str) -> tuple[list[dict], dict]:
+        target_id = to
         promoted = [e for e in ledger(registry_dir) if e.get("event") in CHANGES_PRODUCTION]
         current = production(registry_dir)
         if current is None:
             raise RegistryError("no production model to roll back from")
-        if to is None:
-            previous = current.get("previous")
-            if not previous:
+        if target_id is None:
+            target_id = current.get("previous")
+            if not target_id:
                 raise RegistryError(f"{current['id']} has no previous production model")
-            to = previous
-        if to == current["id"]:
-            raise RegistryError(f"{to} is already the production model")
-        target = next((e for e in reversed(promoted) if e["id"] == to), None)
+        if target_id == current["id"]:
+            raise RegistryError(f"{target_id} is already the production model")
+        target = next((e for e in reversed(promoted) if e["id"] == target_id), None)
         if target is None:
-            raise RegistryError(f"{to} was never a production model; see `labelgate history`")
+            raise RegistryError(f"{target_id} was never a production model; see "
+                                "`labelgate history`")
+        verify(blob_path(registry_dir, target["sha256"]), target["sha256"])
         # `previous` is the target's own predecessor, so a second rollback goes further back
         # instead of toggling between two models.
-        return make_production(registry_dir, target, event="rolled_back", via="rollback",
-                               previous=target.get("previous"), rolled_back_from=current["id"],
-                               reason=reason, reviewer=reviewer)
+        pointer = production_pointer(target, at=at, via="rollback",
+                                     previous=target.get("previous"),
+                                     rolled_back_from=current["id"], reason=reason,
+                                     reviewer=reviewer)
+        return [pointer_step(pointer), line({"event": "rolled_back", **pointer})], pointer
+    return operation(registry_dir, ["rollback", to], plan, then=then)
 
 
 def approve(registry_dir: str | Path, model_id: str, *, reason: str, reviewer: str,
-            override_fail: bool = False) -> dict:
+            override_fail: bool = False, then: Callable[[], object] | None = None) -> dict:
     """A reviewer makes a gated candidate production (INCONCLUSIVE ones, or a FAIL with
     `override_fail`). Refused when production was judged on another eval set since."""
-    with lock(registry_dir):
-        reconcile(registry_dir)
+    def plan(at: str) -> tuple[list[dict], dict]:
         record = candidates(registry_dir).get(model_id)
         if record is None:
-            raise RegistryError(f"no candidate {model_id!r} in the ledger; see `labelgate history`")
+            raise RegistryError(f"no candidate {model_id!r} in the ledger; see "
+                                "`labelgate history`")
         current = production(registry_dir)
         if current and current["id"] == model_id:
             raise RegistryError(f"{model_id} is already the production model")
         if record["verdict"] == "FAIL" and not override_fail:
             failed = [t["name"] for t in record.get("tests", []) if t.get("result") == "fail"]
-            raise RegistryError(f"{model_id} FAILED the gate ({', '.join(failed)}); approving it "
-                                "anyway needs --override-fail (recorded in the ledger)")
+            raise RegistryError(f"{model_id} FAILED the gate ({', '.join(failed)}); approving "
+                                "it anyway needs --override-fail (recorded in the ledger)")
         if current and current.get("eval_hash") != record["eval_hash"]:
             raise RegistryError(f"{model_id} was gated on eval set {record['eval_hash'][:12]}, "
-                                f"production is judged on {str(current.get('eval_hash'))[:12]}: "
-                                "run the pipeline again to gate it on the current set")
+                                f"production is judged on {str(current.get('eval_hash'))[:12]}"
+                                ": run the pipeline again to gate it on the current set")
         verify(blob_path(registry_dir, record["sha256"]), record["sha256"])
-        append(registry_dir, {"event": "approved", "id": model_id, "reviewer": reviewer,
-                              "reason": reason, "verdict": record["verdict"],
-                              "override_fail": bool(override_fail)})
-        return make_production(registry_dir, record, event="promoted", via="approved",
-                               previous=current["id"] if current else None,
-                               reviewer=reviewer, reason=reason)
+        pointer = production_pointer(record, at=at, via="approved",
+                                     previous=current["id"] if current else None,
+                                     reviewer=reviewer, reason=reason)
+        return [line({"event": "approved", "id": model_id, "reviewer": reviewer,
+                      "reason": reason, "verdict": record["verdict"],
+                      "override_fail": bool(override_fail)}),
+                pointer_step(pointer), line({"event": "promoted", **pointer})], pointer
+    return operation(registry_dir, ["approve", model_id], plan, then=then)
 
 
-def reject(registry_dir: str | Path, model_id: str, *, reason: str, reviewer: str) -> dict:
+def reject(registry_dir: str | Path, model_id: str, *, reason: str, reviewer: str,
+           then: Callable[[], object] | None = None) -> dict:
     """A reviewer turns a candidate down (it can no longer be approved by mistake)."""
-    with lock(registry_dir):
+    def plan(at: str) -> tuple[list[dict], dict]:
         if model_id not in candidates(registry_dir):
-            raise RegistryError(f"no candidate {model_id!r} in the ledger; see `labelgate history`")
+            raise RegistryError(f"no candidate {model_id!r} in the ledger; see "
+                                "`labelgate history`")
         current = production(registry_dir)
         if current and current["id"] == model_id:
             raise RegistryError(f"{model_id} is the production model: use `labelgate rollback`")
-        return append(registry_dir, {"event": "rejected", "id": model_id, "by": "reviewer",
-                                     "reviewer": reviewer, "reason": reason})
+        event = {"event": "rejected", "id": model_id, "by": "reviewer", "reviewer": reviewer,
+                 "reason": reason}
+        return [line(event)], {"at": at, **event}
+    return operation(registry_dir, ["reject", model_id], plan, then=then)
 
 
 def rebaseline(registry_dir: str | Path, *, eval_hash: str, accuracy: float, reason: str,
-               reviewer: str) -> dict:
+               reviewer: str, then: Callable[[], object] | None = None) -> dict:
     """Production judged again on a new fixed eval set: the pointer's eval hash and accuracy
     change (atomically), the ledger says why and who."""
-    with lock(registry_dir):
-        reconcile(registry_dir)
+    def plan(at: str) -> tuple[list[dict], dict]:
         current = production(registry_dir)
         if current is None:
             raise RegistryError("no production model to re-baseline")
         metrics = {**(current.get("metrics") or {}), "eval_accuracy": accuracy}
         pointer = {**current, "eval_hash": eval_hash, "metrics": metrics}
-        set_production(registry_dir, pointer)
-        return append(registry_dir, {"event": "rebaselined", "id": current["id"],
-                                     "old_eval_hash": current.get("eval_hash"),
-                                     "eval_hash": eval_hash, "eval_accuracy": accuracy,
-                                     "reason": reason, "reviewer": reviewer,
-                                     "since": current.get("since")})
+        event = {"event": "rebaselined", "id": current["id"],
+                 "old_eval_hash": current.get("eval_hash"), "eval_hash": eval_hash,
+                 "eval_accuracy": accuracy, "reason": reason, "reviewer": reviewer,
+                 "since": current.get("since")}
+        return [pointer_step(pointer), line(event)], {"at": at, **event}
+    return operation(registry_dir, ["rebaseline", eval_hash], plan, then=then)

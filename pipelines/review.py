@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from pipelines import net, train
 from pipelines.device import pick_device, seed_everything
-from pipelines.files import atomic_write_json, atomic_write_jsonl, read_jsonl
+from pipelines.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipelines.labelstudio import Studio, choice_result
 from pipelines.settings import Params
 
@@ -103,13 +102,6 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params) -> dic
     return summary
 
 
-def _append(ledger: Path, rows: list[dict]) -> None:
-    if rows:
-        ledger.parent.mkdir(parents=True, exist_ok=True)
-        with open(ledger, "a") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-
-
 def flag(studio: Studio, project_id: int, suspects: list[dict], resolved: list[dict],
          ledger: str | Path) -> dict:
     """Send suspects to Label Studio for review; record outcomes of earlier flags.
@@ -157,7 +149,7 @@ def flag(studio: Studio, project_id: int, suspects: list[dict], resolved: list[d
             {"filter": "filter:tasks:predictions_model_versions", "operator": "contains",
              "type": "List", "value": [REVIEW_VERSION]}]},
         "ordering": ["tasks:predictions_score"]})
-    _append(ledger, outcomes + flagged)
+    append_jsonl(ledger, outcomes + flagged)  # fsynced, like the registry ledger
     counts = {k: sum(1 for o in outcomes if o["event"] == k)
               for k in ("relabeled", "confirmed", "gone")}
     return {"flagged": len(flagged), "open": len(open_flags) - len(done) + len(flagged),

@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -15,7 +16,7 @@ import torch  # noqa: E402
 from pipelines import gate, net, promote, registry  # noqa: E402
 from pipelines.files import read_json, sha256_file  # noqa: E402
 from pipelines.registry import RegistryError  # noqa: E402
-from tests import factories  # noqa: E402
+from tests import factories, killpoints  # noqa: E402
 
 CLASSES = tuple(str(i) for i in range(10))
 SIZE = 28
@@ -53,7 +54,7 @@ def gate_decision(tmp_path, model_file, accuracy: float, *, production: dict | N
         prod_conf=production["accuracy"] if production else 0.9, eval_hash=EVAL_HASH,
         **({"prod_id": production["id"], "prod_sha": production["sha256"]} if production else {}))
     folder = factories.write_evaluation(tmp_path / f"{name}-evaluation", ev, rows)
-    decision = gate.run(folder, tmp_path / name, params=factories.params(), raw=tmp_path / "none")
+    decision = gate.run(folder, tmp_path / name, params=factories.params())
     return tmp_path / name / "decision.json", decision
 
 
@@ -286,7 +287,7 @@ def gated_b(first, accuracy: float, *, seed: int = 5, **params):
         y, pred, predictions(0.95)[1], cand_sha=sha256_file(b_file), cand_conf=accuracy,
         prod_conf=0.95, eval_hash=prod["eval_hash"], prod_id=prod["id"], prod_sha=prod["sha256"])
     folder = factories.write_evaluation(tmp / f"ev-{seed}", ev, rows)
-    decision = gate.run(folder, tmp / f"gate-{seed}", raw=tmp / "none",
+    decision = gate.run(folder, tmp / f"gate-{seed}",
                         params=factories.params({f"gate.{k}": v for k, v in params.items()}))
     return b_file, tmp / f"gate-{seed}" / "decision.json", decision
 
@@ -360,26 +361,202 @@ def test_rebaseline_then_an_old_candidate_cannot_be_approved(first):
         registry.approve(reg, model_id, reason="x", reviewer="ana")
 
 
-def test_a_crash_after_the_rename_is_completed_in_the_ledger(first, monkeypatch):
+def test_a_registry_from_before_plans_gets_its_missing_ledger_line(first):
+    """Registries written by labelgate before plans existed could hold a pointer renamed without
+    its ledger line; the next command completes the ledger, marked `recovered`."""
+    reg = first["reg"]
+    b_file, _, _ = promote_b(first)
+    sha, _ = registry.store(reg, b_file)
+    old = registry.production(reg)
+    registry.set_production(reg, {**old, "id": "m0002-legacy", "sha256": sha,
+                                   "since": "2026-01-01T00:00:00Z", "previous": old["id"]})
+    with registry.lock(reg):
+        assert registry.reconcile(reg) is None
+    last = registry.ledger(reg)[-1]
+    assert last["event"] == "promoted" and last["recovered"] is True
+    assert last["id"] == "m0002-legacy" and last["since"] == "2026-01-01T00:00:00Z"
+    n = len(registry.ledger(reg))
+    with registry.lock(reg):
+        registry.reconcile(reg)
+    assert len(registry.ledger(reg)) == n                         # once
+
+
+def test_a_pending_plan_is_completed_by_the_next_command_whatever_it_is(first, monkeypatch):
+    """A promotion killed after its plan: the old model stays production until the next
+    registry command (here a reviewer's reject of another candidate) completes the plan first."""
     reg = first["reg"]
     b_file, _, decision_path = promote_b(first)
-    real = registry.append
+    real = registry.set_production
 
-    def crash_on_promoted(registry_dir, event):
-        if event.get("event") == "promoted":
-            raise OSError("simulated crash after the rename")
-        return real(registry_dir, event)
-    monkeypatch.setattr(registry, "append", crash_on_promoted)
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash before the pointer rename")
+    monkeypatch.setattr(registry, "set_production", crash)
     with pytest.raises(OSError, match="simulated crash"):
         promote_run(b_file, decision_path, reg)
-    monkeypatch.undo()
+    monkeypatch.setattr(registry, "set_production", real)
+    assert registry.production(reg)["sha256"] == first["a_sha"]       # still the old model
+    assert registry.pending(reg)["key"][0] == "promote"
+    with pytest.raises(RegistryError, match="no candidate"):
+        registry.reject(reg, "m9999-none", reason="x", reviewer="ana")
+    # the failed reject still completed the plan: B is production, its line written once
+    assert registry.production(reg)["sha256"] == sha256_file(b_file)
+    assert registry.pending(reg) is None
+    assert [e["event"] for e in registry.ledger(reg)] == ["candidate", "promoted", "candidate",
+                                                          "promoted"]
+
+
+# -- a real kill at every write event -------------------------------------------------------------
+
+def registry_state(reg) -> dict:
+    """What a registry holds, minus wall-clock times: ledger lines, pointer, every file (no plan
+    left pending, no temp files), blob contents."""
+    def timeless(d):
+        return {k: v for k, v in d.items() if k not in ("at", "since")}
     pointer = registry.production(reg)
-    assert pointer["sha256"] == sha256_file(b_file)              # the rename happened
-    assert registry.ledger(reg)[-1]["event"] == "candidate"      # its ledger line did not
-    recovered = registry.reconcile(reg)
-    assert recovered["event"] == "promoted" and recovered["recovered"] is True
-    assert recovered["id"] == pointer["id"]
-    assert registry.reconcile(reg) is None                       # idempotent
+    return {"ledger": [timeless(e) for e in registry.ledger(reg)],
+            "pointer": timeless(pointer) if pointer else None,
+            "files": sorted(str(p.relative_to(reg)) for p in reg.rglob("*")),
+            "blobs": {p.name: sha256_file(p) for p in (reg / registry.BLOBS).iterdir()}}
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A workspace (params.yaml, models/registry) whose production is A; no Label Studio is
+    configured, so the reviewer commands' sync reports itself pending at once."""
+    for var in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # cli.main sets it otherwise
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "params.yaml").write_text((factories.REPO / "params.yaml").read_text())
+    reg = root / "models" / "registry"
+    a_file = root / "a" / "model.safetensors"
+    make_model(a_file, seed=1)
+    path, _ = gate_decision(root, a_file, 0.95, name="gate-a")
+    a_id = promote_run(a_file, path, reg)["id"]
+    return {"tmp": root, "reg": reg, "a_id": a_id, "runs": tmp_path / "runs"}
+
+
+def kill_everywhere(ws, module: str, args, rerun) -> int:
+    """Run `python -m module args(root)` on a copy of the workspace uninterrupted (the expected
+    state), then, on a fresh copy for each of its write events, SIGKILL it right before that
+    event and `rerun(root)` the same command in this process: the state must be the expected
+    one. `args`/`rerun` take the copy's root. Returns the number of write events."""
+    def copy(name):
+        dest = ws["runs"] / name
+        shutil.copytree(ws["tmp"], dest, symlinks=True)
+        return dest
+    ref = copy("reference")
+    full = killpoints.run(module, args(ref), root=ref / "models" / "registry", cwd=ref)
+    assert full.returncode == 0, full.stderr[-2000:]
+    expected = registry_state(ref / "models" / "registry")
+    assert expected["pointer"] is not None and full.events
+    for k, event in enumerate(full.events):
+        root = copy(f"kill-{k}")
+        killed = killpoints.run(module, args(root), root=root / "models" / "registry",
+                                kill_at=k, cwd=root)
+        assert killed.killed, (k, event, killed.returncode, killed.stderr[-2000:])
+        out = rerun(root)
+        got = registry_state(root / "models" / "registry")
+        assert got == expected, f"killed before write {k} ({event}); re-run said {out!r}"
+    return len(full.events)
+
+
+def promote_args(b_dir: str, gate_dir: str):
+    def args(root):
+        return ["--model", str(root / b_dir / "model.safetensors"),
+                "--decision", str(root / gate_dir / "decision.json"),
+                "--registry", str(root / "models" / "registry"), "--raw", str(root / "none"),
+                "--params", str(root / "params.yaml")]
+    return args
+
+
+def promote_again(args):
+    def rerun(root):
+        cwd = os.getcwd()
+        os.chdir(root)  # code_version() reads the git repo of the working folder (none here)
+        try:
+            assert promote.main(args(root)) == 0
+        finally:
+            os.chdir(cwd)
+    return rerun
+
+
+@pytest.mark.parametrize("accuracy, verdict, last", [
+    (0.96, "PASS", "promoted"), (0.93, "INCONCLUSIVE", "pending_review"),
+    (0.80, "FAIL", "rejected")])
+def test_promote_killed_at_every_write_ends_as_one_uninterrupted_run(ws, accuracy, verdict,
+                                                                    last):
+    b_file, decision_path, decision = gated_b(ws, accuracy, on_inconclusive="ask_reviewer")
+    assert decision["verdict"] == verdict
+    args = promote_args(b_file.parent.name, decision_path.parent.name)
+    n = kill_everywhere(ws, "pipelines.promote", args, promote_again(args))
+    ledger = registry.ledger(ws["runs"] / "reference" / "models" / "registry")
+    assert [e["event"] for e in ledger][-2:] == ["candidate", last]
+    assert n >= 7  # lock, blob (temp + rename), plan (temp + rename), ledger lines, plan removal
+
+
+def cli_again(*command):
+    def rerun(root):
+        from pipelines import cli
+        rc = cli.main(["--root", str(root), *command])
+        assert rc == 0
+    return rerun
+
+
+@pytest.mark.slow  # one `labelgate` process per write event (~10 s each when busy)
+def test_approve_killed_at_every_write_writes_one_approved_line(ws, capsys):
+    b_file, path, _ = gated_b(ws, 0.93, on_inconclusive="ask_reviewer")
+    b_id = promote_run(b_file, path, ws["reg"])["id"]
+    command = ("approve", b_id, "--reason", "checked", "--reviewer", "ana")
+    kill_everywhere(ws, "pipelines.cli", lambda root: ["--root", str(root), *command],
+                    cli_again(*command))
+    ledger = registry.ledger(ws["runs"] / "reference" / "models" / "registry")
+    assert [e["event"] for e in ledger][-3:] == ["pending_review", "approved", "promoted"]
+    assert "Label Studio sync pending" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # one `labelgate` process per write event (~10 s each when busy)
+def test_rollback_killed_at_every_write_goes_back_one_model(ws, capsys):
+    reg = ws["reg"]
+    ids = [ws["a_id"]]
+    for seed in (11, 12):  # B and C, each PASSing over the one before
+        b_file, path, decision = gated_b(ws, 0.96, seed=seed)
+        assert decision["verdict"] == "PASS"
+        ids.append(promote_run(b_file, path, reg)["id"])
+    assert registry.production(reg)["id"] == ids[2]
+    command = ("rollback", "--reason", "complaints", "--reviewer", "bo")
+    n = kill_everywhere(ws, "pipelines.cli", lambda root: ["--root", str(root), *command],
+                        cli_again(*command))
+    for k in range(n):  # every re-run: B, not A
+        assert registry.production(ws["runs"] / f"kill-{k}" / "models" / "registry")["id"] == ids[1]
+    out = capsys.readouterr().out
+    assert out.count("finished an interrupted run of this command") >= 1
+
+
+@pytest.mark.slow  # one `labelgate` process per write event (~10 s each when busy)
+def test_reject_killed_at_every_write_writes_one_line(ws):
+    b_file, path, _ = gated_b(ws, 0.93, on_inconclusive="ask_reviewer")
+    b_id = promote_run(b_file, path, ws["reg"])["id"]
+    command = ("reject", b_id, "--reason", "looks off", "--reviewer", "ana")
+    kill_everywhere(ws, "pipelines.cli", lambda root: ["--root", str(root), *command],
+                    cli_again(*command))
+    ledger = registry.ledger(ws["runs"] / "reference" / "models" / "registry")
+    assert [e["event"] for e in ledger][-2:] == ["pending_review", "rejected"]
+
+
+def test_stale_temp_files_of_a_killed_writer_are_removed_under_the_lock(first):
+    reg = first["reg"]
+    stale = [reg / ".production.json.abcd1234.tmp", reg / "blobs" / ".x.safetensors.k_9zq0aa.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    foreign = [reg / "notes.tmp", reg / ".production.json.tmp"]   # not our naming pattern
+    for p in foreign:
+        p.write_bytes(b"keep")
+    with registry.lock(reg):
+        pass
+    assert not any(p.exists() for p in stale)
+    assert all(p.read_bytes() == b"keep" for p in foreign)
 
 
 def test_history_approve_and_reject_from_the_command_line(tmp_path, capsys):
