@@ -1,17 +1,52 @@
 """Image decoding and preprocessing — one copy, used by validate, prepare, evalset and predict,
-so the production model sees exactly what training saw."""
+so the production model sees exactly what training saw.
+
+Every public function either returns pixels or raises BadImage with a readable reason, for any
+bytes at all: a bad image becomes its task's quarantine reason and never stops a run. Decoding
+is bounded before any pixel is decoded: by pixel count (memory and time grow with it) and, for
+JPEG, by scan count (each progressive scan is one more pass over the whole image)."""
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 # Formats annotators' images may come in; anything else (even if Pillow could open it) is
 # quarantined. Pillow's decompression-bomb *warning* becomes an error (see `_open`).
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"})
+
+# Decode budget in pixels, checked from the header before decoding: 4096 x 4096, the largest
+# image `validate.max_side`'s default (4096 px) admits. Pillow holds 1-4 B per pixel (2 for
+# 16-bit gray), so one decoded frame is <= 64 MiB, and preprocessing adds at most ~3 copies
+# (RGBA compositing). Time grows with pixels too. Without it, one 9,400 x 9,400 16-bit PNG
+# took ~2.4 GB. Images between this and Pillow's own bomb limit (89.5 Mpx) are refused here.
+MAX_PIXELS = 4096 * 4096
+
+# Scans allowed in one JPEG. Encoders write 1 (baseline), 6 / 10 / 18 (libjpeg's progressive
+# script for gray / YCbCr / CMYK), ~10 (mozjpeg). Each scan is a full pass over the image's
+# blocks, however few bytes it takes, so a few KB of empty scans can decode for minutes (the
+# "scan bomb", libjpeg-turbo's LJT-01-003); Pillow has no decode timeout. Measured here, one
+# scan costs ~0.75-1.5 ns per pixel: 64 scans x MAX_PIXELS ~ 1-2.5 s, the worst case we accept.
+# (JPEG inside TIFF is capped by libtiff itself at 100 scans per strip.)
+MAX_JPEG_SCANS = 64
+
+# What Pillow may raise on hostile bytes, seen on this project's generated corpus (bit flips,
+# truncations, garbage EXIF): every one of them is about the file, so it becomes the reason.
+# MemoryError is not here: the budgets above keep legitimate decodes far from it, and a machine
+# out of memory is not a property of the image.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError,
+                  struct.error, ZeroDivisionError, OverflowError)
+
+# EXIF Orientation -> the transpose that shows the image upright (what browsers, and so the
+# annotators in Label Studio, see).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 
 
 class BadImage(ValueError):
@@ -26,38 +61,92 @@ class ImageInfo:
     format: str
 
 
+def _bytes_per_pixel(mode: str) -> int:
+    """What Pillow holds per pixel once decoded (RGB is padded to 4 bytes)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def _check_budget(img: Image.Image, data: bytes) -> None:
+    """Refuse, from the header alone, what would cost too much memory or time to decode."""
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        bpp = _bytes_per_pixel(img.mode)
+        raise BadImage(
+            f"image too large to decode: {w} x {h} px = {w * h:,} pixels ({img.mode}, {bpp} B "
+            f"per pixel: {w * h * bpp / 1e6:,.0f} MB decoded), over the budget of "
+            f"{MAX_PIXELS:,} pixels (images.MAX_PIXELS)")
+    if img.format in ("JPEG", "MPO"):
+        # Entropy-coded data escapes 0xFF as FF 00, so FF DA occurs only as a start-of-scan
+        # marker or by chance inside metadata (EXIF thumbnail, ICC): this count can only be
+        # too high, never too low, and real files stay far below the limit.
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise BadImage(
+                f"JPEG with {scans} scans refused: over the limit of {MAX_JPEG_SCANS} "
+                f"(images.MAX_JPEG_SCANS); each scan is one more pass over all {w * h:,} pixels, "
+                "so decoding time has no bound (a progressive 'scan bomb')")
+
+
 def _open(data: bytes) -> Image.Image:
+    """Decode the first frame (animated GIF/WebP/PNG, multi-page TIFF: frame 0 only)."""
     if not data:
         raise BadImage("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+            _check_budget(img, data)
             img.load()  # decodes every pixel: truncated files fail here, not later
-        except Image.DecompressionBombWarning as exc:
-            raise BadImage(f"decompression bomb refused: {exc}") from None
-        except Image.DecompressionBombError as exc:
+        except BadImage:
+            raise  # a budget refusal (BadImage is a ValueError: keep it from the arm below)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise BadImage(f"decompression bomb refused: {exc}") from None
         except Image.UnidentifiedImageError:
             raise BadImage("not an image in an accepted format "
                            f"({', '.join(sorted(ALLOWED_FORMATS))})") from None
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise BadImage(f"corrupt image: {exc}") from None
+        except _DECODE_ERRORS as exc:
+            raise BadImage(f"corrupt image: {_describe(exc)}") from None
     return img
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF Orientation, 1 (as stored) when absent or unreadable: a browser ignores an EXIF
+    block it cannot parse and shows the pixels as stored, so that is what annotators labeled."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except _DECODE_ERRORS:
+        return 1
+    return value if isinstance(value, int) and value in _UPRIGHT else 1
 
 
 def _gray(img: Image.Image) -> Image.Image:
     """What the model sees, before resizing: EXIF orientation applied, transparency composited
-    onto black (digits are light ink on dark), 16-bit intensities scaled (not clipped) to 8-bit."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # Pillow's convert("L") clips these at 255; 16-bit PNGs open as "I" with 0..65535.
-        wide = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.clip(wide / 257.0, 0, 255).round().astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    return img.convert("L")
+    onto black (digits are light ink on dark), 16-bit intensities scaled (not clipped) to 8-bit,
+    LAB reduced to its lightness. Raises BadImage for a mode with no grayscale meaning."""
+    try:
+        orientation = _orientation(img)
+        if orientation != 1:
+            img = img.transpose(_UPRIGHT[orientation])
+        if img.mode.startswith("I;16") or img.mode == "I":
+            # Pillow's convert("L") clips these at 255; 16-bit PNGs open as "I;16" with 0..65535.
+            # round(v / 257) in integers (v / 257 never ends in .5): 4 B per pixel, not 8.
+            wide = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
+            return Image.fromarray(((2 * wide + 257) // 514).astype(np.uint8), "L")
+        if img.mode == "LAB":
+            return img.getchannel("L")  # L* (lightness) is the gray; Pillow has no LAB -> RGB
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+        return img.convert("L")
+    except _DECODE_ERRORS as exc:
+        raise BadImage(f"cannot convert {img.mode} pixels to grayscale: {_describe(exc)}") from None
 
 
 def inspect(data: bytes) -> ImageInfo:
@@ -82,9 +171,11 @@ def stack(blobs: list[bytes], size: int) -> np.ndarray:
     """`(N, size, size)` uint8 — one array per split, never one file per image."""
     out = np.empty((len(blobs), size, size), dtype=np.uint8)  # 784 B per 28x28 image
     for i, blob in enumerate(blobs):
-        out[i] = to_array(blob, size)
+        try:
+            out[i] = to_array(blob, size)
+        except BadImage as exc:
+            raise BadImage(f"image {i} of {len(blobs)}: {exc}") from None
     return out
-
 
 
 FINGERPRINT_SIDE = 16
