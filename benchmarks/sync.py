@@ -5,16 +5,20 @@
   incremental      after N annotations added / edited / deleted / skipped   (goal <= 10 s)
   naive            what a hand-rolled script does every time: full export + every image again
 
-    python benchmarks/sync.py [--tasks 20000] [--changes 500]
+    python benchmarks/sync.py [--tasks 20000] [--changes 500] [--distinct]
 
 Starts its own Label Studio (from .venv-studio) in a temp dir on a free port and stops it.
+The pulls use the default settings of params.yaml (timeouts included), as a new user has them.
 The tasks reference the 1,797 real digit scans of the demo, cycled: images are fetched once per
-distinct URL, as a real sync does.
+distinct URL, as a real sync does. With --distinct every task gets its own image file (a copy of
+a scan with a few pixels changed), as in most real projects: then the first pull is bound by how
+fast Label Studio serves images.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import socket
 import sys
 import tempfile
@@ -36,6 +40,24 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _distinct_images(folder: Path, names: list[str], truth: list[int],
+                     n: int) -> tuple[list[str], list[int]]:
+    """`n` image files, each a scan with its index written into the corner pixels."""
+    from PIL import Image
+    out_names, out_truth = [], []
+    for i in range(n):
+        j = i % len(names)
+        name = f"task-{i:06d}.png"
+        img = Image.open(folder / names[j]).convert("L")
+        px = img.load()
+        for bit in range(17):  # 17 bits: up to 131,072 distinct files
+            px[bit, 0] = 255 if (i >> bit) & 1 else 0
+        img.save(folder / name)
+        out_names.append(name)
+        out_truth.append(truth[j])
+    return out_names, out_truth
+
+
 def _timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -47,19 +69,26 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=20_000)
     ap.add_argument("--changes", type=int, default=500)
+    ap.add_argument("--distinct", action="store_true", help="one image file per task")
     ap.add_argument("--params", default=str(Path(__file__).resolve().parent.parent / "params.yaml"))
     args = ap.parse_args(argv)
     base = settings.load(args.params)
     work = Path(tempfile.mkdtemp(prefix="labelgate-sync-bench-"))
     conn = studio.up(work / "studio", port=_port())
     try:
-        st = Studio(conn, read_timeout_s=300)
-        pid, _ = st.ensure_project("sync benchmark", CLASSES)
+        admin = Studio(conn, read_timeout_s=600)  # seeding and the naive baseline only
+        pid, _ = admin.ensure_project("sync benchmark", CLASSES)
+        # the pulls: exactly what `labelgate pull` builds from params.yaml
+        st = Studio(conn, connect_timeout_s=base.pull.connect_timeout_s,
+                    read_timeout_s=base.pull.read_timeout_s, image_hosts=base.pull.image_hosts)
         params = dataclasses.replace(base, studio=dataclasses.replace(
             base.studio, project_title="sync benchmark"))
-        names, truth = demo.write_images(work / "studio" / "files" / "demo")
-        st.add_local_storage(pid, str(work / "studio" / "files" / "demo"))
-        user = st.check()
+        folder = work / "studio" / "files" / "demo"
+        names, truth = demo.write_images(folder)
+        if args.distinct:
+            names, truth = _distinct_images(folder, names, truth, args.tasks)
+        admin.add_local_storage(pid, str(folder))
+        user = admin.check()
         unlabeled = args.changes  # room for new annotations and skips later
         tasks = []
         for i in range(args.tasks):
@@ -71,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             tasks.append(task)
         t0 = time.perf_counter()
         for start in range(0, len(tasks), 2000):
-            st.import_tasks(pid, tasks[start:start + 2000])
+            admin.import_tasks(pid, tasks[start:start + 2000])
         print(f"imported {args.tasks} tasks ({args.tasks - unlabeled} annotated) in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -103,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             api.delete(f"/api/annotations/{task['annotations'][0]['id']}/").raise_for_status()
         inc, t_inc = _timed(lambda: pull.run(raw, studio=st, project_id=pid, params=params))
 
-        def naive():
-            exported = st.export_annotated(pid)
+        def naive():  # one synchronous whole-project export (it needs the long timeout)
+            exported = json.loads(b"".join(admin._client.projects.exports.download_sync(
+                pid, export_type="JSON")))
             for url in {t["data"]["image"] for t in exported}:
                 st.fetch_image(url, max_bytes=params.pull.max_image_bytes)
             return len(exported)

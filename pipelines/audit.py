@@ -10,14 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from pipelines import rawstore
-
-
-def _choice(result: list | None) -> str | None:
-    for item in result or []:
-        choices = (item.get("value") or {}).get("choices") if isinstance(item, dict) else None
-        if choices:
-            return str(choices[0])
-    return None
+from pipelines.labelconfig import chosen
 
 
 def acceptance(state: rawstore.RawState) -> dict:
@@ -32,11 +25,11 @@ def acceptance(state: rawstore.RawState) -> dict:
             if not isinstance(parent, int) or ann.get("was_cancelled"):
                 continue
             pred = state.predictions.get(parent)
-            suggested = _choice(pred.get("result")) if pred else None
+            suggested = chosen(pred.get("result"), state.choices_name) if pred else None
             if suggested is None:
                 unknown += 1
                 continue
-            same = _choice(ann.get("result")) == suggested
+            same = chosen(ann.get("result"), state.choices_name) == suggested
             total += 1
             accepted += same
             for table, key in ((by_annotator, str(ann.get("completed_by"))),

@@ -39,7 +39,7 @@ class EvalSet:
 def freeze(state: rawstore.RawState, out_dir: str | Path, *, params: Params,
            force: bool = False) -> dict:
     """Write data/eval/ from the tasks whose annotations are marked ground truth and agree."""
-    from pipelines.validate import chosen_label  # one copy of "what did this annotation choose"
+    from pipelines.labelconfig import chosen  # one copy of "what did this annotation choose"
 
     out_dir = Path(out_dir)
     if (out_dir / "meta.json").exists() and not force:
@@ -47,7 +47,8 @@ def freeze(state: rawstore.RawState, out_dir: str | Path, *, params: Params,
                            "changing the fixed eval set needs --force and a re-baseline")
     rows, blobs, skipped = [], {}, []
     for task_id in sorted(state.tasks):
-        gt = [chosen_label(a) for a in state.tasks[task_id].get("annotations") or []
+        gt = [chosen(a.get("result"), state.choices_name)
+              for a in state.tasks[task_id].get("annotations") or []
               if a.get("ground_truth") and not a.get("was_cancelled")]
         if not gt:
             continue

@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
-from xml.sax.saxutils import quoteattr
 
 import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
-FROM_NAME = "label"  # <Choices name=...> in the generated labeling config
-TO_NAME = "image"    # <Image name=...>
+from pipelines import labelconfig
+from pipelines.labelconfig import LabelingConfig, choice_result, label_config  # noqa: F401 (re-exported)
+
 
 
 class LabelStudioError(RuntimeError):
@@ -48,7 +48,8 @@ def _retry_after(value: str | None) -> float | None:
     return float(value) if value and value.strip().isdigit() else None
 
 
-EXPORT_IDS_PER_CALL = 990  # Django's DATA_UPLOAD_MAX_NUMBER_FIELDS is 1,000
+EXPORT_IDS_PER_CALL = 500  # tasks per export call (Django refuses 1,000+ fields); see pull.py
+LIST_PAGE_SIZE = 5000     # rows per data-manager listing call
 FETCH_ATTEMPTS = 4        # per call: 1 try + 3 retries
 MAX_BACKOFF_S = 10.0      # cap on one wait, Retry-After included
 IMAGE_DEADLINE_S = 60.0   # overall, per image, retries included
@@ -56,6 +57,59 @@ IMAGE_DEADLINE_S = 60.0   # overall, per image, retries included
 
 class ImageFetchError(ValueError):
     """One image could not be fetched safely; the task is quarantined with this reason."""
+
+
+MAX_URL_CHARS = 4096  # browsers and proxies cap around 2-8 k; longer is not a real image URL
+
+# The only Label Studio routes the API key may fetch: where it serves task media (uploads,
+# local files, storage proxies). Anything else on its origin -- /api/..., /user/... -- would
+# let whoever can create a task read the pipeline's own API answers (its token among them)
+# into the dataset. Paths after the base path of LABEL_STUDIO_URL; matched before any request.
+MEDIA_ROUTES = (
+    re.compile(r"/data/upload/[^?#]+"),                    # files uploaded through the UI/API
+    re.compile(r"/data/local-files/?"),                    # local-files storage (?d=...)
+    re.compile(r"/storage-data/uploaded/?"),               # uploads behind cloud storage
+    re.compile(r"/(?:tasks|projects)/\d+/(?:resolve|presign)/?"),  # bucket proxies
+)
+
+
+def _checked_image_url(base: str, url: object) -> tuple[str, str]:
+    """(absolute URL, path) of a task's image URL, or ImageFetchError saying what is wrong with
+    it. Untrusted input: over-long, control characters, malformed hosts and ports all end
+    here as a reason, never as an exception from the URL parser or the HTTP client."""
+    if not isinstance(url, str) or not url.strip():
+        raise ImageFetchError("image URL is empty or not a string")
+    if len(url) > MAX_URL_CHARS:
+        raise ImageFetchError(f"image URL is {len(url)} characters long (limit {MAX_URL_CHARS})")
+    if any(not ch.isprintable() or ch.isspace() for ch in url):
+        raise ImageFetchError("image URL contains whitespace or control characters")
+    try:
+        absolute = urljoin(base + "/", url)
+        parts = urlsplit(absolute)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+        httpx.URL(absolute)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise ImageFetchError(f"malformed image URL ({str(exc)[:120]})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ImageFetchError(f"image URL must be http(s) with a host ({url[:120]!r})")
+    if parts.username or parts.password:
+        raise ImageFetchError("image URL carries user:password credentials; refused")
+    return absolute, parts.path
+
+
+def _is_media_path(path: str, base_path: str) -> bool:
+    """Is `path` one of Label Studio's media routes (under LABEL_STUDIO_URL's own path)?
+    Dot segments, encoded slashes/dots and backslashes are refused outright: servers and
+    proxies disagree on how to normalise them, so they could reach another route."""
+    lowered = path.lower()
+    if "\\" in path or "%2f" in lowered or "%2e" in lowered or "%5c" in lowered:
+        return False
+    if any(seg in (".", "..") for seg in path.split("/")):
+        return False
+    if base_path and not path.startswith(base_path + "/"):
+        return False
+    rest = path[len(base_path):]
+    return any(route.fullmatch(rest) for route in MEDIA_ROUTES)
 
 
 def _origin(url: str) -> tuple[str, str]:
@@ -81,16 +135,45 @@ def connection_from_env(studio_dir: str | Path | None = None) -> Connection:
     """LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, else the embedded server's credentials file."""
     url = os.environ.get("LABEL_STUDIO_URL")
     key = os.environ.get("LABEL_STUDIO_API_KEY")
-    if (not url or not key) and studio_dir is not None and credentials_file(studio_dir).exists():
+    if url:
+        url = _checked_base_url(url)
+    if not key and studio_dir is not None and credentials_file(studio_dir).exists():
         creds = json.loads(credentials_file(studio_dir).read_text())
-        url, key = url or creds["url"], key or creds["api_key"]
+        # The embedded server's key belongs to the embedded server: never send it to another
+        # origin that LABEL_STUDIO_URL happens to name.
+        if url and _origin(url) != _origin(creds["url"]):
+            raise LabelStudioError(
+                f"LABEL_STUDIO_URL points at {_origin(url)[1]} but LABEL_STUDIO_API_KEY is not "
+                "set; the embedded server's key is only ever sent to the embedded server. Set "
+                "LABEL_STUDIO_API_KEY to a key of that Label Studio (Account & Settings).")
+        url, key = url or creds["url"], creds["api_key"]
     if not url or not key:
         raise LabelStudioError(
             "No Label Studio configured: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, "
             "or start the embedded server with `labelgate studio up`.")
-    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-        raise LabelStudioError(f"LABEL_STUDIO_URL must be an http(s) URL, got {url!r}")
+    if not key.isascii() or not key.isprintable() or " " in key:
+        raise LabelStudioError("LABEL_STUDIO_API_KEY holds characters an API key never has "
+                               "(non-ASCII, spaces or control characters): copy it again from "
+                               "Label Studio (Account & Settings).")
     return Connection(url=url.rstrip("/"), api_key=key)
+
+
+def _checked_base_url(url: str) -> str:
+    """LABEL_STUDIO_URL, or an error that says what is wrong with it (never a traceback)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise LabelStudioError(f"LABEL_STUDIO_URL is not a valid URL ({exc}): expected "
+                               "something like http://127.0.0.1:8080") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise LabelStudioError(f"LABEL_STUDIO_URL must be an http(s) URL with a host, got "
+                               f"{url[:200]!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise LabelStudioError("LABEL_STUDIO_URL must not carry a query, fragment or "
+                               "user:password; put the key in LABEL_STUDIO_API_KEY")
+    return url
 
 
 def _iso(value) -> str:
@@ -98,20 +181,6 @@ def _iso(value) -> str:
     if isinstance(value, str):  # raw JSON: one spelling everywhere (watermarks are compared)
         value = datetime.datetime.fromisoformat(value)
     return value.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def label_config(classes: tuple[str, ...] | list[str]) -> str:
-    """Image-classification labeling config; class names are XML-escaped (they are untrusted)."""
-    choices = "".join(f"<Choice value={quoteattr(c)}/>" for c in classes)
-    return (f'<View><Image name="{TO_NAME}" value="$image"/>'
-            f'<Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInLine="true">'
-            f"{choices}</Choices></View>")
-
-
-def choice_result(label: str) -> list[dict]:
-    """The `result` of an annotation or prediction choosing `label`."""
-    return [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
-             "value": {"choices": [label]}}]
 
 
 class Studio:
@@ -215,14 +284,13 @@ class Studio:
                 description="Managed by labelgate: pick the digit you see.")
         return project.id, True
 
-    def project_classes(self, project_id: int) -> tuple[list[str], str]:
-        """(class names of the project's Choices as configured now, sha256 of the whole
-        labeling config) — the hash goes into every snapshot, so any config change is visible."""
+    def labeling_config(self, project_id: int) -> LabelingConfig:
+        """The project's labeling config as labelgate reads it (control names, image key,
+        classes, sha256 of the whole text: it goes into every snapshot, so any change is
+        visible). UnsupportedConfig when it is not an image-classification config."""
         with self._call("reading the labeling config"):
             project = self._client.projects.get(project_id)
-        parsed = project.parsed_label_config or {}
-        digest = hashlib.sha256((project.label_config or "").encode()).hexdigest()
-        return list(parsed.get(FROM_NAME, {}).get("labels", [])), digest
+        return labelconfig.parse(project.label_config or "")
 
     def add_local_storage(self, project_id: int, path: str) -> None:
         """Connect a folder under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (no sync: tasks name files)."""
@@ -249,25 +317,13 @@ class Studio:
                                              first_name=username).id
 
     # -- reading ------------------------------------------------------------------------------
-    def export_annotated(self, project_id: int, *,
-                         progress: Callable[[int], object] | None = None) -> list[dict]:
-        """Every task with at least one annotation (skipped ones included), as Label Studio's JSON
-        export: `[{"id", "data", "annotations": [{"id", "result", "was_cancelled", ...}]}]`.
-        `progress(n)` is called with each chunk's size in bytes as the export streams in."""
-        def once() -> object:
-            with self._call("exporting annotations"):
-                chunks = []
-                for chunk in self._client.projects.exports.download_sync(project_id,
-                                                                         export_type="JSON"):
-                    chunks.append(chunk)
-                    if progress:
-                        progress(len(chunk))
-                return json.loads(b"".join(chunks))
-        tasks = self._retrying(once)
-        if not isinstance(tasks, list):
-            raise LabelStudioError(f"Label Studio at {self.conn.url} returned an export that is "
-                                   "not a list of tasks.")
-        return tasks
+    def annotated_task_ids(self, project_id: int) -> list[int]:
+        """Ids of every task with at least one annotation, skipped ones included, ascending:
+        what a full pull exports, in pages (`LIST_PAGE_SIZE` rows a call)."""
+        rows = self._dm_tasks(project_id, {"ordering": ["tasks:id"]},
+                              "id,total_annotations,cancelled_annotations")
+        return [int(r["id"]) for r in rows
+                if (r.get("total_annotations") or 0) + (r.get("cancelled_annotations") or 0) > 0]
 
     # -- incremental sync ---------------------------------------------------------------------
     # Label Studio Community has no change feed that survives a missed event (webhooks are
@@ -293,14 +349,18 @@ class Studio:
                 return resp.json()
         return self._retrying(once)
 
-    def _dm_tasks(self, project_id: int, query: dict, include: str, page_size: int) -> list[dict]:
+    def _dm_tasks(self, project_id: int, query: dict, include: str, *,
+                  page_size: int = 0, fields: str = "task_only") -> list[dict]:
         """Rows `{field: value}` (fields in `include`) from the data manager's task list, all
-        pages, or just the first when page_size == 1."""
+        pages (`LIST_PAGE_SIZE` rows each), or just the first when page_size == 1. Task data
+        is returned as stored (resolve_uri=false): the same URLs the export gives."""
+        page_size = page_size or LIST_PAGE_SIZE
         rows: list[dict] = []
         for page in range(1, 1_000_000):
             body = self._get_json("/api/tasks/", {
-                "project": project_id, "fields": "task_only", "include": include,
-                "query": json.dumps(query), "page": page, "page_size": page_size}, "listing tasks")
+                "project": project_id, "fields": fields, "include": include,
+                "resolve_uri": "false", "query": json.dumps(query), "page": page,
+                "page_size": page_size}, "listing tasks")
             got = body.get("tasks") if isinstance(body, dict) else None
             total = body.get("total") if isinstance(body, dict) else None
             if not isinstance(got, list) or not isinstance(total, int):
@@ -326,52 +386,52 @@ class Studio:
              "value": since}]}, "ordering": ["tasks:id"]}
         return [{"id": t["id"], "created_at": _iso(t["created_at"]),
                  "updated_at": _iso(t["updated_at"])}
-                for t in self._dm_tasks(project_id, query, "id,created_at,updated_at",
-                                        page_size=100_000)]
+                for t in self._dm_tasks(project_id, query, "id,created_at,updated_at")]
 
     def all_task_ids(self, project_id: int) -> set[int]:
-        """Every task id (~7 s at 20k tasks): only to find deleted tasks when counts disagree."""
-        return {t["id"] for t in self._dm_tasks(project_id, {"ordering": ["tasks:id"]}, "id",
-                                                page_size=100_000)}
+        """Every task id: only to find deleted tasks when counts disagree."""
+        return {t["id"] for t in self._dm_tasks(project_id, {"ordering": ["tasks:id"]}, "id")}
 
-    def export_tasks(self, project_id: int, ids: list[int], *,
-                     progress: Callable[[int], object] | None = None) -> list[dict]:
-        """Export (with annotations, skipped ones included) just these tasks, ≤ 990 ids a call:
-        Django refuses requests with 1,000+ fields. The SDK's own `ids=` is not read by the
-        server (it wants `ids[]`), so it goes in as an extra query parameter. `progress(n)` is
-        called with the number of tasks after each call."""
-        out = []
-        for start in range(0, len(ids), EXPORT_IDS_PER_CALL):
-            chunk = [str(i) for i in ids[start:start + EXPORT_IDS_PER_CALL]]
-            def once(chunk=chunk) -> object:
-                with self._call(f"exporting {len(chunk)} changed tasks"):
-                    raw = b"".join(self._client.projects.exports.download_sync(
-                        project_id, export_type="JSON", download_all_tasks=True,
-                        request_options={"additional_query_parameters": {"ids[]": chunk}}))
-                    return json.loads(raw)
-            tasks = self._retrying(once)
-            if not isinstance(tasks, list):
-                raise LabelStudioError(f"Label Studio at {self.conn.url} returned an export "
-                                       "that is not a list of tasks.")
-            out.extend(tasks)
-            if progress:
-                progress(len(chunk))
-        return out
+    def export_tasks(self, project_id: int, ids: list[int]) -> list[dict]:
+        """Label Studio's JSON export of just these tasks (annotations, skipped ones included),
+        at most `EXPORT_IDS_PER_CALL` ids: one bounded call, retried on transient failures.
+        Community's whole-project export is synchronous and timed out at 10,000 tasks; a
+        call per few hundred ids stays seconds long at any project size. The SDK's own `ids=`
+        is not read by the server (it wants `ids[]`), so it goes in as a query parameter."""
+        if len(ids) > EXPORT_IDS_PER_CALL:
+            raise ValueError(f"at most {EXPORT_IDS_PER_CALL} ids per export call")
+        chunk = [str(int(i)) for i in ids]
+        def once() -> object:
+            with self._call(f"exporting {len(chunk)} tasks"):
+                raw = b"".join(self._client.projects.exports.download_sync(
+                    project_id, export_type="JSON", download_all_tasks=True,
+                    request_options={"additional_query_parameters": {"ids[]": chunk}}))
+                return json.loads(raw)
+        tasks = self._retrying(once)
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) and "id" in t
+                                                  for t in tasks):
+            raise LabelStudioError(f"Label Studio at {self.conn.url} returned an export that is "
+                                   "not a list of tasks.")
+        return tasks
 
     def unlabeled_tasks(self, project_id: int) -> list[dict]:
         """`[{"id", "data", "predictions": [{"id", "model_version"}]}]` of tasks nobody has
-        annotated or skipped yet."""
-        out = []
-        with self._call("listing tasks"):
-            for task in self._client.tasks.list(project=project_id, fields="all", page_size=500):
-                if task.total_annotations or task.cancelled_annotations:
-                    continue
-                preds = [p if isinstance(p, dict) else p.dict() for p in (task.predictions or [])]
-                out.append({"id": task.id, "data": dict(task.data),
-                            "predictions": [{"id": p.get("id"),
-                                             "model_version": p.get("model_version")}
-                                            for p in preds]})
-        return out
+        annotated or skipped yet -- asked of Label Studio with a filter, not found by listing
+        every task of the project (2+ minutes at 10,000 tasks)."""
+        query = {"filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number",
+             "value": 0},
+            {"filter": "filter:tasks:cancelled_annotations", "operator": "equal",
+             "type": "Number", "value": 0}]}, "ordering": ["tasks:id"]}
+        rows = self._dm_tasks(project_id, query, "id,data,predictions,total_annotations,"
+                              "cancelled_annotations", fields="all")
+        return [{"id": r["id"], "data": dict(r.get("data") or {}),
+                 "predictions": [{"id": p.get("id"), "model_version": p.get("model_version")}
+                                 for p in r.get("predictions") or [] if isinstance(p, dict)]}
+                for r in rows
+                # the filter is the server's; the counts are checked here again, so a server
+                # that ignored it could never make labelgate treat labeled tasks as unlabeled
+                if not r.get("total_annotations") and not r.get("cancelled_annotations")]
 
     def delete_predictions(self, ids: list[int]) -> int:
         """Delete predictions by id (retiring an old model's pre-annotations)."""
@@ -431,24 +491,45 @@ class Studio:
 
     # -- images -------------------------------------------------------------------------------
     def fetch_image(self, url: str, *, max_bytes: int) -> bytes:
-        """Bytes of a task's image. Only from the configured Label Studio origin (with the key)
-        or an origin listed in `pull.image_hosts` (without it); no redirects; capped size.
-        5xx/429 (honouring Retry-After), timeouts and dropped connections are retried with
-        bounded backoff within an overall deadline. Raises ImageFetchError for what is wrong
-        with this image (quarantine-worthy: 404, too big, redirect) and LabelStudioError when the
-        server is down, misbehaving or refuses the key (the pull stops, nothing is written)."""
-        absolute = urljoin(self.conn.url + "/", url)
-        parts = urlsplit(absolute)
+        """Bytes of a task's image. With the API key only from Label Studio's own media routes
+        (`MEDIA_ROUTES`); without it from an origin listed in `pull.image_hosts`; nothing else,
+        refused before any request. No redirects; capped size. 5xx/429 (honouring
+        Retry-After), timeouts and dropped connections are retried with bounded backoff within
+        an overall deadline. Raises ImageFetchError for what is wrong with this image
+        (quarantine-worthy: malformed URL, other route, 404, too big, redirect) and
+        LabelStudioError when the fetch kept failing (see `image_failure` for telling one bad
+        image from a server that is down)."""
+        absolute, path = _checked_image_url(self.conn.url, url)
         origin = _origin(absolute)
-        if origin != self.conn.origin and origin not in self._image_hosts:
+        if origin == self.conn.origin:
+            if not _is_media_path(path, urlsplit(self.conn.url).path.rstrip("/")):
+                raise ImageFetchError(
+                    f"image URL points at a Label Studio route that does not serve media "
+                    f"({path[:120]!r}); only uploads, local files and storage proxies are "
+                    "fetched with the API key")
+            with_key = True
+        elif origin in self._image_hosts:
+            with_key = False
+        else:
             raise ImageFetchError(
-                f"image host not allowed: {parts.netloc or url!r} (images come from Label Studio "
-                f"at {self.conn.origin[1]} or an origin listed in pull.image_hosts)")
-        with_key = origin == self.conn.origin
+                f"image host not allowed: {urlsplit(absolute).netloc[:120]!r} (images come from "
+                f"Label Studio at {self.conn.origin[1]} or an origin listed in pull.image_hosts)")
         def once() -> bytes:
-            with self._call(f"downloading image {parts.path}"):
-                return self._fetch_once(absolute, max_bytes=max_bytes, with_key=with_key)
+            with self._call(f"downloading image {path[:120]}"):
+                try:
+                    return self._fetch_once(absolute, max_bytes=max_bytes, with_key=with_key)
+                except httpx.InvalidURL as exc:  # what our checks did not foresee
+                    raise ImageFetchError(f"malformed image URL ({str(exc)[:120]})") from None
         return self._retrying(once, deadline_s=IMAGE_DEADLINE_S)
+
+    def alive(self) -> bool:
+        """Does Label Studio answer and accept the key right now? Tells a server-wide failure
+        (stop the pull) from one image that keeps failing (quarantine that task)."""
+        try:
+            self.check()
+        except LabelStudioError:
+            return False
+        return True
 
     def _fetch_once(self, absolute: str, *, max_bytes: int, with_key: bool) -> bytes:
         # Transport failures (timeouts, resets, a body cut short of its Content-Length) are

@@ -51,6 +51,19 @@ def resolve(labels: list[str], ground_truth: list[bool], *, min_annotations: int
     return ranked[0][0], "unanimous" if len(ranked) == 1 else "majority"
 
 
+def task_label(labels: list[str | None], ground_truth: list[bool],
+               params: Params) -> tuple[str | None, str]:
+    """(label, rule) that validate + prepare give a task from its non-skipped votes: none when
+    a vote chose no known class (validate's contract quarantines such a task), else the
+    consensus under the `prepare` policy. The one rule: the label trigger counts with it too."""
+    unknown = sorted({repr(label) for label in labels if label not in params.base.classes})
+    if unknown:
+        return None, f"quarantined: vote(s) for no known class ({', '.join(unknown)})"
+    return resolve(labels, ground_truth, min_annotations=params.prepare.min_annotations,
+                   min_agreement=params.prepare.min_agreement,
+                   ground_truth_wins=params.prepare.ground_truth_wins)
+
+
 def in_val(sha256: str, *, seed: int, fraction: float) -> bool:
     """Split by content hash: an image keeps its split as the dataset grows."""
     h = int(hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()[:8], 16)
@@ -92,10 +105,7 @@ def run(manifest: str | Path, raw_dir: str | Path, eval_dir: str | Path, out_dir
     state = rawstore.load(raw_dir)
     resolved, disputed = [], []
     for row in read_jsonl(manifest):
-        label, rule = resolve(row["labels"], row["ground_truth"],
-                              min_annotations=params.prepare.min_annotations,
-                              min_agreement=params.prepare.min_agreement,
-                              ground_truth_wins=params.prepare.ground_truth_wins)
+        label, rule = task_label(row["labels"], row["ground_truth"], params)
         out = {"task_id": row["task_id"], "image_sha256": row["image_sha256"], "label": label,
                "rule": rule, "votes": dict(Counter(row["labels"])),
                "annotators": row["annotators"]}

@@ -19,29 +19,63 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipelines import rawstore
-from pipelines.files import (atomic_write_bytes, atomic_write_json, atomic_write_jsonl,
-                             exclusive, read_json, sha256_bytes, tar_bytes)
-from pipelines.labelstudio import ImageFetchError, LabelStudioError, Studio, connection_from_env
+from pipelines.files import atomic_write_json, atomic_write_jsonl, exclusive, read_json
+from pipelines.labelstudio import (EXPORT_IDS_PER_CALL, ImageFetchError, LabelStudioError, Studio,
+                                   connection_from_env)
+from pipelines.labelconfig import DEFAULT, UnsupportedConfig
+from pipelines.staging import Staging
 from pipelines.settings import Params
 
 FETCH_WORKERS = 2  # concurrent image downloads: Label Studio's server peaks at 2 (~100 images/s)
 OVERLAP_S = 5     # re-list tasks updated this long before the last watermark: a save whose
                   # timestamp was taken just before its commit landed (seconds at most)
 
+# What the versioned store may hold: bytes that start like an image in a format validate
+# accepts (images.ALLOWED_FORMATS; tests/test_pull.py holds the two lists together). Anything
+# else -- an HTML error page, a JSON answer, a token -- is refused at the door and never stored.
+IMAGE_SIGNATURES = {
+    "PNG": (b"\x89PNG\r\n\x1a\n",), "JPEG": (b"\xff\xd8\xff",), "GIF": (b"GIF87a", b"GIF89a"),
+    "BMP": (b"BM",), "TIFF": (b"II*\x00", b"MM\x00*"), "WEBP": (b"RIFF",),
+}
+
 
 class PullError(RuntimeError):
     pass
 
 
-def _fetch_all(studio: Studio, urls: list[str], *, max_bytes: int) -> dict[str, bytes | str]:
-    """url -> bytes, or url -> reason (str) for images that can't be fetched safely."""
+def looks_like_image(data: bytes) -> bool:
+    if data[:4] == b"RIFF":
+        return data[8:12] == b"WEBP"
+    return any(data.startswith(sig) for sigs in IMAGE_SIGNATURES.values() for sig in sigs)
+
+
+def _fetch_all(studio: Studio, urls: list[str], stage: Staging, *,
+               max_bytes: int) -> dict[str, str]:
+    """Fetch `urls` into the staging folder; return url -> reason for those that can't be
+    fetched safely (the task is quarantined with it). One image that keeps failing -- even
+    with HTTP 500, as Label Studio answers a path-traversal URL -- is that task's problem;
+    only a Label Studio that stops answering altogether stops the pull."""
     def one(url: str) -> tuple[str, bytes | str]:
         try:
-            return url, studio.fetch_image(url, max_bytes=max_bytes)
+            data = studio.fetch_image(url, max_bytes=max_bytes)
         except ImageFetchError as exc:
             return url, str(exc)
+        except LabelStudioError as exc:
+            if not studio.alive():
+                raise
+            return url, f"this image kept failing while Label Studio answered: {exc}"
+        if not looks_like_image(data):
+            return url, (f"not an image: the {len(data)} bytes served do not start like any "
+                         "accepted image format (an error page or API answer?); not stored")
+        return url, data
+    failed: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
-        return dict(_bar(pool.map(one, urls), total=len(urls), desc="images", unit="img"))
+        for url, got in _bar(pool.map(one, urls), total=len(urls), desc="images", unit="img"):
+            if isinstance(got, bytes):
+                stage.save_image(url, got)  # main thread only: the staging index is not shared
+            else:
+                failed[url] = got
+    return failed
 
 
 def _bar(iterable=None, **kw) -> tqdm:
@@ -60,35 +94,50 @@ def connect(studio_dir: str | Path, params: Params) -> Studio:
     return studio
 
 
-def _full(studio: Studio, project_id: int) -> dict[str, dict]:
-    """Every annotated task (skipped-only ones included), by id: the reconciliation path."""
-    with _bar(desc="export", unit="B", unit_scale=True) as bar:
-        return {str(t["id"]): t for t in studio.export_annotated(project_id, progress=bar.update)}
+def _plan(studio: Studio, project_id: int, base: dict | None, seen: dict[str, str], *,
+          full: bool) -> dict:
+    """What this pull will read, decided once and staged (a resumed pull reuses it).
 
-
-def _incremental(studio: Studio, project_id: int, base: dict, cursor: dict[str, dict],
-                 task_count: int, seen: dict[str, str]) -> tuple[dict[str, dict], set[str]]:
-    """(annotated tasks that may have changed, ids whose annotations or task are gone).
-
-    Any annotation created, edited, deleted or skipped bumps its task's updated_at, so tasks
+    Full (first pull, or asked for): every task with an annotation, listed by id. Incremental:
+    any annotation created, edited, deleted or skipped bumps its task's updated_at, so tasks
     updated since the last watermark (minus an overlap for commits that land late) are all
     that can have changed; of those, only tasks whose updated_at differs from what the last
-    sync saw (`seen`, updated in place) are exported again. Deleted tasks bump nothing: they
-    show up as a task count lower than expected, and only then are all task ids listed."""
+    sync saw (`seen`) are exported again. Deleted tasks bump nothing: they show up as a task
+    count lower than expected, and only then are all task ids listed (`alive`)."""
+    # The watermark and the task count are read *before* listing: a change landing during
+    # this sync is either in the listing or after the watermark, never lost in between.
+    watermark = studio.newest_update(project_id)
+    task_count = studio.task_count(project_id)
+    if full or not base or not base.get("watermark"):
+        return {"mode": "full", "watermark": watermark, "task_count": task_count,
+                "ids": studio.annotated_task_ids(project_id)}
     listed = studio.tasks_updated_since(project_id, _minus(base["watermark"], OVERLAP_S))
-    fresh = [r["id"] for r in listed if seen.get(str(r["id"])) != r["updated_at"]]
-    with _bar(total=len(fresh), desc="tasks", unit="task") as bar:
-        exported = studio.export_tasks(project_id, fresh, progress=bar.update) if fresh else []
-    current = {str(t["id"]): t for t in exported if t.get("annotations")}
-    gone = ({str(i) for i in fresh} - set(current)) & set(cursor)
-    seen.update({str(r["id"]): r["updated_at"] for r in listed})
     created = sum(1 for r in listed if r["created_at"] > base["watermark"])
+    alive = None
     if base.get("task_count") is None or base["task_count"] + created != task_count:
-        alive = {str(i) for i in studio.all_task_ids(project_id)}
-        gone |= set(cursor) - alive
-        for task_id in set(seen) - alive:
-            del seen[task_id]
-    return current, gone
+        alive = sorted(studio.all_task_ids(project_id))
+    return {"mode": "incremental", "watermark": watermark, "task_count": task_count,
+            "ids": [r["id"] for r in listed if seen.get(str(r["id"])) != r["updated_at"]],
+            "listed": listed, "alive": alive}
+
+
+def _export(studio: Studio, project_id: int, ids: list[int], stage: Staging) -> tuple[
+        list[dict], int]:
+    """(exported tasks, export calls reused from an earlier attempt): one bounded call per
+    EXPORT_IDS_PER_CALL ids, each staged as soon as it arrives."""
+    out, reused = [], 0
+    with _bar(total=len(ids), desc="tasks", unit="task") as bar:
+        for index, start in enumerate(range(0, len(ids), EXPORT_IDS_PER_CALL)):
+            chunk = ids[start:start + EXPORT_IDS_PER_CALL]
+            tasks = stage.chunk(index)
+            if tasks is None:
+                tasks = studio.export_tasks(project_id, chunk)
+                stage.save_chunk(index, tasks)
+            else:
+                reused += 1
+            out.extend(tasks)
+            bar.update(len(chunk))
+    return out, reused
 
 
 def _sync_state_path(raw_dir: Path) -> Path:
@@ -108,6 +157,12 @@ def _minus(iso: str, seconds: float) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _names(names: list[str], limit: int = 10) -> str:
+    """A list of class names for a message: the first `limit`, then how many more."""
+    shown = ", ".join(repr(n[:40]) for n in names[:limit])
+    return (f"{shown} and {len(names) - limit} more" if len(names) > limit else shown) or "none"
+
+
 def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
         full: bool = False) -> dict:
     """Write `data/raw/pulls/NNNNNN/` with the tasks that changed; return a summary. Pulls into
@@ -120,69 +175,93 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
 def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
          full: bool) -> dict:
     """The pull itself (see `run`): `{"snapshot": None, ...}` and nothing written when nothing
-    changed. The first pull,
-    and any with `full=True`, compares every annotated task (a reconciliation: it also catches
-    changes Label Studio makes without touching timestamps, such as bulk label renames)."""
+    changed. The first pull, and any with `full=True`, compares every annotated task (a
+    reconciliation: it also catches changes Label Studio makes without touching timestamps,
+    such as bulk label renames). A pull that was killed resumes from its staging folder."""
     started = time.monotonic()
     rawstore.clean_partial(raw_dir)
     prev = rawstore.latest_meta(raw_dir)
     if prev and prev["project_id"] != project_id:
         raise PullError(f"{raw_dir} holds pulls of Label Studio project {prev['project_id']}, "
                         f"not {project_id}; use another data directory for another project")
-    classes, config_sha256 = studio.project_classes(project_id)
-    live_classes = tuple(classes)
+    try:
+        config = studio.labeling_config(project_id)
+    except UnsupportedConfig as exc:
+        raise PullError(f"Label Studio project {project_id} cannot be used: {exc}") from None
+    live_classes = config.classes
+    if prev and prev.get("controls", DEFAULT.as_meta()) != config.as_meta():
+        raise PullError(
+            f"The labeling config's controls changed since the last pull (was "
+            f"{prev.get('controls', DEFAULT.as_meta())}, now {config.as_meta()}): annotations "
+            "made before and after name different controls. Pull into a new data directory "
+            "(a fresh `labelgate init`) or change the config back.")
     if live_classes != params.base.classes:
-        added = sorted(set(live_classes) - set(params.base.classes))
-        gone = sorted(set(params.base.classes) - set(live_classes))
+        added = [c for c in live_classes if c not in set(params.base.classes)]
+        gone_cls = [c for c in params.base.classes if c not in set(live_classes)]
         raise PullError(
             "The labeling config in Label Studio no longer matches base.classes in params.yaml "
-            f"(in Label Studio only: {added or 'none'}; in params.yaml only: {gone or 'none'}; "
-            f"order: {list(live_classes)}). If the change is intended, update base.classes, "
-            "then pull again.")
+            f"(in Label Studio only: {_names(added)}; in params.yaml only: {_names(gone_cls)}"
+            f"{'; same names, other order' if not added and not gone_cls else ''}). If the "
+            "change is intended, update base.classes, then pull again.")
 
     cursor: dict[str, dict] = prev["cursor"] if prev else {}
     url_sha: dict[str, str] = dict(prev["url_sha"]) if prev else {}
-    # Read the watermark and the task count *before* listing: a change landing during this
-    # sync is either in the listing or after the watermark, never lost in between.
-    watermark = studio.newest_update(project_id)
-    task_count = studio.task_count(project_id)
     # Where the last sync left off: the local sync state when it belongs to the latest
     # snapshot (it also advances on syncs that found nothing), else the snapshot's own meta.
     state_path = _sync_state_path(raw_dir)
     local = read_json(state_path) if state_path.exists() else None
     base = local if prev and local and local.get("seq") == prev["seq"] else prev
     seen: dict[str, str] = dict(base.get("seen") or {}) if base else {}
-    if full or not base or not base.get("watermark"):
-        mode, current = "full", _full(studio, project_id)
+
+    stage = Staging.open(raw_dir, project_id=project_id, prev_seq=prev["seq"] if prev else None)
+    plan = stage.plan()
+    if plan is not None and full and plan["mode"] != "full":
+        stage.discard()
+        plan = None
+    resumed = plan is not None
+    if plan is None:
+        plan = stage.save_plan(_plan(studio, project_id, base, seen, full=full))
+    exported, reused = _export(studio, project_id, plan["ids"], stage)
+    current = {str(t["id"]): t for t in exported if t.get("annotations")}
+    if plan["mode"] == "full":
         gone = set(cursor) - set(current)
         seen = {k: t["updated_at"] for k, t in current.items() if t.get("updated_at")}
     else:
-        mode = "incremental"
-        current, gone = _incremental(studio, project_id, base, cursor, task_count, seen)
+        gone = ({str(i) for i in plan["ids"]} - set(current)) & set(cursor)
+        seen.update({str(r["id"]): r["updated_at"] for r in plan["listed"]})
+        if plan["alive"] is not None:
+            alive = {str(i) for i in plan["alive"]}
+            gone |= set(cursor) - alive
+            seen = {k: v for k, v in seen.items() if k in alive}
+    watermark, task_count = plan["watermark"], plan["task_count"]
+
     new_cursor = {k: v for k, v in cursor.items() if k not in gone}
     new_cursor.update({k: rawstore.fingerprint(t) for k, t in current.items()})
     changed = [t for k, t in sorted(current.items(), key=lambda kv: int(kv[0]))
                if cursor.get(k) != new_cursor[k]]
     removed = sorted(int(k) for k in gone)
-    summary = {"mode": mode, "examined": len(current), "changed": len(changed),
+    summary = {"mode": plan["mode"], "examined": len(current), "changed": len(changed),
                "removed": len(removed)}
+    if resumed:
+        summary["resumed"] = {"export_calls": reused, "images": len(stage.images())}
     if not changed and not removed:
         if prev:
             _save_sync_state(state_path, seq=prev["seq"], watermark=watermark,
                              task_count=task_count, seen=seen)
+        stage.discard()
         return {"snapshot": None, **summary, "seconds": round(time.monotonic() - started, 2)}
 
-    key = params.studio.image_key
+    key = config.image_key
     urls = sorted({t["data"][key] for t in changed
                    if isinstance(t.get("data", {}).get(key), str) and t["data"][key] not in url_sha})
     t0 = time.monotonic()
-    fetched = _fetch_all(studio, urls, max_bytes=params.pull.max_image_bytes)
-    new_blobs: dict[str, bytes] = {}
-    for url, got in fetched.items():
-        if isinstance(got, bytes):
-            sha = sha256_bytes(got)
-            url_sha[url] = sha
-            new_blobs[sha] = got
+    failed = _fetch_all(studio, [u for u in urls if u not in stage.images()], stage,
+                        max_bytes=params.pull.max_image_bytes)
+    new_shas = set()
+    for url in urls:
+        if url in stage.images():
+            url_sha[url] = stage.images()[url]
+            new_shas.add(url_sha[url])
 
     image_rows = []
     for task in changed:
@@ -194,7 +273,7 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
         elif url in url_sha:
             row["sha256"] = url_sha[url]
         else:
-            row["error"] = fetched[url]
+            row["error"] = failed[url]
         image_rows.append(row)
 
     seq = int(prev["seq"]) + 1 if prev else 1
@@ -207,8 +286,8 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
     changes = rawstore.change_set(cursor, new_cursor,
                                   [str(t["id"]) for t in changed] + [str(r) for r in removed])
     atomic_write_json(tmp / "changes.json", changes)
-    if new_blobs:
-        atomic_write_bytes(tmp / "images.tar", tar_bytes(new_blobs))
+    if new_shas:
+        stage.write_tar(new_shas, tmp / "images.tar")
     # What each pre-annotated answer started from, for the acceptance audit (the export names
     # only the prediction's id). One listing, and only when a changed annotation has one.
     parents = {int(a["parent_prediction"]) for t in changed for a in t.get("annotations") or []
@@ -218,17 +297,19 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
                            sorted(studio.predictions(project_id, ids=parents),
                                   key=lambda r: r["id"]))
     summary.update(annotations={k: len(v) for k, v in changes.items()},
-                   images_fetched=len(new_blobs),
+                   images_fetched=len(new_shas),
                    image_errors=sum(1 for r in image_rows if r["error"]),
                    fetch_seconds=round(time.monotonic() - t0, 2))
     atomic_write_json(tmp / "meta.json", {
         "seq": seq, "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "label_studio_url": studio.conn.url, "project_id": project_id,
-        "classes": list(live_classes), "label_config_sha256": config_sha256, "counts": summary,
+        "classes": list(live_classes), "label_config_sha256": config.sha256,
+        "controls": config.as_meta(), "counts": summary,
         "cursor": new_cursor, "url_sha": url_sha, "watermark": watermark,
         "task_count": task_count})
     os.rename(tmp, root / f"{seq:06d}")  # the commit point: all of the snapshot or none of it
     _save_sync_state(state_path, seq=seq, watermark=watermark, task_count=task_count, seen=seen)
+    stage.discard()  # a kill before this leaves a staging folder the next pull drops (owner)
     return {"snapshot": f"{seq:06d}", **summary, "seconds": round(time.monotonic() - started, 2)}
 
 
@@ -236,6 +317,9 @@ def describe(result: dict) -> str:
     """The one-line summary of a pull, for people and logs."""
     head = (f"pull {result['mode']}: {result['examined']} task(s) examined in "
             f"{result.get('seconds', 0):.1f} s")
+    if result.get("resumed"):
+        head += (f" (resumed: {result['resumed']['export_calls']} export call(s) and "
+                 f"{result['resumed']['images']} image(s) from the interrupted pull)")
     if not result["snapshot"]:
         return f"{head}; nothing new in Label Studio"
     ann = result.get("annotations", {})

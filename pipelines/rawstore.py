@@ -24,6 +24,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines import labelconfig
 from pipelines.files import read_json, read_jsonl
 
 PULLS = "pulls"
@@ -92,6 +93,13 @@ class RawState:
     packs: dict[str, tuple[Path, int, int]] = field(default_factory=dict)  # sha -> (tar, off, len)
     predictions: dict[int, dict] = field(default_factory=dict)   # prediction id -> row
     snapshots: int = 0
+    # the labeling config's control names the annotations were made with (pull refuses a
+    # change between snapshots); snapshots from before they were recorded used labelgate's
+    controls: dict = field(default_factory=lambda: dict(labelconfig.DEFAULT.as_meta()))
+
+    @property
+    def choices_name(self) -> str:
+        return self.controls["choices_name"]
 
     def image_bytes(self, sha256: str) -> bytes:
         """The stored bytes, re-verified against their address on every read: a corrupted
@@ -113,6 +121,7 @@ def load(raw_dir: str | Path, *, upto: int | None = None) -> RawState:
         if upto is not None and int(snap.name) > upto:
             break
         state.snapshots += 1
+        last_snap = snap
         for task in read_jsonl(snap / "tasks.jsonl"):
             state.tasks[int(task["id"])] = task
         for row in read_jsonl(snap / "images.jsonl"):
@@ -128,6 +137,8 @@ def load(raw_dir: str | Path, *, upto: int | None = None) -> RawState:
             with tarfile.open(tar_path, "r:") as tar:
                 for member in tar.getmembers():
                     state.packs[member.name] = (tar_path, member.offset_data, member.size)
+    if state.snapshots:
+        state.controls = read_json(last_snap / "meta.json").get("controls") or state.controls
     return state
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from pipelines import pull, rawstore
 from pipelines.files import read_json, read_jsonl
 from pipelines.layout import Layout
-from pipelines.prepare import resolve
+from pipelines.labelconfig import chosen
+from pipelines.prepare import task_label
 from pipelines.settings import Params
-from pipelines.validate import chosen_label
 
 
 def _seq(version: str | None) -> int:
@@ -27,17 +27,15 @@ def _seq(version: str | None) -> int:
     return int(version.split("-")[1]) if version and version.startswith("pulls-") else 0
 
 
-def resolved_label(task: dict, params: Params) -> str | None:
-    """The task's label under the consensus policy, or None (skipped, disputed, incomplete)."""
+def resolved_label(task: dict, params: Params, choices_name: str) -> str | None:
+    """The task's label as validate + prepare would give it, or None (skipped, disputed,
+    incomplete, or quarantined for a vote that chose no known class)."""
     votes = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
-    labels = [chosen_label(a) for a in votes]
-    if not votes or any(label is None for label in labels):
+    if not votes:
         return None
-    label, _ = resolve(labels, [bool(a.get("ground_truth")) for a in votes],
-                       min_annotations=params.prepare.min_annotations,
-                       min_agreement=params.prepare.min_agreement,
-                       ground_truth_wins=params.prepare.ground_truth_wins)
-    return label if label in params.base.classes else None
+    label, _ = task_label([chosen(a.get("result"), choices_name) for a in votes],
+                          [bool(a.get("ground_truth")) for a in votes], params)
+    return label
 
 
 def new_resolved_labels(raw_dir: str | Path, since_version: str | None, *,
@@ -51,9 +49,10 @@ def new_resolved_labels(raw_dir: str | Path, since_version: str | None, *,
     count = 0
     for task_id in changed:
         task = now.tasks.get(task_id)
-        label = resolved_label(task, params) if task else None
+        label = resolved_label(task, params, now.choices_name) if task else None
         old = before.tasks.get(task_id)
-        if label is not None and label != (resolved_label(old, params) if old else None):
+        if label is not None and label != (resolved_label(old, params, before.choices_name)
+                                           if old else None):
             count += 1
     return count
 

@@ -17,20 +17,12 @@ import pandas as pd
 
 from pipelines import images, rawstore
 from pipelines.files import atomic_write_json, atomic_write_jsonl
-from pipelines.labelstudio import FROM_NAME
+from pipelines.labelconfig import chosen
 from pipelines.settings import Params
 
 
 class ValidationFailed(RuntimeError):
     pass
-
-
-def chosen_label(annotation: dict) -> str | None:
-    """The single class an annotation chose, or None (no choice, or several)."""
-    picked = [label for r in annotation.get("result") or []
-              if r.get("from_name") == FROM_NAME and r.get("type") == "choices"
-              for label in (r.get("value") or {}).get("choices") or []]
-    return picked[0] if len(picked) == 1 and isinstance(picked[0], str) else None
 
 
 def _annotator(annotation: dict) -> str:
@@ -41,6 +33,7 @@ def _annotator(annotation: dict) -> str:
 def collect(state: rawstore.RawState, params: Params) -> tuple[list[dict], list[dict], list[dict]]:
     """(candidate manifest rows, annotation rows, quarantine rows) before the GE suites."""
     rows, votes, quarantine = [], [], []
+    name = state.choices_name
     for task_id in sorted(state.tasks):
         task = state.tasks[task_id]
         annotations = task.get("annotations") or []
@@ -68,13 +61,13 @@ def collect(state: rawstore.RawState, params: Params) -> tuple[list[dict], list[
             reject("bad image", str(exc))
             continue
         for a in live:
-            votes.append({"task_id": task_id, "annotation_id": a.get("id"), "label": chosen_label(a),
+            votes.append({"task_id": task_id, "annotation_id": a.get("id"), "label": chosen(a.get("result"), name),
                           "annotator": _annotator(a), "ground_truth": bool(a.get("ground_truth"))})
         rows.append({
             "task_id": task_id,
             "annotation_ids": [a.get("id") for a in live],
             "annotators": [_annotator(a) for a in live],
-            "labels": [chosen_label(a) for a in live],
+            "labels": [chosen(a.get("result"), name) for a in live],
             "ground_truth": [bool(a.get("ground_truth")) for a in live],
             "skipped": skipped, "n_votes": len(live),
             "image_sha256": sha, "image_url": image.get("url"),

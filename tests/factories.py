@@ -146,7 +146,7 @@ def ls_task(task_id: int, label_or_labels: str | None | list[str | None], *, url
     assert len(skips) == n and len(gts) == n
     # imported here, not at the top: the GPU check machine runs tests/test_train.py without
     # the Label Studio SDK installed
-    from pipelines.labelstudio import choice_result
+    from pipelines.labelconfig import choice_result
     annotations = []
     for i, (label, skip, gt) in enumerate(zip(labels, skips, gts)):
         annotations.append({

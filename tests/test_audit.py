@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 
 from pipelines import audit, pull, rawstore
-from pipelines.labelstudio import choice_result
+from pipelines.labelconfig import choice_result
 from tests import factories
 
 

@@ -13,32 +13,37 @@ from pipelines.labelstudio import (Connection, ImageFetchError, LabelStudioError
 from tests.conftest import free_port
 
 
+U = "/data/upload/1"  # Label Studio's route for uploaded files: one the key may fetch
+
+
 class _Recorder(http.server.BaseHTTPRequestHandler):
-    """Serves /img (small PNG-ish bytes), /big (over the cap), /redirect (to `other`),
-    /slow (hangs); records every request's path and Authorization header."""
+    """Stands in for Label Studio's media routes and a storage host: serves .../img (small
+    bytes), .../big (over the cap), .../redirect (to `other`), .../slow (hangs), by the last
+    path segment; records every request's path and Authorization header."""
     seen: list = []
     other = ""
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         type(self).seen.append((self.server.server_address[1], self.path,
                                 self.headers.get("Authorization")))
-        if self.path == "/redirect":
+        name = "/" + self.path.rsplit("/", 1)[-1]
+        if name == "/redirect":
             self.send_response(302)
             self.send_header("Location", f"{type(self).other}/stolen")
             self.end_headers()
-        elif self.path == "/big":
+        elif name == "/big":
             self.send_response(200)
             self.end_headers()
             self.wfile.write(b"x" * 50_000)
-        elif self.path == "/slow":
+        elif name == "/slow":
             time.sleep(3)
             self.send_response(200)
             self.end_headers()
-        elif self.path in ("/flaky", "/throttled"):
+        elif name in ("/flaky", "/throttled"):
             hits = sum(1 for _, p, _ in type(self).seen if p == self.path)
             if hits <= 2:  # fail twice, then serve
-                self.send_response(503 if self.path == "/flaky" else 429)
-                if self.path == "/throttled":
+                self.send_response(503 if name == "/flaky" else 429)
+                if name == "/throttled":
                     self.send_header("Retry-After", "1")
                 self.end_headers()
             else:
@@ -46,13 +51,13 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
-        elif self.path == "/truncated":
+        elif name == "/truncated":
             self.send_response(200)
             self.send_header("Content-Length", "100")
             self.end_headers()
             self.wfile.write(b"0123456789")  # then the connection closes: 90 bytes short
             self.close_connection = True
-        elif self.path == "/missing":
+        elif name == "/missing":
             self.send_response(404)
             self.end_headers()
         else:
@@ -82,13 +87,13 @@ def fault_servers():
 def test_image_fetch_sends_key_only_to_configured_host(fault_servers):
     origin, other = fault_servers
     st = Studio(Connection(origin, "secret-key-123"), read_timeout_s=1.0)
-    assert st.fetch_image("/img", max_bytes=100) == b"hello"
+    assert st.fetch_image(f"{U}/img", max_bytes=100) == b"hello"
     with pytest.raises(ImageFetchError, match="redirect"):
-        st.fetch_image("/redirect", max_bytes=100)
+        st.fetch_image(f"{U}/redirect", max_bytes=100)
     with pytest.raises(ImageFetchError, match="host not allowed"):
         st.fetch_image(f"{other}/img", max_bytes=100)
     with pytest.raises(ImageFetchError, match="larger than"):
-        st.fetch_image("/big", max_bytes=1000)
+        st.fetch_image(f"{U}/big", max_bytes=1000)
     other_port = int(other.rsplit(":", 1)[1])
     assert [s for s in _Recorder.seen if s[0] == other_port] == []  # never contacted
     assert {auth for _, _, auth in _Recorder.seen} == {"Token secret-key-123"}
@@ -99,7 +104,7 @@ def test_listed_storage_host_is_fetched_without_the_key(fault_servers):
     st = Studio(Connection(origin, "secret-key-123"), read_timeout_s=1.0,
                 image_hosts=(storage.upper().replace("HTTP://", "http://"),))  # host case-folded
     assert st.fetch_image(f"{storage}/img", max_bytes=100) == b"hello"
-    assert st.fetch_image("/img", max_bytes=100) == b"hello"
+    assert st.fetch_image(f"{U}/img", max_bytes=100) == b"hello"
     with pytest.raises(ImageFetchError, match="redirect"):  # no redirects from storage either
         st.fetch_image(f"{storage}/redirect", max_bytes=100)
     with pytest.raises(ImageFetchError, match="pull.image_hosts"):  # another port: not listed
@@ -115,29 +120,29 @@ def test_image_fetch_times_out(fault_servers):
     st = Studio(Connection(fault_servers[0], "k"), read_timeout_s=0.5)
     # the server answers after 3 s: without a read timeout this would succeed
     with pytest.raises(LabelStudioError, match="ReadTimeout.*4 attempts"):
-        st.fetch_image("/slow", max_bytes=100)
+        st.fetch_image(f"{U}/slow", max_bytes=100)
 
 
 def test_image_fetch_retries_5xx_and_honours_retry_after(fault_servers):
     st = Studio(Connection(fault_servers[0], "k"), read_timeout_s=2)
-    assert st.fetch_image("/flaky", max_bytes=100) == b"ok"
+    assert st.fetch_image(f"{U}/flaky", max_bytes=100) == b"ok"
     t0 = time.monotonic()
-    assert st.fetch_image("/throttled", max_bytes=100) == b"ok"
+    assert st.fetch_image(f"{U}/throttled", max_bytes=100) == b"ok"
     assert time.monotonic() - t0 >= 2.0  # two 429s with Retry-After: 1
-    assert [p for _, p, _ in _Recorder.seen].count("/throttled") == 3
+    assert [p for _, p, _ in _Recorder.seen].count(f"{U}/throttled") == 3
 
 
 def test_truncated_body_is_an_error_not_data(fault_servers):
     st = Studio(Connection(fault_servers[0], "k"), read_timeout_s=2)
     with pytest.raises(LabelStudioError, match="kept failing"):
-        st.fetch_image("/truncated", max_bytes=1000)
+        st.fetch_image(f"{U}/truncated", max_bytes=1000)
 
 
 def test_missing_image_is_a_quarantine_reason(fault_servers):
     st = Studio(Connection(fault_servers[0], "k"), read_timeout_s=2)
     with pytest.raises(ImageFetchError, match="404"):
-        st.fetch_image("/missing", max_bytes=1000)
-    assert [p for _, p, _ in _Recorder.seen].count("/missing") == 1  # not retried
+        st.fetch_image(f"{U}/missing", max_bytes=1000)
+    assert [p for _, p, _ in _Recorder.seen].count(f"{U}/missing") == 1  # not retried
 
 
 def test_unreachable_server_names_the_url():
@@ -184,3 +189,96 @@ def test_project_setup_and_classes(label_studio):
     assert created and not created_again and again == pid
     names, digest = st.project_classes(pid)
     assert names == list(classes) and len(digest) == 64
+
+
+# -- hostile image URLs ---------------------------------------------------------------------
+# Label Studio's own API on its own origin, reached through every spelling a task could use.
+API_PATHS = ["/api/current-user/token", "/api/current-user/whoami", "/api/users/",
+             "/api/projects/", "/api/token/", "/user/account/", "/admin/", "/api/version",
+             "/data/upload", "/data/uploads/1/x.png", "/data/local-filesx/?d=a",
+             "/tasks/1/resolvex/", "/tasks/x/resolve/", "/health"]
+TRAVERSALS = ["/data/upload/../../api/current-user/token",
+              "/data/upload/%2e%2e/%2e%2e/api/current-user/token",
+              "/data/upload/..%2f..%2fapi/current-user/token",
+              "/data/upload/..%2F..%2Fapi/users/", "/data/upload/.%2e/api/users/",
+              "/data/upload/..\\..\\api\\users", "/data/local-files/../api/users/",
+              "/data/upload/./../api/projects/", "/tasks/1/resolve/../../api/users/"]
+MALFORMED = ["http://[::1", "http://[name]/data/upload/1/x.png", "http://h:99999/x.png",
+             "http://h:port/x.png", "http://[::1]]/x", "http://%zz/x", "",
+             "/data/upload/1/x\x00.png", "/data/upload/1/x\n.png", "/data/upload/1/\x7f.png",
+             "/data/upload/1/x .png", "\t/data/upload/1/x.png", "javascript:alert(1)",
+             "file:///etc/passwd", "ftp://h/x.png", "data:image/png;base64,AAAA",
+             "//user:pw@127.0.0.1/x.png", "http:///x.png", "http://user@/x.png",
+             "/data/upload/1/" + "a" * 5000, "\u202e/data/upload/1/x.png"]
+
+
+def _url_corpus(origin: str, other: str, n: int = 150) -> list[str]:
+    """A seeded mix of hosts x paths x mutations, plus the fixed forms above."""
+    import random
+    rng = random.Random(1234)
+    hosts = [origin, origin.replace("127.0.0.1", "localhost"), other, "", "//127.0.0.1",
+             origin.upper(), origin + ":80", "http://[::1]", "https://" + origin[7:]]
+    paths = API_PATHS + TRAVERSALS + [f"{U}/img", "/data/local-files/?d=a/b.png",
+                                      "/tasks/3/presign/?fileuri=czM6Ly9i", "/projects/2/resolve/"]
+    mutations = [lambda p: p, lambda p: p + "?x=1", lambda p: p + "#frag",
+                 lambda p: p.replace("/", "//", 1), lambda p: p.upper(),
+                 lambda p: p + "\x00", lambda p: p + "%00", lambda p: " " + p,
+                 lambda p: p.replace("a", "%61"), lambda p: p + "/" + "b" * rng.randint(1, 6000)]
+    out = [h + p for h in hosts for p in API_PATHS + TRAVERSALS]
+    out += [rng.choice(mutations)(rng.choice(hosts) + rng.choice(paths)) for _ in range(n)]
+    return out + MALFORMED
+
+
+def test_key_fetches_only_media_routes_and_hostile_urls_are_reasons(fault_servers):
+    """Every URL form ends in bytes or ImageFetchError/LabelStudioError -- never another
+    exception -- and no request carrying the key reaches anything but a media route."""
+    from pipelines.labelstudio import MEDIA_ROUTES
+    origin, other = fault_servers
+    st = Studio(Connection(origin, "secret-key-123"), read_timeout_s=1.0)
+    corpus = _url_corpus(origin, other)
+    outcomes = {"bytes": 0, "refused": 0}
+    for url in corpus:
+        try:
+            st.fetch_image(url, max_bytes=100_000)
+            outcomes["bytes"] += 1
+        except (ImageFetchError, LabelStudioError) as exc:
+            assert str(exc) and "secret-key-123" not in str(exc)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > len(API_PATHS) + len(TRAVERSALS) + len(MALFORMED)
+    assert outcomes["bytes"] > 0  # the corpus does contain real media URLs
+    keyed = [path for _, path, auth in _Recorder.seen if auth]
+    assert keyed, "media routes were fetched with the key"
+    for path in keyed:
+        bare = path.split("?", 1)[0]
+        assert ".." not in bare and "%2e" not in bare.lower()
+        assert any(r.fullmatch(bare) for r in MEDIA_ROUTES), path
+    # the API itself was never asked anything, with or without the key
+    assert not [p for _, p, _ in _Recorder.seen if p.lower().startswith(("/api", "//api"))]
+
+
+def test_embedded_key_never_goes_to_another_server(monkeypatch, tmp_path):
+    import json
+    (tmp_path / "credentials.json").write_text(json.dumps(
+        {"url": "http://127.0.0.1:8089", "api_key": "embedded-secret-key"}))
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://192.0.2.10:8080")
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    with pytest.raises(LabelStudioError, match="LABEL_STUDIO_API_KEY") as err:
+        connection_from_env(tmp_path)
+    assert "embedded-secret-key" not in str(err.value)
+    # the embedded server itself still gets it
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:8089")
+    assert connection_from_env(tmp_path).api_key == "embedded-secret-key"
+
+
+@pytest.mark.parametrize("url,key,match", [
+    ("http://[::1", "k", "not a valid URL"), ("http://h:99999", "k", "not a valid URL"),
+    ("http://[name]:8080", "k", "not a valid URL"), ("http://", "k", "with a host"),
+    ("http://h:8080/?token=x", "k", "query"), ("http://u:p@h:8080", "k", "user:password"),
+    ("http://127.0.0.1:8080", "clé-ünïcode", "non-ASCII"),
+    ("http://127.0.0.1:8080", "key with space", "spaces"),
+    ("http://127.0.0.1:8080", "key\x07", "control")])
+def test_bad_environment_is_a_clear_error(monkeypatch, tmp_path, url, key, match):
+    monkeypatch.setenv("LABEL_STUDIO_URL", url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", key)
+    with pytest.raises(LabelStudioError, match=match):
+        connection_from_env(tmp_path)

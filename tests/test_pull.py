@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from pipelines import pull, rawstore
-from pipelines.labelstudio import choice_result
+from pipelines.labelconfig import choice_result
 from tests.conftest import REPO
 from pipelines.settings import load
 
@@ -42,8 +42,11 @@ def test_pull_snapshot_then_nothing_new(project, tmp_path):
     state = rawstore.load(tmp_path)
     assert len(state.tasks) == annotated
     assert all(row["sha256"] in state.packs for row in state.images.values() if row["sha256"])
-    # the two broken files are still real bytes; the server served them
-    assert first["image_errors"] == 0
+    # the truncated PNG is stored (validate quarantines it); the text file named .png is
+    # refused at the door: the versioned store holds image bytes only
+    assert first["image_errors"] == 1
+    (err,) = [row["error"] for row in state.images.values() if row["error"]]
+    assert err.startswith("not an image")
     second = pull.run(tmp_path, studio=project["studio"], project_id=project["id"], params=params)
     assert second["snapshot"] is None and second["changed"] == 0
     assert len(rawstore.snapshot_dirs(tmp_path)) == 1
@@ -210,3 +213,109 @@ def test_concurrent_pulls_into_one_directory_take_turns(project, tmp_path):
                                 range(2)))
     assert sorted(str(r["snapshot"]) for r in results) == ["000001", "None"]
     assert len(rawstore.snapshot_dirs(tmp_path)) == 1
+
+
+def test_killed_first_pull_resumes_where_it_stopped(project, tmp_path, monkeypatch):
+    """A first pull killed after some export calls and images resumes from its staging folder
+    -- those calls are not made again -- and ends exactly like one uninterrupted pull."""
+    from pipelines import staging
+    params = _params(project)
+    monkeypatch.setattr(pull, "EXPORT_IDS_PER_CALL", 7)  # several calls on a small project
+    resumed, clean = tmp_path / "resumed", tmp_path / "clean"
+    st = project["studio"]
+
+    class Killed(BaseException):
+        """Like SIGKILL: nothing after it runs."""
+
+    calls = {"export": 0, "image": 0}
+    real_export, real_fetch = st.export_tasks, st.fetch_image
+
+    def export_then_die(pid, ids):
+        calls["export"] += 1
+        if calls["export"] == 4:
+            raise Killed()
+        return real_export(pid, ids)
+    monkeypatch.setattr(st, "export_tasks", export_then_die)
+    with pytest.raises(Killed):
+        pull.run(resumed, studio=st, project_id=project["id"], params=params)
+    assert rawstore.snapshot_dirs(resumed) == []
+    assert len(list((staging.staging_dir(resumed) / "chunks").iterdir())) == 3
+
+    # second attempt: exports all, then dies after a few images
+    calls["export"] = -10**9
+    def fetch_then_die(url, **kw):
+        calls["image"] += 1
+        if calls["image"] == 6:
+            raise Killed()
+        return real_fetch(url, **kw)
+    monkeypatch.setattr(st, "fetch_image", fetch_then_die)
+    with pytest.raises(Killed):
+        pull.run(resumed, studio=st, project_id=project["id"], params=params)
+    staged_images = len(staging.Staging.open(resumed, project_id=project["id"],
+                                             prev_seq=None).images())
+    assert staged_images >= 3
+
+    # third attempt, undisturbed: reuses what was staged
+    made = []
+    monkeypatch.setattr(st, "export_tasks", lambda pid, ids: made.append(ids) or real_export(pid, ids))
+    monkeypatch.setattr(st, "fetch_image", real_fetch)
+    result = pull.run(resumed, studio=st, project_id=project["id"], params=params)
+    total_calls = -(-len(st.annotated_task_ids(project["id"])) // 7)
+    assert result["resumed"]["export_calls"] == total_calls and made == []
+    assert result["resumed"]["images"] == staged_images
+    assert "resumed" in pull.describe(result)
+    assert not staging.staging_dir(resumed).exists()  # removed once the snapshot is committed
+
+    monkeypatch.setattr(st, "export_tasks", real_export)
+    pull.run(clean, studio=st, project_id=project["id"], params=params)
+    a, b = rawstore.snapshot_dirs(resumed)[0], rawstore.snapshot_dirs(clean)[0]
+    for name in ("tasks.jsonl", "images.jsonl", "images.tar", "removed.json", "changes.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_staging_of_another_pull_is_not_reused(project, tmp_path):
+    """A staging folder left by a pull of another project (or before the latest snapshot) is
+    dropped, never mixed into this pull."""
+    from pipelines import staging
+    stale = staging.Staging.open(tmp_path, project_id=project["id"] + 999, prev_seq=None)
+    stale.save_plan({"mode": "full", "watermark": None, "task_count": 1, "ids": [1]})
+    stale.save_chunk(0, [{"id": 1, "data": {}, "annotations": [{"id": 5}]}])
+    result = pull.run(tmp_path, studio=project["studio"], project_id=project["id"],
+                      params=_params(project))
+    assert "resumed" not in result
+    assert result["changed"] == len(project["studio"].annotated_task_ids(project["id"]))
+    assert all(t["data"] for t in rawstore.load(tmp_path).tasks.values())  # no stale task
+
+
+def test_hostile_task_urls_are_quarantined_not_fatal_and_never_stored(make_project, label_studio,
+                                                                      tmp_path):
+    """Tasks whose image URL points at Label Studio's own API (its token among them), a path
+    traversal the server answers with an error, or a malformed URL: each becomes that task's
+    reason; the pull completes; the versioned store holds image bytes only."""
+    project = make_project(limit=12, eval_tasks=2, unlabeled_tasks=0)
+    st, pid = project["studio"], project["id"]
+    conn = label_studio["conn"]
+    user = st.check()
+    hostile = ["/api/current-user/token", "/api/current-user/whoami", f"{conn.url}/api/users/",
+               "/data/upload/../../api/current-user/token", "/data/local-files/?d=../../../etc/passwd",
+               "/data/local-files/?d=%2e%2e/%2e%2e/etc/passwd", "http://[::1", "http://[name]/x.png",
+               "/data/upload/1/x\x00.png", "/data/upload/" + "a" * 5000,
+               "http://127.0.0.1:1/x.png", "/data/upload/1/missing.png"]
+    st.import_tasks(pid, [{"data": {"image": url}, "annotations": [
+        {"result": choice_result("3"), "completed_by": user}]} for url in hostile])
+    result = pull.run(tmp_path, studio=st, project_id=pid, params=_params(project))
+    assert result["snapshot"] == "000001"
+    state = rawstore.load(tmp_path)
+    rows = {row["url"]: row for row in state.images.values()}
+    for url in hostile:
+        assert rows[url]["sha256"] is None and rows[url]["error"], url
+    # everything kept is an image, and the key is nowhere in the store
+    for sha in state.packs:
+        assert pull.looks_like_image(state.image_bytes(sha))
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "pulls").rglob("*") if p.is_file())
+    assert conn.api_key.encode() not in blob
+
+
+def test_image_signatures_cover_the_accepted_formats():
+    from pipelines import images
+    assert set(pull.IMAGE_SIGNATURES) == set(images.ALLOWED_FORMATS)

@@ -16,8 +16,8 @@ from PIL import Image  # noqa: E402
 
 from pipelines import validate  # noqa: E402
 from pipelines.files import read_json, read_jsonl, sha256_bytes  # noqa: E402
-from pipelines.labelstudio import FROM_NAME, TO_NAME, choice_result  # noqa: E402
-from pipelines.validate import ValidationFailed, chosen_label  # noqa: E402
+from pipelines.labelconfig import FROM_NAME, TO_NAME, choice_result, chosen  # noqa: E402
+from pipelines.validate import ValidationFailed  # noqa: E402
 from tests import factories  # noqa: E402
 from tests.factories import image_row, ls_task, task_url  # noqa: E402
 
@@ -233,7 +233,11 @@ def test_empty_raw_store_is_a_readable_failure(tmp_path):
         validate.run(tmp_path / "raw", tmp_path / "out", params=factories.params())
 
 
-# -- chosen_label --------------------------------------------------------------------------------
+# -- which label an annotation chose (labelconfig.chosen, what validate reads) --------------------
+
+def chosen_label(annotation: dict) -> str | None:
+    return chosen(annotation.get("result"), FROM_NAME)
+
 
 def ann(result):
     return {"id": 1, "result": result}
