@@ -129,7 +129,7 @@ class Params:
 
 
 # -- limits of the file itself --------------------------------------------------------------------
-MAX_FILE_BYTES = 256 * 1024  # the real file is ~5 KB; PyYAML parses ~1 MB/s in pure Python
+MAX_FILE_BYTES = 128 * 1024  # the real file is ~5 KB; pure-Python PyYAML: ~2 s of CPU per 128 KB
 MAX_VALUES = 20_000          # YAML nodes once aliases are expanded (a billion-laughs bomb stops here)
 MAX_DEPTH = 16               # section -> key -> list -> item is depth 3
 MAX_CLASSES = 10_000
@@ -276,9 +276,9 @@ _RULES: dict[str, Rule] = {
 }
 
 
-def _coerce(key: str, tp: object, value: object) -> object:
+def _coerce(key: str, tp: object, value: object, source: str) -> object:
     def bad(what: str) -> ParamsError:
-        return ParamsError(f"params.yaml: {key} must be {what}, got {show(value)}")
+        return ParamsError(f"{source}: {key} must be {what}, got {show(value)}")
 
     if tp is bool:
         if not isinstance(value, bool):
@@ -322,45 +322,45 @@ def _name(key: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _section(name: str, cls: type, raw: object) -> object:
+def _section(name: str, cls: type, raw: object, source: str) -> object:
     if not isinstance(raw, dict):
-        raise ParamsError(f"params.yaml: section '{name}' must be a mapping, got {show(raw)}")
+        raise ParamsError(f"{source}: section '{name}' must be a mapping, got {show(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted((k for k in raw if k not in names), key=repr)  # keys may be any YAML scalar
     if unknown:
-        raise ParamsError(f"params.yaml: unknown key {name}.{_name(unknown[0])} "
+        raise ParamsError(f"{source}: unknown key {name}.{_name(unknown[0])} "
                           f"(known: {', '.join(names)})")
     values = {}
     for field in names:
         key = f"{name}.{field}"
         if field not in raw:
-            raise ParamsError(f"params.yaml: missing key {key}")
-        value = _coerce(key, hints[field], raw[field])
+            raise ParamsError(f"{source}: missing key {key}")
+        value = _coerce(key, hints[field], raw[field], source)
         rule = _RULES.get(key)
         if rule and not rule[0](value):
-            raise ParamsError(f"params.yaml: {key} must be {rule[1]}, got {show(raw[field])}")
+            raise ParamsError(f"{source}: {key} must be {rule[1]}, got {show(raw[field])}")
         values[field] = value
     return cls(**values)
 
 
-def parse(raw: object) -> Params:
-    """Typed settings from an already-parsed YAML document."""
+def parse(raw: object, *, source: str = "params.yaml") -> Params:
+    """Typed settings from an already-parsed YAML document; messages start with `source`."""
     if not isinstance(raw, dict):
-        raise ParamsError("params.yaml: the top level must be a mapping of sections")
+        raise ParamsError(f"{source}: the top level must be a mapping of sections")
     hints = typing.get_type_hints(Params)
     unknown = sorted((k for k in raw if k not in hints), key=repr)
     if unknown:
-        raise ParamsError(f"params.yaml: unknown section '{_name(unknown[0])}' "
+        raise ParamsError(f"{source}: unknown section '{_name(unknown[0])}' "
                           f"(known: {', '.join(hints)})")
     sections = {}
     for name, cls in hints.items():
         if name not in raw:
-            raise ParamsError(f"params.yaml: missing section '{name}'")
-        sections[name] = _section(name, cls, raw[name])
+            raise ParamsError(f"{source}: missing section '{name}'")
+        sections[name] = _section(name, cls, raw[name], source)
     params = Params(**sections)
     if params.validate.min_side > params.validate.max_side:
-        raise ParamsError("params.yaml: validate.min_side must not exceed validate.max_side "
+        raise ParamsError(f"{source}: validate.min_side must not exceed validate.max_side "
                           f"(got {params.validate.min_side} > {params.validate.max_side})")
     return params
 
@@ -421,9 +421,38 @@ def _check_tree(loader: yaml.SafeLoader, root: yaml.Node) -> None:
         stack.extend(reversed(children))  # depth first, in document order
 
 
+def _child(where: str, index: object) -> str:
+    """The dotted name of a child node: `train` + key `epochs` -> `train.epochs`; index 3 ->
+    `base.classes[3]`."""
+    if isinstance(index, int):
+        return f"{where}[{index}]"
+    name = _name(index.value) if isinstance(index, yaml.ScalarNode) else "?"
+    return f"{where}.{name}" if where else name
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader (no Python objects, ever) whose composer stops at MAX_DEPTH with the dotted
+    name of the place, instead of a RecursionError at ~300 levels of `[[[...`."""
+
+    def __init__(self, text: str, name: str) -> None:
+        super().__init__(text)
+        self.name = name  # marks say `in "<file>", line 4` rather than "<unicode string>"
+        self._where = [""]
+
+    def compose_node(self, parent, index):
+        where = self._where[-1] if parent is None else _child(self._where[-1], index)
+        if len(self._where) > MAX_DEPTH:
+            raise ParamsError(f"{where or 'the top level'} is nested more than {MAX_DEPTH} "
+                              "levels deep")
+        self._where.append(where)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._where.pop()
+
+
 def _read_yaml(text: str, name: str) -> object:
-    loader = yaml.SafeLoader(text)  # SafeLoader: no Python objects, ever
-    loader.name = name  # YAML's error marks say `in "<name>", line 4` rather than "<unicode string>"
+    loader = _Loader(text, name)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -472,7 +501,10 @@ def load(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: not valid YAML: nested too deeply") from None
     except ParamsError as exc:  # from _check_tree, which names the key
         raise ParamsError(f"{path}: {exc}") from None
-    return parse(raw)
+    if raw is None:
+        raise ParamsError(f"{path} is empty (or only comments); it needs the sections "
+                          f"{', '.join(typing.get_type_hints(Params))}")
+    return parse(raw, source=str(path))
 
 
 # -- the environment ------------------------------------------------------------------------------
@@ -481,6 +513,7 @@ def check_studio_env(url: str, key: str) -> str:
     """LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY as read from the environment (or the embedded
     server's credentials): the URL without a trailing slash, or a ParamsError naming the variable
     and what to fix. The key is never echoed (it is a secret); the URL is, bounded."""
+    import httpx  # here, not at the top: every stage imports settings, few talk to Label Studio
     where = "LABEL_STUDIO_URL"
     if not isinstance(url, str) or not url.strip():
         raise ParamsError(f"{where} is empty; set it to Label Studio's address, e.g. "
@@ -495,7 +528,11 @@ def check_studio_env(url: str, key: str) -> str:
     except ValueError as exc:
         raise ParamsError(f"{where} is not a valid URL ({exc}), got {show(url)}; e.g. "
                           "http://127.0.0.1:8080 or http://[::1]:8080") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:  # what the client will parse: stricter than urlsplit (`http://[::1]]:8080`)
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ParamsError(f"{where} is not a valid URL ({exc}), got {show(url)}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ParamsError(f"{where} must start with http:// or https:// and name a host, got "
                           f"{show(url)}")
     if "@" in parts.netloc:
