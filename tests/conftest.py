@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,11 @@ import yaml
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Flows report to the suite's one Prefect server (the `prefect_api` fixture), never to a
+# temporary per-process one: that one misses its start-up window on a busy machine. A flow run
+# without the fixture fails at once instead. Prefect's client home is a throwaway folder.
+os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="labelgate-test-prefect-"))
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,6 +43,32 @@ def label_studio(tmp_path_factory):
     conn = studio.up(data_dir, port=free_port())
     yield {"conn": conn, "dir": data_dir, "files": data_dir / "files"}
     studio.down(data_dir)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real Prefect server for the session, started the way `labelgate run` starts the
+    embedded one (pipelines.prefect_server); PREFECT_API_URL names it for this process and the
+    commands it starts. A user's own PREFECT_API_URL is set aside: tests never write there."""
+    from pipelines import prefect_server
+    home = tmp_path_factory.mktemp("prefect")
+    user = os.environ.pop("PREFECT_API_URL", None)
+    url = prefect_server.ensure(home, port=free_port())
+    yield {"url": url, "ui": prefect_server.ui_url(url), "home": home}
+    _drain_prefect_workers()  # logs and events still queued go out before the server stops
+    prefect_server.down(home)
+    if user is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = user
+    prefect.context.refresh_global_settings_context()
+
+
+def _drain_prefect_workers() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()
 
 
 @pytest.fixture(scope="session")
