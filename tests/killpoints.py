@@ -3,8 +3,9 @@ MODULE ARGS`) in a subprocess that SIGKILLs itself right before its Nth write un
 
 The process watches itself through Python's audit hooks (PEP 578), not through a hook in
 labelgate's code: the events are file opens for writing (creations, appends, mkstemp), renames,
-removals, truncations and directory creations. SIGKILL cannot be caught, so whatever the process
-had not written stays unwritten, exactly as after `kill -9` or a power cut of the process.
+removals, truncations and directory creations, and (counted apart) network connections. SIGKILL
+cannot be caught, so whatever the process had not written stays unwritten, exactly as after
+`kill -9`.
 
 Plain functions, no fixtures (tests/conftest.py is owned elsewhere).
 """
@@ -22,7 +23,8 @@ _DRIVER = r'''
 import os, signal, sys, runpy
 root = os.path.realpath(os.environ["KILLPOINTS_ROOT"])
 kill_at = int(os.environ.get("KILLPOINTS_AT", "-1"))
-count = 0
+connect_kill_at = int(os.environ.get("KILLPOINTS_CONNECT_AT", "-1"))
+count = connects = 0
 WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 def _path(p):
@@ -37,7 +39,12 @@ def _path(p):
         return ""
 
 def hook(event, args):
-    global count
+    global count, connects
+    if event == "socket.connect":
+        if connects == connect_kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        connects += 1
+        return
     if event == "open":
         path, mode, flags = args
         if not (flags or 0) & WRITE and not (mode and any(c in str(mode) for c in "wax+")):
@@ -76,12 +83,14 @@ class Run:
 
 
 def run(module: str, args: list[str], *, root: Path, kill_at: int | None = None,
-        env: dict[str, str] | None = None, cwd: Path | None = None,
-        timeout_s: float = 300) -> Run:
+        kill_at_connect: int | None = None, env: dict[str, str] | None = None,
+        cwd: Path | None = None, timeout_s: float = 300) -> Run:
     """`python -m module args`, killed right before its write event number `kill_at` (0-based)
-    under `root`, or run to the end (`kill_at=None`), listing its write events."""
+    under `root`, or right before its network connection number `kill_at_connect`, or run to
+    the end (both None), listing its write events."""
     full_env = {**os.environ, **(env or {}), "KILLPOINTS_ROOT": str(root),
                 "KILLPOINTS_AT": str(-1 if kill_at is None else kill_at),
+                "KILLPOINTS_CONNECT_AT": str(-1 if kill_at_connect is None else kill_at_connect),
                 "PYTHONDONTWRITEBYTECODE": "1",
                 "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", _DRIVER, module, *args], env=full_env,
