@@ -5,7 +5,7 @@ VENV := .venv
 STUDIO_VENV := .venv-studio
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test studio-down clean
+.PHONY: setup demo test test-fast studio-down prefect-down clean
 
 setup: $(VENV)/.installed $(STUDIO_VENV)/.installed
 
@@ -25,8 +25,17 @@ demo: setup
 test: setup
 	$(VENV)/bin/pytest
 
+# the inner loop: everything but the tests marked slow (trainings, server starts, a browser)
+test-fast: setup
+	$(VENV)/bin/pytest -m "not slow"
+
 studio-down:
 	$(VENV)/bin/labelgate studio down
 
-clean:
+prefect-down:
+	$(VENV)/bin/labelgate prefect down
+
+clean:  # stop the servers whose state is about to go, then remove it
+	-[ -x $(VENV)/bin/labelgate ] && $(VENV)/bin/labelgate prefect down
+	-[ -x $(VENV)/bin/labelgate ] && $(VENV)/bin/labelgate studio down
 	rm -rf $(VENV) $(STUDIO_VENV) .labelgate
