@@ -23,7 +23,7 @@ import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
-from pipelines import labelconfig
+from pipelines import labelconfig, settings
 from pipelines.labelconfig import LabelingConfig, choice_result, label_config  # noqa: F401 (re-exported)
 
 
@@ -132,48 +132,38 @@ def credentials_file(studio_dir: str | Path) -> Path:
 
 
 def connection_from_env(studio_dir: str | Path | None = None) -> Connection:
-    """LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, else the embedded server's credentials file."""
+    """LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY, else the embedded server's credentials file,
+    checked (settings.check_studio_env): a clear error, never a traceback, for a malformed URL
+    or a key no HTTP header can carry."""
     url = os.environ.get("LABEL_STUDIO_URL")
     key = os.environ.get("LABEL_STUDIO_API_KEY")
-    if url:
-        url = _checked_base_url(url)
     if not key and studio_dir is not None and credentials_file(studio_dir).exists():
         creds = json.loads(credentials_file(studio_dir).read_text())
         # The embedded server's key belongs to the embedded server: never send it to another
         # origin that LABEL_STUDIO_URL happens to name.
-        if url and _origin(url) != _origin(creds["url"]):
+        if url and not _same_origin(url, creds["url"]):
             raise LabelStudioError(
-                f"LABEL_STUDIO_URL points at {_origin(url)[1]} but LABEL_STUDIO_API_KEY is not "
-                "set; the embedded server's key is only ever sent to the embedded server. Set "
-                "LABEL_STUDIO_API_KEY to a key of that Label Studio (Account & Settings).")
+                "LABEL_STUDIO_URL names another server than the embedded one but "
+                "LABEL_STUDIO_API_KEY is not set; the embedded server's key is only ever sent "
+                "to the embedded server. Set LABEL_STUDIO_API_KEY to a key of that Label "
+                "Studio (Account & Settings), or unset LABEL_STUDIO_URL.")
         url, key = url or creds["url"], creds["api_key"]
     if not url or not key:
         raise LabelStudioError(
             "No Label Studio configured: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, "
             "or start the embedded server with `labelgate studio up`.")
-    if not key.isascii() or not key.isprintable() or " " in key:
-        raise LabelStudioError("LABEL_STUDIO_API_KEY holds characters an API key never has "
-                               "(non-ASCII, spaces or control characters): copy it again from "
-                               "Label Studio (Account & Settings).")
-    return Connection(url=url.rstrip("/"), api_key=key)
-
-
-def _checked_base_url(url: str) -> str:
-    """LABEL_STUDIO_URL, or an error that says what is wrong with it (never a traceback)."""
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 -- raises ValueError on a bad port
-        httpx.URL(url)
-    except (ValueError, httpx.InvalidURL) as exc:
-        raise LabelStudioError(f"LABEL_STUDIO_URL is not a valid URL ({exc}): expected "
-                               "something like http://127.0.0.1:8080") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise LabelStudioError(f"LABEL_STUDIO_URL must be an http(s) URL with a host, got "
-                               f"{url[:200]!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise LabelStudioError("LABEL_STUDIO_URL must not carry a query, fragment or "
-                               "user:password; put the key in LABEL_STUDIO_API_KEY")
-    return url
+        url = settings.check_studio_env(url, key)
+    except settings.ParamsError as exc:
+        raise LabelStudioError(str(exc)) from None
+    return Connection(url=url, api_key=key)
+
+
+def _same_origin(a: str, b: str) -> bool:
+    try:
+        return _origin(a) == _origin(b) and urlsplit(a).port == urlsplit(b).port
+    except ValueError:  # a malformed URL is no origin of ours
+        return False
 
 
 def _iso(value) -> str:

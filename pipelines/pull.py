@@ -24,7 +24,7 @@ from pipelines.labelstudio import (EXPORT_IDS_PER_CALL, ImageFetchError, LabelSt
                                    connection_from_env)
 from pipelines.labelconfig import DEFAULT, UnsupportedConfig
 from pipelines.staging import Staging
-from pipelines.settings import Params
+from pipelines.settings import Params, brief
 
 FETCH_WORKERS = 2  # concurrent image downloads: Label Studio's server peaks at 2 (~100 images/s)
 OVERLAP_S = 5     # re-list tasks updated this long before the last watermark: a save whose
@@ -157,12 +157,6 @@ def _minus(iso: str, seconds: float) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _names(names: list[str], limit: int = 10) -> str:
-    """A list of class names for a message: the first `limit`, then how many more."""
-    shown = ", ".join(repr(n[:40]) for n in names[:limit])
-    return (f"{shown} and {len(names) - limit} more" if len(names) > limit else shown) or "none"
-
-
 def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
         full: bool = False) -> dict:
     """Write `data/raw/pulls/NNNNNN/` with the tasks that changed; return a summary. Pulls into
@@ -200,7 +194,7 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
         gone_cls = [c for c in params.base.classes if c not in set(live_classes)]
         raise PullError(
             "The labeling config in Label Studio no longer matches base.classes in params.yaml "
-            f"(in Label Studio only: {_names(added)}; in params.yaml only: {_names(gone_cls)}"
+            f"(in Label Studio only: {brief(added)}; in params.yaml only: {brief(gone_cls)}"
             f"{'; same names, other order' if not added and not gone_cls else ''}). If the "
             "change is intended, update base.classes, then pull again.")
 

@@ -319,3 +319,13 @@ def test_hostile_task_urls_are_quarantined_not_fatal_and_never_stored(make_proje
 def test_image_signatures_cover_the_accepted_formats():
     from pipelines import images
     assert set(pull.IMAGE_SIGNATURES) == set(images.ALLOWED_FORMATS)
+
+
+def test_a_thousand_class_mismatch_is_a_short_message(project, tmp_path):
+    import dataclasses
+    params = _params(project)
+    many = dataclasses.replace(params, base=dataclasses.replace(
+        params.base, classes=tuple(f"class-{i}" for i in range(1000))))
+    with pytest.raises(pull.PullError) as err:
+        pull.run(tmp_path, studio=project["studio"], project_id=project["id"], params=many)
+    assert len(str(err.value)) < 800 and "1000 in all" in str(err.value)

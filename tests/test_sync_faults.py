@@ -98,3 +98,46 @@ def test_non_json_or_truncated_export_is_an_error_and_writes_nothing(project, pr
     assert served == (1 if fault == "html" else 4)
     assert rawstore.snapshot_dirs(tmp_path) == []
     assert not (tmp_path / "pulls").exists() or not any((tmp_path / "pulls").iterdir())
+
+
+def test_label_studio_gone_mid_pull_fails_cleanly_then_the_rerun_resumes(project, label_studio,
+                                                                         tmp_path, monkeypatch):
+    """Label Studio stops answering in the middle of a first pull (a restart): the pull ends
+    with a clear error and no snapshot; once it is back, the re-run resumes (the export calls
+    already made are not made again) and equals one uninterrupted pull."""
+    monkeypatch.setattr(pull, "EXPORT_IDS_PER_CALL", 5)  # several calls on a small project
+    port = free_port()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Proxy)
+    _Proxy.upstream, _Proxy.faults = label_studio["conn"].url, {}
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    studio = Studio(Connection(f"http://127.0.0.1:{port}", label_studio["conn"].api_key),
+                    connect_timeout_s=1, read_timeout_s=30)
+    real_export = studio.export_tasks
+    calls = []
+
+    def export_then_go_down(pid, ids):
+        calls.append(ids)
+        if len(calls) == 3:  # the server goes away between two export calls
+            srv.shutdown()
+            srv.server_close()
+        return real_export(pid, ids)
+    monkeypatch.setattr(studio, "export_tasks", export_then_go_down)
+    raw = tmp_path / "raw"
+    with pytest.raises(LabelStudioError, match="Cannot reach Label Studio"):
+        pull.run(raw, studio=studio, project_id=project["id"], params=_params(project))
+    assert rawstore.snapshot_dirs(raw) == []
+
+    back = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Proxy)  # restarted, same URL
+    threading.Thread(target=back.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(studio, "export_tasks", real_export)
+        result = pull.run(raw, studio=studio, project_id=project["id"], params=_params(project))
+    finally:
+        back.shutdown()
+    assert result["snapshot"] == "000001" and result["resumed"]["export_calls"] == 2
+    clean = tmp_path / "clean"
+    pull.run(clean, studio=Studio(label_studio["conn"]), project_id=project["id"],
+             params=_params(project))
+    a, b = rawstore.snapshot_dirs(raw)[0], rawstore.snapshot_dirs(clean)[0]
+    for name in ("tasks.jsonl", "images.jsonl", "images.tar", "changes.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
