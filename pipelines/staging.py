@@ -19,15 +19,14 @@ because the plan's watermark, taken before the listing, is what the snapshot rec
 """
 from __future__ import annotations
 
-import contextlib
 import io
-import json
 import os
 import shutil
 import tarfile
 from pathlib import Path
 
-from pipelines.files import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
+from pipelines.files import (append_jsonl, atomic_write_bytes, atomic_write_json,
+                             atomic_write_jsonl, read_json, read_jsonl, sha256_bytes)
 
 PLAN_VERSION = 1
 
@@ -80,29 +79,19 @@ class Staging:
     def chunk(self, index: int) -> list[dict] | None:
         """The tasks of export call `index`, if a previous attempt got them."""
         path = self._chunk_path(index)
-        if not path.exists():
-            return None
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_jsonl(path) if path.exists() else None
 
     def save_chunk(self, index: int, tasks: list[dict]) -> None:
-        atomic_write_bytes(self._chunk_path(index),
-                           "".join(json.dumps(t, sort_keys=True) + "\n" for t in tasks).encode())
+        atomic_write_jsonl(self._chunk_path(index), tasks)
 
     # -- fetched images ----------------------------------------------------------------------
     def images(self) -> dict[str, str]:
         """url -> sha256 of every image staged so far (whose bytes are on disk)."""
         if self._urls is None:
-            self._urls = {}
             path = self.root / "images.jsonl"
-            if path.exists():
-                with open(path, encoding="utf-8") as f:
-                    for line in f:
-                        # a line cut short by a kill is the last one: skip it
-                        with contextlib.suppress(ValueError):
-                            row = json.loads(line)
-                            if (self.root / "images" / row["sha256"]).exists():
-                                self._urls[row["url"]] = row["sha256"]
+            rows = read_jsonl(path) if path.exists() else []  # a torn last line is no row
+            self._urls = {row["url"]: row["sha256"] for row in rows
+                          if (self.root / "images" / row["sha256"]).exists()}
         return self._urls
 
     def save_image(self, url: str, data: bytes) -> str:
@@ -110,11 +99,8 @@ class Staging:
         blob = self.root / "images" / sha
         if not blob.exists():
             atomic_write_bytes(blob, data)
-        # the blob is durable before the line that names it
-        with open(self.root / "images.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"url": url, "sha256": sha}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        # the blob is durable before the line that names it (one pull at a time: the pull lock)
+        append_jsonl(self.root / "images.jsonl", [{"url": url, "sha256": sha}])
         self.images()[url] = sha
         return sha
 

@@ -176,25 +176,31 @@ def test_sync_killed_at_random_points_then_rerun_equals_one_clean_sync(project, 
     env = dict(os.environ, LABEL_STUDIO_URL=conn.url, LABEL_STUDIO_API_KEY=conn.api_key)
 
     def start(raw_dir):
+        log = open(tmp_path / f"{raw_dir.name}.log", "ab")  # noqa: SIM115 (the child owns it)
         return subprocess.Popen([sys.executable, "-m", "pipelines.pull", "--raw", str(raw_dir),
                                  "--params", str(tmp_path / "params.yaml")],
-                                cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                cwd=REPO, env=env, stdout=log, stderr=log)
+
+    def finished(proc, raw_dir) -> bool:
+        ok = proc.wait(timeout=300) == 0
+        if not ok:
+            print((tmp_path / f"{raw_dir.name}.log").read_text()[-3000:])
+        return ok
 
     clean = tmp_path / "clean"
     t0 = time.monotonic()
-    assert start(clean).wait(timeout=300) == 0
+    assert finished(start(clean), clean)
     duration = time.monotonic() - t0
     reference = {p.name: p.read_bytes() for p in rawstore.snapshot_dirs(clean)[0].iterdir()
                  if p.name != "meta.json"}
     rng = random.Random(7)
-    for trial in range(3):
+    for trial in range(int(os.environ.get("KILL_TRIALS", 3))):  # more: a stress run
         raw_dir = tmp_path / f"killed{trial}"
         proc = start(raw_dir)
         time.sleep(rng.uniform(0.3, 1.0) * duration)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert start(raw_dir).wait(timeout=300) == 0  # the re-run
+        assert finished(start(raw_dir), raw_dir)  # the re-run
         snaps = rawstore.snapshot_dirs(raw_dir)
         assert [s.name for s in snaps] == ["000001"]
         got = {p.name: p.read_bytes() for p in snaps[0].iterdir() if p.name != "meta.json"}
