@@ -129,7 +129,7 @@ _held = threading.local()
 @contextlib.contextmanager
 def lock(registry_dir: str | Path) -> Iterator[None]:
     """Serialises writers of the registry; waits for the holder (registry writes take
-    milliseconds). Re-entrant within a thread. On entry, temp files a killed writer left in
+    milliseconds, a reviewer command's Label Studio sync seconds). Re-entrant within a thread. On entry, temp files a killed writer left in
     the registry are removed: every writer holds this lock, so none of them is in use."""
     registry_dir = Path(registry_dir).resolve()
     held = getattr(_held, "paths", None)
@@ -226,9 +226,10 @@ def operation(registry_dir: str | Path, key: list, planner: Planner, *,
     pending plan with the same key is this command's own interrupted run. `planner(at)`, called
     under the lock after any earlier plan is complete, returns (steps, result): the steps
     (`line(...)`, `pointer_step(...)`; none: nothing to do) and what the command returns; it
-    may raise RegistryError. `then`: run after the writes, outside the lock, when the plan
-    changed production (or took over a follow-up a killed command still owed); a crash in it
-    leaves the plan pending, and the re-run runs it again. Returns the result, with
+    may raise RegistryError. `then`: run after the writes, before the plan is removed, when the
+    plan changed production (or took over a follow-up a killed command still owed); a crash in
+    it leaves the plan pending, and the re-run runs it again. The lock is held throughout, so
+    a pending plan seen under it is always one whose process died. Returns the result, with
     `resumed: True` when it finished an interrupted run instead of acting anew."""
     registry_dir = Path(registry_dir)
     with lock(registry_dir):
@@ -251,11 +252,10 @@ def operation(registry_dir: str | Path, key: list, planner: Planner, *,
             atomic_write_json(registry_dir / PENDING, plan)  # the commit point
             _apply(registry_dir, plan)
             resumed = False
-        if not (plan["then"] and then is not None):
-            _drop(registry_dir, plan)
-            return {**plan["result"], "resumed": True} if resumed else plan["result"]
-    then()
-    with lock(registry_dir):
+        if plan["then"] and then is not None:
+            # still under the lock: a second command waits for it rather than taking this
+            # plan for an interrupted one (Label Studio syncs take seconds, rarely minutes)
+            then()
         _drop(registry_dir, plan)
     return {**plan["result"], "resumed": True} if resumed else plan["result"]
 

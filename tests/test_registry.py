@@ -545,6 +545,60 @@ def test_reject_killed_at_every_write_writes_one_line(ws):
     assert [e["event"] for e in ledger][-2:] == ["pending_review", "rejected"]
 
 
+def test_a_second_rollback_during_the_first_ones_sync_is_a_second_rollback(first):
+    """A plan pending while its command still runs (here: in its Label Studio sync) is not an
+    interrupted one: a second reviewer's rollback waits for it, then goes back one more."""
+    import threading
+    reg = first["reg"]
+    ids = [first["a_event"]["id"]]
+    for seed in (21, 22):
+        b_file, _, decision_path = promote_b(first, seed=seed)
+        ids.append(promote_run(b_file, decision_path, reg)["id"])
+    in_sync, release = threading.Event(), threading.Event()
+
+    def slow_sync():
+        in_sync.set()
+        assert release.wait(30)
+    results = {}
+    first_rollback = threading.Thread(target=lambda: results.setdefault(
+        "first", registry.rollback(reg, reason="one", reviewer="ana", then=slow_sync)))
+    first_rollback.start()
+    assert in_sync.wait(30)
+    second = threading.Thread(target=lambda: results.setdefault(
+        "second", registry.rollback(reg, reason="two", reviewer="bo", then=lambda: None)))
+    second.start()
+    second.join(1.0)
+    assert second.is_alive()                       # waiting for the first command to finish
+    release.set()
+    first_rollback.join(30)
+    second.join(30)
+    assert results["first"]["id"] == ids[1] and "resumed" not in results["first"]
+    assert results["second"]["id"] == ids[0] and "resumed" not in results["second"]
+    assert registry.production(reg)["id"] == ids[0]
+
+
+def test_a_follow_up_a_crashed_command_owed_is_run_by_the_next_command(first):
+    reg = first["reg"]
+    b_file, _, decision_path = promote_b(first)
+    promote_run(b_file, decision_path, reg)
+    c_file, c_path, _ = gated_b(first, 0.93, on_inconclusive="ask_reviewer")
+    c_id = promote_run(c_file, c_path, reg)["id"]
+
+    def crash():
+        raise OSError("killed during the sync")
+    with pytest.raises(OSError, match="killed during the sync"):
+        registry.rollback(reg, reason="x", reviewer="ana", then=crash)
+    assert registry.production(reg)["id"] == first["a_event"]["id"]   # the writes are made
+    assert registry.pending(reg)["then"] is True                      # the sync is owed
+    calls = []
+    registry.reject(reg, c_id, reason="no", reviewer="ana", then=lambda: calls.append(1))
+    assert calls == [1] and registry.pending(reg) is None
+    # nothing owed, nothing run
+    registry.reject(reg, c_id, reason="still no", reviewer="ana", then=lambda: calls.append(2))
+    assert calls == [1]
+    assert [e["event"] for e in registry.ledger(reg)].count("rolled_back") == 1
+
+
 def test_stale_temp_files_of_a_killed_writer_are_removed_under_the_lock(first):
     reg = first["reg"]
     stale = [reg / ".production.json.abcd1234.tmp", reg / "blobs" / ".x.safetensors.k_9zq0aa.tmp"]
