@@ -54,14 +54,15 @@ def cmd_studio(args, layout: Layout, params) -> int:
 def cmd_prefect(args, layout: Layout, params) -> int:
     from pipelines import prefect_server
     home = layout.state / "prefect"
-    s = prefect_server.status(home)
-    if s.external:
+    user = os.environ.get("PREFECT_API_URL")
+    if user:
         if args.action == "up":
-            prefect_server.ensure(home)
-        state = "answers" if prefect_server.healthy(s.api_url) else "does NOT answer"
-        print(f"PREFECT_API_URL is set: labelgate uses the Prefect server at {s.api_url} "
+            prefect_server.ensure(home)  # only checks that it answers
+        state = "answers" if prefect_server.healthy(user) else "does NOT answer"
+        print(f"PREFECT_API_URL is set: labelgate uses the Prefect server at {user} "
               f"({state}) and starts or stops none of its own")
         return 0 if args.action == "down" or state == "answers" else 1
+    s = prefect_server.status(home)
     if args.action == "up":
         url = prefect_server.up(home)
         print(f"Prefect server running at {prefect_server.ui_url(url)} (API {url}; data and "
