@@ -41,7 +41,6 @@ class PrefectServerError(RuntimeError):
 @dataclass(frozen=True)
 class ServerStatus:
     running: bool          # answers /api/health
-    external: bool         # PREFECT_API_URL set by the user: not ours to start or stop
     api_url: str | None    # http://127.0.0.1:PORT/api (the UI is the same origin, path /)
     pid: int | None
     home: Path             # PREFECT_HOME of the embedded server: database, log, pid file
@@ -154,15 +153,12 @@ def _api_url(port: int) -> str:
 
 
 def status(home: str | Path) -> ServerStatus:
+    """The embedded server of `home` (whatever PREFECT_API_URL says)."""
     home = Path(home)
-    user = os.environ.get("PREFECT_API_URL")
-    if user:
-        return ServerStatus(running=healthy(user), external=True, api_url=user, pid=None,
-                            home=home, log=_log(home))
     pid, port = _pid(home), _recorded_port(home)
     url = _api_url(port) if port else None
-    return ServerStatus(running=bool(pid and url and healthy(url)), external=False, api_url=url,
-                        pid=pid, home=home, log=_log(home))
+    return ServerStatus(running=bool(pid and url and healthy(url)), api_url=url, pid=pid,
+                        home=home, log=_log(home))
 
 
 def _tail(path: Path, lines: int = 8) -> str:
