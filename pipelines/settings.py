@@ -230,7 +230,7 @@ _RULES: dict[str, Rule] = {
     "studio.port": _between(1, 65535, what="a TCP port"),
     "pull.connect_timeout_s": _between(0, 600, lo_open=True),      # seconds
     "pull.read_timeout_s": _between(0, 3600, lo_open=True),        # seconds
-    "pull.max_image_bytes": _between(1, 2**30),                    # 1 GiB: beyond any scan
+    "pull.max_image_bytes": _between(1, 64 * 2**20),  # 64 MiB: parsing a bigger file costs minutes
     "pull.image_hosts": ((lambda v: len(v) <= 100 and all(_is_origin(o) for o in v)),
                          "a list of origins like https://bucket.example.com (scheme and host, "
                          "optional port; no path, query or user; at most 100)"),
