@@ -2,7 +2,9 @@
 
   one-image predict requests (the shape of an interactive request, and of "Retrieve predictions"
   on one task), sent by 1 and by 8 concurrent clients; each request makes the backend fetch the
-  task's image from Label Studio, decode it and run the production model.
+  task's image, decode it and run the production model. Twice: with the images served by Label
+  Studio (`/data/local-files/`, as the demo has them), and by a plain static file server listed
+  in `pull.image_hosts` (as bucket storage would be), which shows the backend's own share.
 
     python benchmarks/backend_latency.py [--requests 200] [--clients 1 8]
 
@@ -18,6 +20,7 @@ import argparse
 import multiprocessing
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -56,13 +59,14 @@ def _make_production(reg: Path, work: Path) -> str:
     return record["id"]
 
 
-def _serve(conn: Connection, reg: str, port: int, params_path: str) -> None:
+def _serve(conn: Connection, reg: str, port: int, params_path: str, image_host: str) -> None:
     """The backend process: what `labelgate backend` runs, on a given port."""
     from pipelines import backend
     from pipelines.device import pick_device
     params = settings.load(params_path)
     holder = backend.ModelHolder(reg, pick_device(params.train.device))
-    server = backend.make_server(holder, Studio(conn), params=params, port=port)
+    server = backend.make_server(holder, Studio(conn, image_hosts=(image_host,)), params=params,
+                                 port=port)
     server.serve_forever()
 
 
@@ -122,36 +126,51 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="labelgate-backend-bench-"))
     conn = studio.up(work / "studio", port=_port())
-    server = None
+    server = static = None
     try:
         st = Studio(conn)
         pid, _ = st.ensure_project("backend benchmark", CLASSES)
         folder = work / "studio" / "files" / "demo"
         names, _ = demo.write_images(folder)
         st.add_local_storage(pid, str(folder))
-        tasks = [{"id": i + 1, "data": {"image": f"/data/local-files/?d=demo/{name}"}}
-                 for i, name in enumerate(names[:200])]
+        static_port = _port()
+        static = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(static_port), "--bind", "127.0.0.1",
+             "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        image_host = f"http://127.0.0.1:{static_port}"
+        sources = {
+            "images from Label Studio": [
+                {"id": i + 1, "data": {"image": f"/data/local-files/?d=demo/{name}"}}
+                for i, name in enumerate(names[:200])],
+            "images from a static host": [
+                {"id": i + 1, "data": {"image": f"{image_host}/{name}"}}
+                for i, name in enumerate(names[:200])]}
         reg = work / "registry"
         _make_production(reg, work)
         port = _port()
         server = multiprocessing.get_context("spawn").Process(
-            target=_serve, args=(conn, str(reg), port, args.params), daemon=True)
+            target=_serve, args=(conn, str(reg), port, args.params, image_host), daemon=True)
         server.start()
         url = f"http://127.0.0.1:{port}"
         _wait_up(url)
-        _load(url, tasks, 1, 20)  # warm-up: model load, first connections
+        for tasks in sources.values():
+            _load(url, tasks, 1, 20)  # warm-up: model load, first connections
         print(f"machine: {os.cpu_count()} CPUs, load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min)")
-        for clients in args.clients:
-            lat, wall = _load(url, tasks, clients, args.requests)
-            p50, p95 = np.percentile(lat, [50, 95])
-            print(f"{clients} client(s), {len(lat)} one-image requests: p50 {p50:.1f} ms, "
-                  f"p95 {p95:.1f} ms, max {lat.max():.1f} ms, {len(lat) / wall:.1f} requests/s",
-                  flush=True)
+        for source, tasks in sources.items():
+            for clients in args.clients:
+                lat, wall = _load(url, tasks, clients, args.requests)
+                p50, p95 = np.percentile(lat, [50, 95])
+                print(f"{source}, {clients} client(s), {len(lat)} one-image requests: "
+                      f"p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {lat.max():.1f} ms, "
+                      f"{len(lat) / wall:.1f} requests/s", flush=True)
     finally:
         if server is not None:
             server.terminate()
             server.join(10)
+        if static is not None:
+            static.terminate()
+            static.wait(10)
         studio.down(work / "studio")
     return 0
 

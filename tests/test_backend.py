@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from pipelines import backend, registry
+from pipelines import backend, jsonserver, registry
 from pipelines.device import pick_device
 from tests import factories
 from tests.conftest import free_port
@@ -224,7 +224,7 @@ def test_hostile_image_urls_become_per_task_errors(served, label_studio):
         assert results[i]["result"][0]["value"]["choices"], results[i]
     for url, res in zip(urls, results[1:-2]):
         assert "result" not in res and isinstance(res["error"], str) and res["error"], (url, res)
-        assert len(res["error"]) <= backend.MAX_REASON_CHARS + 3, (url, res)
+        assert len(res["error"]) <= jsonserver.MAX_REASON_CHARS + 3, (url, res)
     assert httpx.get(served["url"] + "/health").json()["status"] == "UP"
 
 
@@ -251,12 +251,23 @@ def hostile_bodies() -> list[tuple[str, bytes, int]]:
         ("tasks empty", b'{"tasks": []}', 400),
         ("too many tasks", json.dumps({"tasks": [ok_task] * (backend.MAX_TASKS + 1)}).encode(),
          400),
-        ("over the size cap", b'{"x": "' + b"a" * backend.MAX_BODY_BYTES + b'"}', 413),
+        ("over the size cap", b'{"x": "' + b"a" * backend.Limits().max_body_bytes + b'"}', 413),
         ("NaN and Infinity beside a good task",
          b'{"tasks": [' + json.dumps(ok_task).encode() + b'], "a": NaN, "b": -Infinity}', 200),
         ("duplicate keys", b'{"tasks": "x", "tasks": [' + json.dumps(ok_task).encode() + b"]}", 200),
         ("lone surrogate", b'{"tasks": [{"data": {"image": "\\ud800"}}]}', 200),
     ]
+    laughs = ('<!DOCTYPE v [<!ENTITY a "aaaaaaaaaa">' + "".join(
+        f'<!ENTITY {b} "{("&" + a + ";") * 10}">' for a, b in zip("abcdefgh", "bcdefghi"))
+        + ']><View><Image name="i" value="$image"/><Choices name="c" toName="i">'
+        '<Choice value="&i;"/></Choices></View>')
+    for name, config in [("config not a string", 5), ("config not XML", "<View"),
+                         ("config without controls", "<View/>"), ("config: billion laughs", laughs),
+                         ("config nested 10^5", "<a>" * 100_000 + "</a>" * 100_000),
+                         ("config: two images", "<View><Image name='a' value='$a'/>"
+                                                "<Image name='b' value='$b'/></View>")]:
+        cases.append((name, json.dumps({"tasks": [ok_task], "label_config": config}).encode(),
+                      400))
     for name, bad in [("null task", None), ("number task", 5), ("list task", [ok_task]),
                       ("string task", "x"), ("data null", {"data": None}),
                       ("data list", {"data": [1]}), ("data string", {"data": "x"}),
@@ -320,6 +331,27 @@ def test_hostile_bodies_get_a_json_answer_with_a_clear_status(served):
         assert http.get(served["url"] + "/health").json()["status"] == "UP"
 
 
+def test_predictions_follow_the_projects_labeling_config(served):
+    """Control names and the image key come from the config Label Studio sends, not from
+    labelgate's defaults; a class the project does not offer is a per-task error."""
+    classes = [str(i) for i in range(10)]
+    config = ('<View><Image name="scan" value="$picture"/><Choices name="digit" toName="scan" '
+              'choice="single">' + "".join(f'<Choice value="{c}"/>' for c in classes)
+              + "</Choices></View>")
+    task = {"data": {"picture": GOOD.format(4)}}
+    r = httpx.post(served["url"] + "/predict", timeout=60,
+                   json={"tasks": [task, {"data": {"image": GOOD.format(4)}}],
+                         "label_config": config})
+    ours, wrong_key = r.json()["results"]
+    assert ours["result"][0]["from_name"] == "digit" and ours["result"][0]["to_name"] == "scan"
+    assert ours["result"][0]["value"]["choices"][0] in classes
+    assert wrong_key["error"] == "task.data.picture is not an image URL"
+    fewer = config.replace('<Choice value="%s"/>' % ours["result"][0]["value"]["choices"][0], "")
+    r = httpx.post(served["url"] + "/predict", timeout=60,
+                   json={"tasks": [task], "label_config": fewer})
+    assert "labeling config does not offer" in r.json()["results"][0]["error"]
+
+
 def _raw(port: int, request: bytes, *, half_close: bool = False) -> tuple[int, dict, bytes]:
     """Send raw bytes, read one HTTP answer: (status, headers, body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
@@ -381,7 +413,7 @@ def test_a_body_shorter_than_its_length_is_a_400(served):
 def test_oversized_request_is_refused_before_reading_it(served):
     conn = http.client.HTTPConnection("127.0.0.1", served["port"], timeout=5)
     conn.putrequest("POST", "/predict")
-    conn.putheader("Content-Length", str(backend.MAX_BODY_BYTES + 1))
+    conn.putheader("Content-Length", str(backend.Limits().max_body_bytes + 1))
     conn.endheaders()
     resp = conn.getresponse()  # answered without the body ever being sent
     assert resp.status == 413
