@@ -1,7 +1,14 @@
-"""The retraining flow: Label Studio -> pull -> version -> validate -> prepare -> train ->
-evaluate -> gate -> promote -> pre-annotations. One Prefect task per stage, so each is visible
-and retryable in the Prefect UI; the work itself is in the stage modules (dvc.yaml runs the
-same commands). Only the tasks that touch the network retry.
+"""The retraining flow: Label Studio -> pull -> version -> the dvc.yaml stages (validate ->
+prepare -> review -> train -> evaluate -> gate -> report) -> promote -> Label Studio reconciled
+with production (pre-annotations, review flags). One Prefect task per stage, so each is visible
+and retryable in the Prefect UI; the work itself is in the stage modules, the stages and their
+order come from dvc.yaml (pipelines/dvcrepo.stages). Only the tasks that touch the network
+retry.
+
+Whether to retrain is DVC's call: `dvc status` knows each stage's data, code and params, so a
+params.yaml or code edit retrains as new labels do; nothing changed -> a no-op run (`--force`
+reruns every stage anyway). Label Studio is reconciled with the production model on every run,
+no-op included: production may have moved since (approve, rollback).
 """
 from __future__ import annotations
 
@@ -16,9 +23,6 @@ from pipelines.files import Busy, atomic_write_json, exclusive, read_json, read_
 from pipelines.labelstudio import LabelStudioError, Studio
 from pipelines.layout import Layout
 from pipelines.settings import Params, load
-
-STAGES = ("validate", "prepare", "review", "train", "evaluate", "gate")  # dvc.yaml, in order
-
 
 def _studio(layout: Layout, params: Params) -> Studio:
     return pull.connect(layout.studio, params)
@@ -47,11 +51,17 @@ def version_task(root: str) -> str:
     return rawstore.dataset_version(layout.raw)
 
 
-@task(name="stage")
-def stage_task(root: str, stage: str) -> str:
-    out = dvcrepo.repro_stage(root, stage)
+@task(name="what changed")
+def changes_task(root: str) -> dict[str, list[str]]:
+    """DVC's view of what changed since each stage last ran (empty: nothing)."""
+    return dvcrepo.stale(root)
+
+
+@task(name="stage", task_run_name="{stage}")
+def stage_task(root: str, stage: str, force: bool = False) -> str:
+    out = dvcrepo.repro_stage(root, stage, force=force)
     get_run_logger().info("dvc stage %s:\n%s", stage, "\n".join(out.strip().splitlines()[-6:]))
-    return out
+    return "skipped" if "didn't change, skipping" in out else "ran"
 
 
 @task(name="promote")
@@ -98,30 +108,46 @@ def retrain(root: str = ".", force: bool = False) -> dict:
         return {"status": "skipped", "reason": "another run is in progress"}
 
 
+NO_OP = ("nothing changed since the last run: no new or changed annotations, and DVC reports "
+         "every stage's data, code and params.yaml section up to date; not retraining "
+         "(`labelgate run --force` reruns every stage anyway)")
+
+
+def _lock_hash(layout: Layout) -> str | None:
+    """dvc.lock's sha256: what the stages last produced from what. A run that ended between
+    the stages and promotion leaves it different from the last finished run's."""
+    return sha256_file(layout.dvc_lock) if layout.dvc_lock.exists() else None
+
+
 def _retrain(layout: Layout, *, force: bool) -> dict:
     logger = get_run_logger()
     root = str(layout.root)
     dvcrepo.ensure_repo(root)
     pulled = pull_task(root)
-    version = rawstore.dataset_version(layout.raw)
     last = read_json(layout.last_run) if layout.last_run.exists() else None
-    if (pulled["snapshot"] is None and not force and last
-            and last.get("dataset_version") == version and last.get("status") == "done"):
-        summary = {**last, "status": "no-op", "pull": pulled, "checked_at": _now(),
-                   "reason": "no new or changed annotations since the last run; not retraining"}
-        logger.info(summary["reason"])
-        atomic_write_json(layout.last_run, {**last, "checked_at": summary["checked_at"]})
-        return summary
+    changed = changes_task(root)
+    if (not force and not changed and last and last.get("status") == "done"
+            and last.get("dvc_lock") == _lock_hash(layout)):
+        logger.info(NO_OP)
+        pre = preannotate_task(root)
+        checked = _now()
+        atomic_write_json(layout.last_run, {**last, "checked_at": checked})
+        return {**last, "status": "no-op", "pull": pulled, "checked_at": checked,
+                "reason": NO_OP, "preannotate": pre}
+    logger.info("retraining: " + ("--force" if force else "; ".join(
+        f"{stage}: {', '.join(why)}" for stage, why in changed.items())
+        or "the last run did not finish"))
     version = version_task(root)
-    for stage in STAGES:
-        stage_task(root, stage)
+    stages = {stage: stage_task(root, stage, force) for stage in dvcrepo.stages(root)}
     decision = read_json(layout.decision)
     create_markdown_artifact(markdown=layout.report.read_text(), key="gate-report",
                              description=f"gate verdict {decision['verdict']}")
     event = promote_task(root, version)
-    pre = preannotate_task(root) if event["event"] == "promoted" else None
+    # every run, whatever the verdict: production may have moved since the last one
+    pre = preannotate_task(root)
     flags = flag_task(root)
     summary = {"status": "done", "finished_at": _now(), "dataset_version": version,
+               "changed": changed, "stages": stages, "dvc_lock": _lock_hash(layout),
                "pull": pulled, "validate": read_json(layout.validated / "summary.json"),
                "prepare": read_json(layout.prepared / "summary.json"),
                "train": read_json(layout.candidate_metrics),
