@@ -202,7 +202,7 @@ def _print_run(summary: dict, layout: Layout) -> None:
         print(f"skipped: {summary['reason']}")
         return
     if summary["status"] == "no-op":
-        print(f"no new annotations: not retraining. Production unchanged; last verdict "
+        print(f"{summary['reason']}. Production unchanged; last verdict "
               f"{summary.get('verdict')} on dataset {summary.get('dataset_version')}.")
         return
     v, p, t = summary["validate"], summary["prepare"], summary["train"]
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare every annotated task (reconciliation), not only updated ones")
     s.set_defaults(fn=cmd_pull)
     s = sub.add_parser("run", help="the whole retraining flow (Prefect)")
-    s.add_argument("--force", action="store_true", help="retrain even with no new labels")
+    s.add_argument("--force", action="store_true", help="rerun every stage even when nothing changed")
     s.set_defaults(fn=cmd_run)
     s = sub.add_parser("evalset", help="freeze the fixed eval set from ground truth; "
                        "rebaseline production on a changed one")
