@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare every annotated task (reconciliation), not only updated ones")
     s.set_defaults(fn=cmd_pull)
     s = sub.add_parser("run", help="the whole retraining flow (Prefect)")
-    s.add_argument("--force", action="store_true", help="rerun every stage even when nothing changed")
+    s.add_argument("--force", action="store_true",
+                   help="rerun every stage even when nothing changed")
     s.set_defaults(fn=cmd_run)
     s = sub.add_parser("evalset", help="freeze the fixed eval set from ground truth; "
                        "rebaseline production on a changed one")

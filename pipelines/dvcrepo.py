@@ -143,7 +143,8 @@ def stale(root: str | Path) -> dict[str, list[str]]:
     try:
         report = json.loads(stdout.strip() or "{}")
     except json.JSONDecodeError as exc:
-        raise DvcError(f"`dvc status --json` did not answer JSON ({exc}): {stdout[:300]!r}") from exc
+        raise DvcError(f"`dvc status --json` did not answer JSON ({exc}): "
+                       f"{stdout[:300]!r}") from exc
     out: dict[str, list[str]] = {}
     for name, entries in report.items():
         reasons = []
