@@ -114,6 +114,12 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class Lineage:
+    commit: bool          # commit the DVC metadata each run changed (dvc.lock, data/*.dvc)
+    push: str             # auto | always | never: `dvc push` data and model to the DVC remote
+
+
+@dataclass(frozen=True)
 class Params:
     base: Base
     studio: Studio
@@ -126,6 +132,7 @@ class Params:
     review: Review
     preannotate: Preannotate
     schedule: Schedule
+    lineage: Lineage
 
 
 # -- limits of the file itself --------------------------------------------------------------------
@@ -270,6 +277,7 @@ _RULES: dict[str, Rule] = {
     "preannotate.uncertainty": _one_of("margin", "entropy"),
     "schedule.min_new_labels": _between(1, 10_000_000),
     "schedule.check_every_s": _between(1.0, 7 * 86_400.0),  # seconds: one second to a week
+    "lineage.push": _one_of("auto", "always", "never"),
     "schedule.cron": ((lambda v: len(v) <= 200 and len(v.split()) == 5
                        and all(_CRON_FIELD.fullmatch(f) for f in v.split())),
                       "a 5-field cron expression such as \"0 3 * * *\""),
