@@ -34,8 +34,10 @@ def code_version(root: str | Path = ".") -> str:
 
 def run(model_file: str | Path, decision_path: str | Path, registry_dir: str | Path, *,
         dataset_version: str, params_hash: str, metrics: dict | None = None,
-        code: str = "unknown") -> dict:
-    """Returns the ledger event written (or `{"event": "unchanged", ...}`)."""
+        code: str = "unknown", lineage: dict | None = None) -> dict:
+    """Returns the ledger event written (or `{"event": "unchanged", ...}`). `lineage`: the
+    commit and DVC hashes the candidate was built from (pipelines/lineage.py), kept in its
+    ledger line for `labelgate checkout`."""
     decision = read_json(decision_path)
     sha = sha256_file(model_file)
     if sha != decision["candidate_sha256"]:
@@ -61,7 +63,8 @@ def run(model_file: str | Path, decision_path: str | Path, registry_dir: str | P
                   "metrics": {**(metrics or {}), "eval_accuracy": decision["candidate_accuracy"]},
                   "verdict": decision["verdict"], "tests": decision["tests"],
                   "decision": decision.get("action"),
-                  "production_at_gate": current["id"] if current else None}
+                  "production_at_gate": current["id"] if current else None,
+                  **({"lineage": lineage} if lineage is not None else {})}
         steps = [] if seen else [registry.line({"event": "candidate", **record})]
         if decision["verdict"] == "PASS":
             pointer = registry.production_pointer(record, at=at, via="gate",
