@@ -83,6 +83,8 @@ class Inference:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # nothing is queued after the stop marker
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="labelgate-inference",
                                         daemon=True)
         self._thread.start()
@@ -90,14 +92,21 @@ class Inference:
     def predict(self, model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
         """`(N, S, S)` uint8 -> `(N, K)` class probabilities."""
         job = _Job(model, x)
-        self._queue.put(job)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the backend is shutting down")
+            self._queue.put(job)
         job.done.wait()
         if job.error is not None:
             raise job.error
         return job.probs
 
     def close(self) -> None:
-        self._queue.put(None)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
         self._thread.join(timeout=10)
 
     def _run(self) -> None:

@@ -22,8 +22,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
-from pipelines import backend, jsonserver, registry
+from pipelines import backend, jsonserver, net, registry
 from pipelines.device import pick_device
 from tests import factories
 from tests.conftest import free_port
@@ -141,6 +142,54 @@ def test_concurrent_clients_get_their_own_predictions(served):
     p50, p95 = np.percentile(times, [50, 95])
     print(f"8 concurrent one-image clients, 40 requests: p50 {p50:.0f} ms, p95 {p95:.0f} ms "
           "(this machine, whatever else it was doing)")
+
+
+class _Gated(torch.nn.Module):
+    """A model whose first forward pass waits for `gate`: requests queue up behind it."""
+
+    def __init__(self, inner: torch.nn.Module, gate: threading.Event) -> None:
+        super().__init__()
+        self.inner, self.gate, self.calls = inner, gate, []
+        self.entered = threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.calls:
+            self.entered.set()
+            self.gate.wait(30)
+        self.calls.append(len(x))
+        return self.inner(x)
+
+
+def test_inference_batches_waiting_requests_and_never_mixes_models():
+    torch.manual_seed(0)
+    gate = threading.Event()
+    first = _Gated(net.Net(10, 28).eval(), gate)
+    second = net.Net(10, 28).eval()  # a model swapped in while requests wait (a promotion)
+    rng = np.random.default_rng(SEED)
+    xs = [rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for n in (1, 2, 1, 3, 1, 1, 2, 1)]
+    models = [first, first, second, first, second, first, second, first]
+    inference = backend.Inference(torch.device("cpu"))
+    got: dict[int, np.ndarray] = {}
+    try:
+        blocker = threading.Thread(target=lambda: got.setdefault(
+            -1, inference.predict(first, xs[0])))
+        blocker.start()
+        assert first.entered.wait(30)  # the inference thread is busy with it now
+        threads = [threading.Thread(target=lambda i=i: got.setdefault(
+            i, inference.predict(models[i], xs[i]))) for i in range(len(xs))]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: inference._queue.qsize() == len(xs))
+        gate.set()
+        for t in [blocker, *threads]:
+            t.join(30)
+    finally:
+        inference.close()
+    # the blocked pass, then one batch per model for the eight waiting requests
+    assert first.calls == [1, sum(len(x) for x, m in zip(xs, models) if m is first)]
+    for i, x in enumerate(xs):
+        own = net.predict_proba(models[i], x, device=torch.device("cpu"))
+        np.testing.assert_allclose(got[i], own, rtol=1e-5, atol=1e-6)
 
 
 # -- the hostile corpus -------------------------------------------------------------------------
