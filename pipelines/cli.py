@@ -295,6 +295,24 @@ def cmd_rollback(args, layout: Layout, params) -> int:
     return 0
 
 
+def cmd_checkout(args, layout: Layout, params) -> int:
+    from pipelines import lineage
+    r = lineage.checkout(layout, args.id)
+    print(f"restored {r.model_id} as built from commit {r.commit[:12]}:")
+    for path, md5 in r.data.items():
+        print(f"  {path:36} DVC md5 {md5}")
+    print(f"  {r.model:36} sha256 {r.sha256[:16]}… (verified against the ledger)")
+    print(f"  {', '.join(r.files)} from commit {r.commit[:12]}")
+    print("data " + (f"fetched from DVC remote {r.fetched_from!r}" if r.fetched_from
+                     else "from the local DVC cache")
+          + ("; the registry's copy of the model was missing and is back" if
+             r.registry_blob == "restored" else ""))
+    print("The other stage outputs are left as they were (`dvc status` lists them; `labelgate "
+          "run` rebuilds them). `git status` shows the restored DVC metadata; `git checkout "
+          "HEAD -- dvc.lock data/raw.dvc data/eval.dvc && dvc checkout` returns to the latest.")
+    return 0
+
+
 def cmd_serve(args, layout: Layout, params) -> int:
     import threading
     api = _prefect(layout)  # before Prefect is imported: it reads its settings then
@@ -418,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reason", default="", help="recorded in the ledger")
     s.add_argument("--reviewer", help="recorded in the ledger (default: your user name)")
     s.set_defaults(fn=cmd_rollback)
+    s = sub.add_parser("checkout", help="restore the raw data, eval set and model file a "
+                       "candidate was built from (git + DVC)")
+    s.add_argument("id", help="registry id (see `labelgate history`)")
+    s.set_defaults(fn=cmd_checkout)
     sub.add_parser("serve", help="Prefect deployment: cron + the new-labels trigger (params.yaml)"
                    ).set_defaults(fn=cmd_serve)
     s = sub.add_parser("backend", help="serve the production model as a Label Studio ML "
@@ -439,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.dvcrepo import DvcError
     from pipelines.evalset import EvalSetError
     from pipelines.labelstudio import LabelStudioError
+    from pipelines.lineage import LineageError
     from pipelines.prefect_server import PrefectServerError
     from pipelines.pull import PullError
     from pipelines.registry import RegistryError
@@ -447,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         params = settings.load(layout.params)
         return args.fn(args, layout, params)
     except (settings.ParamsError, LabelStudioError, PullError, StudioError, DvcError,
-            EvalSetError, RegistryError, PrefectServerError) as exc:
+            EvalSetError, RegistryError, PrefectServerError, LineageError) as exc:
         print(f"labelgate {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -79,12 +79,15 @@ def repro_stage(root: str | Path, stage: str, *, force: bool = False) -> str:
 
 # -- the stage graph --------------------------------------------------------------------------
 
-def _paths(entries: list | None) -> list[str]:
-    """dvc.yaml deps/outs entries (`path` or `{path: {options}}`) -> normalised paths."""
+def _paths(entries: list | None, *, uncached: bool = False) -> list[str]:
+    """dvc.yaml deps/outs entries (`path` or `{path: {options}}`) -> normalised paths (only
+    those marked `cache: false`, with `uncached`)."""
     out = []
     for entry in entries or []:
-        for path in ([entry] if isinstance(entry, str) else list(entry)):
-            out.append(os.path.normpath(path))
+        items = [(entry, {})] if isinstance(entry, str) else list(entry.items())
+        for path, options in items:
+            if not uncached or (options or {}).get("cache", True) is False:
+                out.append(os.path.normpath(path))
     return out
 
 
@@ -94,8 +97,9 @@ def _overlap(a: str, b: str) -> bool:
 
 
 def graph(root: str | Path) -> dict[str, dict]:
-    """dvc.yaml's stages in file order: {name: {"cmd", "deps", "outs", "params"}}, outs
-    including metrics and plots. Refuses what DVC would expand (foreach/matrix) rather than
+    """dvc.yaml's stages in file order: {name: {"cmd", "deps", "outs", "uncached", "params"}},
+    outs including metrics and plots; `uncached`: the outs marked `cache: false` (git keeps
+    those, DVC only hashes them). Refuses what DVC would expand (foreach/matrix) rather than
     guess at it."""
     path = Path(root) / "dvc.yaml"
     try:
@@ -112,6 +116,8 @@ def graph(root: str | Path) -> dict[str, dict]:
                         "deps": _paths(body.get("deps")),
                         "outs": _paths(body.get("outs")) + _paths(body.get("metrics"))
                         + _paths(body.get("plots")),
+                        "uncached": [p for key in ("outs", "metrics", "plots")
+                                     for p in _paths(body.get(key), uncached=True)],
                         "params": list(body.get("params") or [])}
     return stages
 
@@ -172,3 +178,62 @@ def _describe(what: object) -> str:
         else:
             parts.append(f"{path} ({state})")
     return ", ".join(parts)
+
+
+# -- remotes, and moving cached data between the workspace, the cache and a remote -----------
+# Targets are .dvc files and stage names, never output paths: DVC 3.67 given
+# `push data/raw.dvc models/candidate/model.safetensors` pushed data/raw and silently skipped
+# the model ("2 files pushed", the model's md5 absent from the remote); the stage name
+# (`train`) pushes, fetches and checks out its outputs every time.
+
+def remotes(root: str | Path) -> tuple[list[str], str | None]:
+    """The DVC remotes `root` sees (every config level: repo, local, global, system) and the
+    default one (None when unset)."""
+    # `dvc config --list` (every level merged), not `dvc remote list`: that one is a table
+    # that wraps long URLs onto extra lines
+    names, default = [], None
+    for line in dvc(root, "config", "--list").splitlines():
+        if m := re.fullmatch(r"remote\.(.+)\.url=.*", line):
+            names.append(m.group(1))
+        elif line.startswith("core.remote="):
+            default = line.split("=", 1)[1].strip() or None
+    return names, default
+
+
+def outs_status(root: str | Path, targets: list[str]) -> dict[str, str]:
+    """`{out path: state}` for the outputs of `targets` whose workspace copy is not what the
+    metadata records: "modified", "new", "deleted" or "not in cache" (DVC reports that one
+    before comparing). Empty: every output matches and is cached. Changed deps are left out:
+    they say whether a stage would rerun, not what is on disk."""
+    stdout = _run(root, ("status", "--json", *targets)).stdout
+    try:
+        report = json.loads(stdout.strip() or "{}")
+    except json.JSONDecodeError as exc:
+        raise DvcError(f"`dvc status --json` did not answer JSON ({exc}): "
+                       f"{stdout[:300]!r}") from exc
+    out: dict[str, str] = {}
+    for entries in report.values():
+        for entry in entries:
+            if isinstance(entry, dict):
+                out.update({os.path.normpath(p): str(state)
+                            for p, state in (entry.get("changed outs") or {}).items()})
+    return out
+
+
+def push(root: str | Path, targets: list[str], *, remote: str) -> str:
+    """Send the cached data of `targets` (.dvc files, stage names) to `remote`."""
+    return dvc(root, "push", "--remote", remote, *targets)
+
+
+def fetch(root: str | Path, targets: list[str], *, remote: str) -> str:
+    """Bring the cached data of `targets` from `remote` into the local cache (what is there
+    already is not downloaded again)."""
+    return dvc(root, "fetch", "--remote", remote, *targets)
+
+
+def checkout(root: str | Path, targets: list[str]) -> str:
+    """Make the workspace copies of `targets`' outputs what their metadata records, from the
+    local cache. `--force`: the caller has checked that nothing it replaces is lost (without
+    it DVC asks before replacing a workspace copy it has not cached, e.g. after the cache was
+    lost, and with no terminal to ask on it refuses)."""
+    return dvc(root, "checkout", "--force", *targets)

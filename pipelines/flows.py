@@ -1,6 +1,7 @@
 """The retraining flow: Label Studio -> pull -> version -> the dvc.yaml stages (validate ->
-prepare -> review -> train -> evaluate -> gate -> report) -> promote -> Label Studio reconciled
-with production (pre-annotations, review flags). One Prefect task per stage, so each is visible
+prepare -> review -> train -> evaluate -> gate -> report) -> lineage (commit the DVC metadata,
+push data and model to the DVC remote) -> promote -> Label Studio reconciled with production
+(pre-annotations, review flags). One Prefect task per stage, so each is visible
 and retryable in the Prefect UI; the work itself is in the stage modules, the stages and their
 order come from dvc.yaml (pipelines/dvcrepo.stages). Only the tasks that touch the network
 retry.
@@ -18,7 +19,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from pipelines import dvcrepo, preannotate, promote, pull, rawstore, review
+from pipelines import dvcrepo, lineage, preannotate, promote, pull, rawstore, review
 from pipelines.files import Busy, atomic_write_json, exclusive, read_json, read_jsonl, sha256_file
 from pipelines.labelstudio import LabelStudioError, Studio
 from pipelines.layout import Layout
@@ -64,15 +65,40 @@ def stage_task(root: str, stage: str, force: bool = False) -> str:
     return "skipped" if "didn't change, skipping" in out else "ran"
 
 
+def _push_failed(task, task_run, state) -> bool:
+    """Retry a failed `dvc push` (a remote's network), not a git or configuration problem."""
+    return isinstance(state.result(raise_on_failure=False), dvcrepo.DvcError)
+
+
+@task(name="lineage", retries=2, retry_delay_seconds=5, retry_condition_fn=_push_failed)
+def lineage_task(root: str, dataset_version: str) -> dict:
+    """Commit the DVC metadata the stages changed and push data and model to the DVC remote,
+    so the candidate promote records can be restored (`labelgate checkout`). A retry commits
+    nothing new: the commit is already HEAD."""
+    layout, params = Layout(root), load(Path(root) / "params.yaml")
+    message = (f"labelgate run: DVC metadata of a candidate (dataset {dataset_version}, model "
+               f"sha256 {sha256_file(layout.candidate_model)[:12]})")
+    record, seconds = lineage.record(layout, commit_enabled=params.lineage.commit,
+                                     push_mode=params.lineage.push, message=message)
+    logger = get_run_logger()
+    for note in record.notes:
+        logger.warning(note)
+    logger.info("lineage: commit %s, pushed to %s (commit %.1f s, push %.1f s)",
+                (record.commit or "none")[:12], record.remote or "no remote",
+                seconds["commit"], seconds["push"])
+    return {**record.as_dict(), "seconds": seconds}
+
+
 @task(name="promote")
-def promote_task(root: str, dataset_version: str) -> dict:
+def promote_task(root: str, dataset_version: str, lineage_record: dict) -> dict:
     layout = Layout(root)
     metrics = {**read_json(layout.candidate_metrics),
                "train_class_counts": read_json(layout.prepared / "summary.json")
                .get("train_class_counts")}
     return promote.run(layout.candidate_model, layout.decision, layout.registry,
                        dataset_version=dataset_version, params_hash=sha256_file(layout.params),
-                       metrics=metrics, code=promote.code_version(layout.root))
+                       metrics=metrics, code=promote.code_version(layout.root),
+                       lineage=lineage_record)
 
 
 @task(name="preannotate", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
@@ -142,7 +168,9 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
     decision = read_json(layout.decision)
     create_markdown_artifact(markdown=layout.report.read_text(), key="gate-report",
                              description=f"gate verdict {decision['verdict']}")
-    event = promote_task(root, version)
+    # before promote: the commit it names must exist, holding this candidate's dvc.lock
+    lin = lineage_task(root, version)
+    event = promote_task(root, version, {k: v for k, v in lin.items() if k != "seconds"})
     # every run, whatever the verdict: production may have moved since the last one
     pre = preannotate_task(root)
     flags = flag_task(root)
@@ -153,7 +181,8 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
                "train": read_json(layout.candidate_metrics),
                "verdict": decision["verdict"], "candidate_accuracy": decision["candidate_accuracy"],
                "production_accuracy": decision["production_accuracy"],
-               "eval_hash": decision["eval_hash"], "promotion": event, "preannotate": pre,
+               "eval_hash": decision["eval_hash"], "lineage": lin, "promotion": event,
+               "preannotate": pre,
                "review": {**read_json(layout.review / "summary.json"), **flags},
                "report": str(layout.report_html)}
     atomic_write_json(layout.last_run, summary)
