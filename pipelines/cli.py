@@ -296,8 +296,9 @@ def cmd_rollback(args, layout: Layout, params) -> int:
 
 
 def cmd_checkout(args, layout: Layout, params) -> int:
-    from pipelines import lineage
+    from pipelines import lineage, registry
     r = lineage.checkout(layout, args.id)
+    latest = list(registry.candidates(layout.registry))[-1]
     print(f"restored {r.model_id} as built from commit {r.commit[:12]}:")
     for path, md5 in r.data.items():
         print(f"  {path:36} DVC md5 {md5}")
@@ -307,9 +308,10 @@ def cmd_checkout(args, layout: Layout, params) -> int:
                      else "from the local DVC cache")
           + ("; the registry's copy of the model was missing and is back" if
              r.registry_blob == "restored" else ""))
-    print("The other stage outputs are left as they were (`dvc status` lists them; `labelgate "
-          "run` rebuilds them). `git status` shows the restored DVC metadata; `git checkout "
-          "HEAD -- dvc.lock data/raw.dvc data/eval.dvc && dvc checkout` returns to the latest.")
+    print("Other stage outputs are as they were (`dvc status` names them; `labelgate run` "
+          "rebuilds them); `git status` shows the restored DVC metadata"
+          + (f"; `labelgate checkout {latest}` returns to the latest candidate."
+             if latest != r.model_id else "."))
     return 0
 
 

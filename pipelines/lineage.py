@@ -20,25 +20,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from pipelines import dvcrepo, registry
+from pipelines import dvcrepo, gitrepo, registry
 from pipelines.files import Busy, atomic_write_bytes, exclusive, sha256_bytes, sha256_file
 from pipelines.layout import Layout
 
-# Used for labelgate's metadata commits only, and only when git has no identity of its own.
-IDENTITY = ("labelgate", "labelgate@localhost")
-GIT_TIMEOUT_S = 120  # a commit of a few small files takes ~20 ms; a hung signing prompt must end
 # Options of .dvc/config that carry credentials: such a config is never committed by labelgate.
 _SECRET = re.compile(r"^\s*(password|secret_access_key|session_token|access_key_id|"
                      r"client_secret|gdrive_client_secret|account_key|sas_token|"
                      r"connection_string|token|key_secret)\s*=", re.M | re.I)
-_SHA1 = re.compile(r"[0-9a-f]{40}")
 
 
 class LineageError(RuntimeError):
@@ -59,48 +54,7 @@ class Lineage:
         return {**dataclasses.asdict(self), "notes": list(self.notes)}
 
 
-# -- git ----------------------------------------------------------------------------------------
-
-def _git(root: Path, *args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
-    try:
-        proc = subprocess.run(["git", *args], cwd=root, capture_output=True,
-                              timeout=GIT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise LineageError(f"`git {' '.join(args[:2])}` did not finish in {GIT_TIMEOUT_S} s "
-                           "(waiting for a signing passphrase?)") from None
-    if proc.returncode not in ok:
-        err = (proc.stderr or proc.stdout).decode(errors="replace").strip()[-800:]
-        raise LineageError(f"`git {' '.join(args[:2])}` failed (exit {proc.returncode}): {err}")
-    return proc
-
-
-def in_git(root: Path) -> bool:
-    return _git(root, "rev-parse", "--is-inside-work-tree", ok=(0, 128)).returncode == 0
-
-
-def _head(root: Path) -> str | None:
-    proc = _git(root, "rev-parse", "--verify", "-q", "HEAD^{commit}", ok=(0, 1))
-    return proc.stdout.decode().strip() or None
-
-
-def _identity(root: Path) -> tuple[list[str], str | None]:
-    """`-c` options for labelgate's commit: none when git knows who the user is (config or
-    GIT_AUTHOR_*/GIT_COMMITTER_* variables); labelgate's own name otherwise, for this commit
-    only (the user's git config is never changed)."""
-    args, missing = [], []
-    for key, value in zip(("user.name", "user.email"), IDENTITY):
-        env = "NAME" if key == "user.name" else "EMAIL"
-        if os.environ.get(f"GIT_AUTHOR_{env}") and os.environ.get(f"GIT_COMMITTER_{env}"):
-            continue
-        if not _git(root, "config", "--get", key, ok=(0, 1)).stdout.strip():
-            args += ["-c", f"{key}={value}"]
-            missing.append(key)
-    if not missing:
-        return [], None
-    return args, (f"git has no {' or '.join(missing)} configured here: labelgate's metadata "
-                  f"commits are made as '{IDENTITY[0]} <{IDENTITY[1]}>' (set `git config "
-                  "user.name` and `user.email` to make them as you)")
-
+# -- commit -------------------------------------------------------------------------------------
 
 def _metadata(layout: Layout) -> list[str]:
     """Workspace-relative paths of the DVC metadata labelgate commits, those that exist."""
@@ -124,7 +78,7 @@ def commit(layout: Layout, *, message: str) -> tuple[str | None, list[str]]:
     holds the workspace's dvc.lock — HEAD when nothing changed — or None when the workspace
     is not a git repository, notes for the log)."""
     root = layout.root
-    if not in_git(root):
+    if not gitrepo.in_git(root):
         return None, [f"{root} is not a git repository: this candidate's DVC metadata is not "
                       "committed, so `labelgate checkout` cannot restore it (`git init` the "
                       "workspace; labelgate then commits dvc.lock and data/*.dvc after each run)"]
@@ -137,34 +91,18 @@ def commit(layout: Layout, *, message: str) -> tuple[str | None, list[str]]:
         paths.remove(".dvc/config")
         notes.append(".dvc/config holds remote credentials: not committed (keep them in "
                      ".dvc/config.local: `dvc remote modify --local REMOTE OPTION VALUE`)")
-    ignored = set(_git(root, "check-ignore", "--", *paths, ok=(0, 1)).stdout.decode().split())
+    skipped = gitrepo.ignored(root, paths)
     needed = {"dvc.lock", _rel(layout, layout.raw) + ".dvc", _rel(layout, layout.eval) + ".dvc"}
-    if ignored & needed:
-        raise LineageError(f"git ignores {', '.join(sorted(ignored & needed))}: labelgate cannot "
+    if skipped & needed:
+        raise LineageError(f"git ignores {', '.join(sorted(skipped & needed))}: labelgate cannot "
                            "commit the candidate's DVC metadata (remove the .gitignore rule, or "
                            "set lineage.commit: false)")
-    paths = [p for p in paths if p not in ignored]
-    _git(root, "add", "--", *paths)
-    staged = _git(root, "diff", "--cached", "--quiet", "--", *paths, ok=(0, 1)).returncode
-    head = _head(root)
-    if staged == 0 and head:
-        rev = head
-    else:
-        ident, note = _identity(root)
-        if note:
-            notes.append(note)
-        # --only: these paths as they are now, nothing else the user staged; --no-verify: a
-        # metadata-only commit by a tool, not the user's code, which their hooks are for
-        _git(root, *ident, "commit", "-q", "--no-verify", "-m", message, "--only", "--", *paths)
-        rev = _head(root)
-    if _show(root, rev, "dvc.lock") != layout.dvc_lock.read_bytes():
+    rev, note = gitrepo.commit_only(root, [p for p in paths if p not in skipped], message)
+    if note:
+        notes.append(note)
+    if gitrepo.show(root, rev, "dvc.lock") != layout.dvc_lock.read_bytes():
         raise LineageError(f"commit {rev[:12]} does not hold the workspace's dvc.lock")
     return rev, notes
-
-
-def _show(root: Path, rev: str, path: str) -> bytes | None:
-    proc = _git(root, "show", f"{rev}:./{path}", ok=(0, 128))
-    return proc.stdout if proc.returncode == 0 else None
 
 
 def _rel(layout: Layout, path: Path) -> str:
@@ -259,7 +197,11 @@ def record(layout: Layout, *, commit_enabled: bool, push_mode: str,
     t0 = time.monotonic()
     rev = None
     if commit_enabled:
-        rev, said = commit(layout, message=message)
+        try:
+            rev, said = commit(layout, message=message)
+        except gitrepo.GitError as exc:
+            raise LineageError(f"{exc} (set lineage.commit: false to build candidates that "
+                               "cannot be restored)") from exc
         notes += said
     else:
         notes.append("lineage.commit is off: this candidate's DVC metadata is not committed, "
@@ -287,15 +229,10 @@ class Restored:
     registry_blob: str             # "present" | "restored"
 
 
-def _recoverable(root: Path, path: Path, new: bytes | None) -> bool:
+def _recoverable(root: Path, path: Path, new: bytes) -> bool:
     """Overwriting `path` with `new` loses nothing: it is absent, already `new`, or git has
-    its exact content (committed, or at least staged)."""
-    if not path.exists():
-        return True
-    if new is not None and path.read_bytes() == new:
-        return True
-    oid = _git(root, "hash-object", "--", str(path)).stdout.decode().strip()
-    return _git(root, "cat-file", "-e", oid, ok=(0, 1, 128)).returncode == 0
+    its exact content."""
+    return not path.exists() or path.read_bytes() == new or gitrepo.known(root, path)
 
 
 def checkout(layout: Layout, model_id: str) -> Restored:
@@ -307,6 +244,8 @@ def checkout(layout: Layout, model_id: str) -> Restored:
     try:
         with exclusive(layout.run_lock):
             return _checkout(layout, model_id)
+    except gitrepo.GitError as exc:
+        raise LineageError(str(exc)) from exc
     except Busy:
         raise LineageError("a retraining run is in progress; run `labelgate checkout` when it "
                            "has finished") from None
@@ -323,10 +262,9 @@ def _checkout(layout: Layout, model_id: str) -> Restored:
         why = "; ".join(lin.get("notes") or []) or "it was built before labelgate recorded lineage"
         raise LineageError(f"{model_id} cannot be restored: no git commit holds its DVC "
                            f"metadata ({why})")
-    if not isinstance(rev, str) or not _SHA1.fullmatch(rev):
+    if not isinstance(rev, str) or not gitrepo.SHA1.fullmatch(rev):
         raise LineageError(f"{model_id}'s ledger line names a malformed commit {rev!r}")
-    if not in_git(root) or _git(root, "cat-file", "-e", f"{rev}^{{commit}}",
-                                ok=(0, 1, 128)).returncode != 0:
+    if not gitrepo.in_git(root) or not gitrepo.has_commit(root, rev):
         raise LineageError(f"{model_id} was built from commit {rev[:12]}, which this "
                            "repository does not have (another clone? `git fetch` it)")
     stage = _model_stage(layout)
@@ -334,7 +272,7 @@ def _checkout(layout: Layout, model_id: str) -> Restored:
     # what the commit holds, checked against what the ledger recorded
     files: dict[str, bytes] = {}
     for path in ("dvc.lock", *(f"{d}.dvc" for d in lin["data"])):
-        text = _show(root, rev, path)
+        text = gitrepo.show(root, rev, path)
         if text is None:
             raise LineageError(f"commit {rev[:12]} has no {path}")
         files[path] = text
@@ -346,7 +284,7 @@ def _checkout(layout: Layout, model_id: str) -> Restored:
         raise LineageError(f"commit {rev[:12]} does not hold what the ledger recorded for "
                            f"{model_id} ({got} != {want}): refusing to restore it")
     for path in dvcrepo.graph(root)[stage]["uncached"]:  # metrics.json, history.csv
-        text = _show(root, rev, path)
+        text = gitrepo.show(root, rev, path)
         if text is not None:
             files[path] = text
     targets = [*(f"{d}.dvc" for d in lin["data"]), stage]

@@ -276,8 +276,9 @@ def test_two_real_candidates_and_checkout_of_the_first_from_the_remote(
     assert second["status"] == "done" and second["pull"]["snapshot"] is not None, second
     assert _tree(layout.raw) != one["raw"]
     assert sha256_file(layout.candidate_model) != one["model"]
-    print(f"\nlineage step (commit, push to a local folder remote): first run "
-          f"{first['lineage']['seconds']}, second run {second['lineage']['seconds']} s")
+    with capsys.disabled():
+        print(f"\nlineage step, seconds (commit; push to a local folder remote): first run "
+              f"{first['lineage']['seconds']}, second run {second['lineage']['seconds']}")
 
     ids = [e["id"] for e in registry.ledger(layout.registry) if e.get("event") == "candidate"]
     assert len(ids) == 2
@@ -302,6 +303,7 @@ def test_two_real_candidates_and_checkout_of_the_first_from_the_remote(
     assert cli.main(["--root", str(root), "checkout", ids[0]]) == 0
     out = capsys.readouterr().out
     assert f"restored {ids[0]}" in out and "fetched from DVC remote 'backup'" in out, out
+    assert f"`labelgate checkout {ids[1]}` returns to the latest candidate" in out, out
     assert _tree(layout.raw) == one["raw"]
     assert _tree(layout.eval) == one["eval"]
     assert sha256_file(layout.candidate_model) == one["model"] == cands[ids[0]]["sha256"]
