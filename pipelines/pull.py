@@ -13,7 +13,7 @@ import os
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -49,33 +49,59 @@ def looks_like_image(data: bytes) -> bool:
     return any(data.startswith(sig) for sigs in IMAGE_SIGNATURES.values() for sig in sigs)
 
 
-def _fetch_all(studio: Studio, urls: list[str], stage: Staging, *,
-               max_bytes: int) -> dict[str, str]:
-    """Fetch `urls` into the staging folder; return url -> reason for those that can't be
-    fetched safely (the task is quarantined with it). One image that keeps failing -- even
-    with HTTP 500, as Label Studio answers a path-traversal URL -- is that task's problem;
-    only a Label Studio that stops answering altogether stops the pull."""
-    def one(url: str) -> tuple[str, bytes | str]:
+class _Fetcher:
+    """Image downloads into the staging folder, running beside the export: each export call's
+    new image URLs are queued at once (Label Studio serves an export and images in parallel),
+    and finished downloads are staged between export calls, so a kill loses at most those in
+    flight. One image that keeps failing -- even with HTTP 500, as Label Studio answers a
+    path-traversal URL -- is that task's quarantine reason; only a Label Studio that stops
+    answering altogether stops the pull."""
+
+    def __init__(self, studio: Studio, stage: Staging, *, max_bytes: int) -> None:
+        self.studio, self.stage, self.max_bytes = studio, stage, max_bytes
+        self.failed: dict[str, str] = {}  # url -> reason
+        self._pool = ThreadPoolExecutor(max_workers=FETCH_WORKERS)
+        self._pending: dict[str, Future] = {}
+        self._queued: set[str] = set()
+
+    def _one(self, url: str) -> bytes | str:
         try:
-            data = studio.fetch_image(url, max_bytes=max_bytes)
+            data = self.studio.fetch_image(url, max_bytes=self.max_bytes)
         except ImageFetchError as exc:
-            return url, str(exc)
+            return str(exc)
         except LabelStudioError as exc:
-            if not studio.alive():
+            if not self.studio.alive():
                 raise
-            return url, f"this image kept failing while Label Studio answered: {exc}"
+            return f"this image kept failing while Label Studio answered: {exc}"
         if not looks_like_image(data):
-            return url, (f"not an image: the {len(data)} bytes served do not start like any "
-                         "accepted image format (an error page or API answer?); not stored")
-        return url, data
-    failed: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
-        for url, got in _bar(pool.map(one, urls), total=len(urls), desc="images", unit="img"):
+            return (f"not an image: the {len(data)} bytes served do not start like any "
+                    "accepted image format (an error page or API answer?); not stored")
+        return data
+
+    def queue(self, urls: list[str]) -> None:
+        for url in urls:
+            if url not in self._queued and url not in self.stage.images():
+                self._queued.add(url)
+                self._pending[url] = self._pool.submit(self._one, url)
+
+    def drain(self, *, wait: bool = False) -> None:
+        """Stage what has finished (all of it with `wait`); raises what a download raised."""
+        urls = list(self._pending)
+        for url in _bar(urls, desc="images", unit="img") if wait else urls:
+            future = self._pending[url]
+            if not wait and not future.done():
+                continue
+            got = future.result()
+            del self._pending[url]
             if isinstance(got, bytes):
-                stage.save_image(url, got)  # main thread only: the staging index is not shared
+                self.stage.save_image(url, got)  # main thread only: the staging index is not shared
             else:
-                failed[url] = got
-    return failed
+                self.failed[url] = got
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
 
 
 def _bar(iterable=None, **kw) -> tqdm:
@@ -121,10 +147,11 @@ def _plan(studio: Studio, project_id: int, base: dict | None, seen: dict[str, st
             "listed": listed, "alive": alive}
 
 
-def _export(studio: Studio, project_id: int, ids: list[int], stage: Staging) -> tuple[
-        list[dict], int]:
+def _export(studio: Studio, project_id: int, ids: list[int], stage: Staging,
+            fetcher: _Fetcher, image_key: str, known: dict[str, str]) -> tuple[list[dict], int]:
     """(exported tasks, export calls reused from an earlier attempt): one bounded call per
-    EXPORT_IDS_PER_CALL ids, each staged as soon as it arrives."""
+    EXPORT_IDS_PER_CALL ids, each staged as soon as it arrives; the new image URLs of its
+    annotated tasks (not in `known`) go to the fetcher right away."""
     out, reused = [], 0
     with _bar(total=len(ids), desc="tasks", unit="task") as bar:
         for index, start in enumerate(range(0, len(ids), EXPORT_IDS_PER_CALL)):
@@ -136,6 +163,10 @@ def _export(studio: Studio, project_id: int, ids: list[int], stage: Staging) -> 
             else:
                 reused += 1
             out.extend(tasks)
+            fetcher.queue(sorted({t["data"][image_key] for t in tasks if t.get("annotations")
+                                  and isinstance((t.get("data") or {}).get(image_key), str)
+                                  and t["data"][image_key] not in known}))
+            fetcher.drain()
             bar.update(len(chunk))
     return out, reused
 
@@ -213,9 +244,17 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
         stage.discard()
         plan = None
     resumed = plan is not None
+    images_reused = len(stage.images()) if resumed else 0
     if plan is None:
         plan = stage.save_plan(_plan(studio, project_id, base, seen, full=full))
-    exported, reused = _export(studio, project_id, plan["ids"], stage)
+    fetcher = _Fetcher(studio, stage, max_bytes=params.pull.max_image_bytes)
+    t0 = time.monotonic()
+    try:
+        exported, reused = _export(studio, project_id, plan["ids"], stage, fetcher,
+                                   config.image_key, url_sha)
+        fetcher.drain(wait=True)
+    finally:
+        fetcher.close()
     current = {str(t["id"]): t for t in exported if t.get("annotations")}
     if plan["mode"] == "full":
         gone = set(cursor) - set(current)
@@ -237,7 +276,7 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
     summary = {"mode": plan["mode"], "examined": len(current), "changed": len(changed),
                "removed": len(removed)}
     if resumed:
-        summary["resumed"] = {"export_calls": reused, "images": len(stage.images())}
+        summary["resumed"] = {"export_calls": reused, "images": images_reused}
     if not changed and not removed:
         if prev:
             _save_sync_state(state_path, seq=prev["seq"], watermark=watermark,
@@ -248,9 +287,7 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
     key = config.image_key
     urls = sorted({t["data"][key] for t in changed
                    if isinstance(t.get("data", {}).get(key), str) and t["data"][key] not in url_sha})
-    t0 = time.monotonic()
-    failed = _fetch_all(studio, [u for u in urls if u not in stage.images()], stage,
-                        max_bytes=params.pull.max_image_bytes)
+    failed = fetcher.failed
     new_shas = set()
     for url in urls:
         if url in stage.images():

@@ -22,7 +22,12 @@ class _Proxy(http.server.BaseHTTPRequestHandler):
     faults: dict[str, list[str]] = {}   # path substring -> actions, consumed in order
     protocol_version = "HTTP/1.1"
 
+    down = False  # the server is gone: connections drop, even kept-alive ones
+
     def _handle(self):
+        if self.down:
+            self.close_connection = True
+            return
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         action = next((acts.pop(0) for key, acts in self.faults.items()
                        if key in self.path and acts), None)
@@ -65,7 +70,7 @@ def project(make_project):
 @pytest.fixture
 def proxied(project, label_studio):
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Proxy)
-    _Proxy.upstream, _Proxy.faults = label_studio["conn"].url, {}
+    _Proxy.upstream, _Proxy.faults, _Proxy.down = label_studio["conn"].url, {}, False
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}"
     yield Studio(Connection(url, label_studio["conn"].api_key), read_timeout_s=60)
@@ -108,7 +113,7 @@ def test_label_studio_gone_mid_pull_fails_cleanly_then_the_rerun_resumes(project
     monkeypatch.setattr(pull, "EXPORT_IDS_PER_CALL", 5)  # several calls on a small project
     port = free_port()
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Proxy)
-    _Proxy.upstream, _Proxy.faults = label_studio["conn"].url, {}
+    _Proxy.upstream, _Proxy.faults, _Proxy.down = label_studio["conn"].url, {}, False
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     studio = Studio(Connection(f"http://127.0.0.1:{port}", label_studio["conn"].api_key),
                     connect_timeout_s=1, read_timeout_s=30)
@@ -118,15 +123,17 @@ def test_label_studio_gone_mid_pull_fails_cleanly_then_the_rerun_resumes(project
     def export_then_go_down(pid, ids):
         calls.append(ids)
         if len(calls) == 3:  # the server goes away between two export calls
+            _Proxy.down = True
             srv.shutdown()
             srv.server_close()
         return real_export(pid, ids)
     monkeypatch.setattr(studio, "export_tasks", export_then_go_down)
     raw = tmp_path / "raw"
-    with pytest.raises(LabelStudioError, match="Cannot reach Label Studio"):
+    with pytest.raises(LabelStudioError, match=f"Label Studio at http://127.0.0.1:{port}"):
         pull.run(raw, studio=studio, project_id=project["id"], params=_params(project))
     assert rawstore.snapshot_dirs(raw) == []
 
+    _Proxy.down = False
     back = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Proxy)  # restarted, same URL
     threading.Thread(target=back.serve_forever, daemon=True).start()
     try:
