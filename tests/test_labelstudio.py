@@ -187,8 +187,10 @@ def test_project_setup_and_classes(label_studio):
     pid, created = st.ensure_project("labelgate setup test", classes)
     again, created_again = st.ensure_project("labelgate setup test", classes)
     assert created and not created_again and again == pid
-    names, digest = st.project_classes(pid)
-    assert names == list(classes) and len(digest) == 64
+    config = st.labeling_config(pid)
+    assert config.classes == classes and len(config.sha256) == 64
+    assert (config.choices_name, config.image_name, config.image_key) == ("label", "image",
+                                                                          "image")
 
 
 # -- hostile image URLs ---------------------------------------------------------------------
