@@ -24,9 +24,12 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="labelgate-test-pr
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Prefect binds its console log handler to sys.stdout when first imported: import it while
-# pytest's session-wide capture is in place, not inside a test's capsys (closed afterwards).
-import prefect  # noqa: E402,F401
+# Prefect binds its console log handler to the sys.stderr of the moment it sets up logging,
+# which `prefect.main` does (a bare `import prefect` no longer does: Prefect 3 imports lazily).
+# Do it while pytest's session-wide capture is in place, not inside a test's capsys (closed
+# after that test: every later flow run's log line would then raise).
+import prefect  # noqa: E402
+import prefect.main  # noqa: E402,F401
 
 
 def free_port() -> int:

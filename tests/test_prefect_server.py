@@ -6,10 +6,12 @@ made them has ended."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 
 import httpx
@@ -204,3 +206,42 @@ def test_prefect_ui_shows_the_run_its_tasks_and_the_report_after_the_command_end
     ui_shows(prefect_api["ui"], prefect_api["url"], flow_name, report_text=marker,
              shot=tmp_path / "artifact.png")
     assert (tmp_path / "artifact.png").stat().st_size > 20_000
+
+
+def test_serve_starts_the_embedded_server_and_registers_the_schedule(
+        own_prefect, make_project, label_studio, tmp_path):
+    """`labelgate serve` on a user's own Label Studio, no Prefect configured: it starts the
+    workspace's server and the deployment with params.yaml's cron is there to see."""
+    project = make_project(limit=20, eval_tasks=5, unlabeled_tasks=5)
+    write_params(tmp_path / "params.yaml", **{"studio.project_title": project["title"],
+                                              "schedule.cron": "7 5 * * *"})
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env.update(LABEL_STUDIO_URL=label_studio["conn"].url,
+               LABEL_STUDIO_API_KEY=label_studio["conn"].api_key, PYTHONUNBUFFERED="1")
+    home = Layout(tmp_path).state / "prefect"
+    exe = os.path.join(os.path.dirname(sys.executable), "labelgate")
+    serve = subprocess.Popen([exe, "--root", str(tmp_path), "serve"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deployment = None
+        deadline = time.monotonic() + 300
+        while deployment is None and time.monotonic() < deadline:
+            assert serve.poll() is None, serve.communicate()[0]
+            s = prefect_server.status(home)
+            if s.running:
+                r = httpx.get(f"{s.api_url}/deployments/name/labelgate-retrain/labelgate-retrain",
+                              timeout=30)
+                deployment = r.json() if r.status_code == 200 else None
+            time.sleep(1)
+        assert deployment is not None, "no deployment registered within 300 s"
+        assert [x["schedule"]["cron"] for x in deployment["schedules"]] == ["7 5 * * *"]
+        assert deployment["parameters"] == {"root": str(Layout(tmp_path).root)}
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            out = serve.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            out = serve.communicate()[0]
+        prefect_server.down(home)
+    assert f"Prefect UI: {prefect_server.ui_url(s.api_url)}" in out
