@@ -11,7 +11,6 @@ evaluation and decision. Its images never enter training (prepare drops them by 
 from __future__ import annotations
 
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from pipelines import images, rawstore
 from pipelines.files import (atomic_write_bytes, atomic_write_json, jsonl_bytes, read_json,
-                             read_jsonl, sha256_bytes, tar_bytes)
+                             read_jsonl, sha256_bytes, tar_bytes, utc_now)
 from pipelines.settings import Params
 
 
@@ -78,7 +77,7 @@ def freeze(state: rawstore.RawState, out_dir: str | Path, *, params: Params,
     atomic_write_bytes(out_dir / "images.tar", tar_bytes(blobs))
     atomic_write_bytes(out_dir / "manifest.jsonl", manifest)
     meta = {"hash": sha256_bytes(manifest), "n": len(rows), "classes": list(params.base.classes),
-            "frozen_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "frozen_at": utc_now(),
             "skipped": skipped}
     atomic_write_json(out_dir / "meta.json", meta)  # written last: its presence means "frozen"
     return meta

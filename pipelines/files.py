@@ -1,4 +1,5 @@
-"""Small file helpers every stage shares: hashing, atomic writes, JSON Lines, a run lock."""
+"""Small file helpers every stage shares: hashing, atomic writes, JSON Lines, a run lock, and the
+one timestamp format their records carry."""
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +18,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 _CHUNK = 1 << 20  # 1 MiB reads keep hashing of large files flat in memory
+
+
+def utc_now() -> str:
+    """Now in UTC to the second, ISO 8601 with a Z (`2026-11-03T14:05:09Z`): the one spelling
+    of every time labelgate writes into a ledger, pointer, snapshot or summary, so they sort
+    and compare as strings."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -13,14 +13,14 @@ no-op included: production may have moved since (approve, rollback).
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from pipelines import dvcrepo, lineage, preannotate, promote, pull, rawstore, review
-from pipelines.files import Busy, atomic_write_json, exclusive, read_json, read_jsonl, sha256_file
+from pipelines.files import (Busy, atomic_write_json, exclusive, read_json, read_jsonl, sha256_file,
+                             utc_now)
 from pipelines.labelstudio import LabelStudioError, Studio
 from pipelines.layout import Layout
 from pipelines.settings import Params, load
@@ -156,7 +156,7 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
             and last.get("dvc_lock") == _lock_hash(layout)):
         logger.info(NO_OP)
         pre = preannotate_task(root)
-        checked = _now()
+        checked = utc_now()
         atomic_write_json(layout.last_run, {**last, "checked_at": checked})
         return {**last, "status": "no-op", "pull": pulled, "checked_at": checked,
                 "reason": NO_OP, "preannotate": pre}
@@ -174,7 +174,7 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
     # every run, whatever the verdict: production may have moved since the last one
     pre = preannotate_task(root)
     flags = flag_task(root)
-    summary = {"status": "done", "finished_at": _now(), "dataset_version": version,
+    summary = {"status": "done", "finished_at": utc_now(), "dataset_version": version,
                "changed": changed, "stages": stages, "dvc_lock": _lock_hash(layout),
                "pull": pulled, "validate": read_json(layout.validated / "summary.json"),
                "prepare": read_json(layout.prepared / "summary.json"),
@@ -198,7 +198,3 @@ def deployment(root: str, cron: str):
     # (the run lock then still skips one started some other way)
     return retrain.to_deployment(name="labelgate-retrain", cron=cron, concurrency_limit=1,
                                  parameters={"root": str(Layout(root).root)})
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

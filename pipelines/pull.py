@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipelines import rawstore
-from pipelines.files import atomic_write_json, atomic_write_jsonl, exclusive, read_json
+from pipelines.files import atomic_write_json, atomic_write_jsonl, exclusive, read_json, utc_now
 from pipelines.labelstudio import (EXPORT_IDS_PER_CALL, ImageFetchError, LabelStudioError, Studio,
                                    connection_from_env)
 from pipelines.labelconfig import DEFAULT, UnsupportedConfig
@@ -332,7 +332,7 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
                    image_errors=sum(1 for r in image_rows if r["error"]),
                    fetch_seconds=round(time.monotonic() - t0, 2))
     atomic_write_json(tmp / "meta.json", {
-        "seq": seq, "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seq": seq, "pulled_at": utc_now(),
         "label_studio_url": studio.conn.url, "project_id": project_id,
         "classes": list(live_classes), "label_config_sha256": config.sha256,
         "controls": config.as_meta(), "counts": summary,

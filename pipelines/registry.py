@@ -27,13 +27,12 @@ import contextlib
 import hashlib
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.files import (append_jsonl, atomic_write_json, atomic_writer, clean_stale_tmp,
-                             exclusive, read_json, read_jsonl, sha256_file)
+                             exclusive, read_json, read_jsonl, sha256_file, utc_now)
 
 if TYPE_CHECKING:
     import torch
@@ -46,10 +45,6 @@ _CHUNK = 1 << 20  # 1 MiB copies keep storing a large model flat in memory
 
 class RegistryError(RuntimeError):
     pass
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def verify(path: str | Path, sha256: str) -> Path:
@@ -210,7 +205,7 @@ def reconcile(registry_dir: str | Path) -> dict | None:
     if last and last.get("id") == pointer["id"] and last.get("since") == pointer.get("since"):
         return None
     event = "rolled_back" if pointer.get("via") == "rollback" else "promoted"
-    append_jsonl(registry_dir / LEDGER, [{"at": now(), "event": event, **pointer,
+    append_jsonl(registry_dir / LEDGER, [{"at": utc_now(), "event": event, **pointer,
                                           "recovered": True}])
     return None
 
@@ -237,7 +232,7 @@ def operation(registry_dir: str | Path, key: list, planner: Planner, *,
         if left is not None and left["key"] == key:
             plan, resumed = left, True
         else:
-            at = now()
+            at = utc_now()
             steps, result = planner(at)
             if not steps:
                 return result

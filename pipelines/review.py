@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,8 @@ import torch
 
 from pipelines import net, train
 from pipelines.device import pick_device, seed_everything
-from pipelines.files import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
+from pipelines.files import (append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl,
+                             utc_now)
 from pipelines.labelstudio import Studio, choice_result
 from pipelines.settings import Params
 
@@ -119,7 +119,7 @@ def flag(studio: Studio, project_id: int, suspects: list[dict], resolved: list[d
             open_flags.pop(e["task_id"], None)
             if e["event"] == "confirmed":
                 closed.add(e["task_id"])
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    now = utc_now()
     current = {r["task_id"]: r for r in resolved}
     outcomes = []
     for task_id, f in open_flags.items():

@@ -2,6 +2,7 @@
 writers cleaned (only ours, only old ones), one durable append for the append-only ledgers."""
 from __future__ import annotations
 
+import calendar
 import os
 import time
 
@@ -97,3 +98,12 @@ def test_a_bad_line_inside_a_ledger_is_an_error(tmp_path):
     path.write_bytes(b'{"a": 1}\n{"b": \n{"c": 3}\n')
     with pytest.raises(ValueError):
         read_jsonl(path)
+
+
+def test_utc_now_is_the_one_sortable_utc_spelling():
+    before = time.time()
+    stamp = files.utc_now()
+    after = time.time()
+    parsed = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+    assert stamp.endswith("Z") and len(stamp) == 20
+    assert int(before) - 1 <= parsed <= after + 1  # UTC, not local time
