@@ -50,7 +50,7 @@ def _make_production(reg: Path, work: Path) -> str:
     from pipelines import net, registry
     torch.manual_seed(0)
     path = work / "model.safetensors"
-    net.save(net.Net(len(CLASSES), 28), path, classes=CLASSES, image_size=28)
+    net.save(net.build(CLASSES, 28), path, classes=CLASSES, image_size=28)
     sha, _ = registry.store(reg, path)
     record = {"id": f"m0001-{sha[:10]}", "sha256": sha, "eval_hash": "e" * 64,
               "dataset_version": "benchmark", "metrics": {}}

@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines import images, net, settings, train  # noqa: E402
 from pipelines.device import pick_device  # noqa: E402
 
+CLASSES = tuple(str(i) for i in range(10))  # the digits
+
 
 def digit_pngs(n: int, side: int = 32) -> tuple[list[bytes], np.ndarray]:
     """`n` real digit scans (scikit-learn's 1,797, cycled) as PNG bytes, like the demo's files."""
@@ -60,7 +62,7 @@ class PngDataset(Dataset):
 
 
 def tutorial(blobs, labels, size, device, seconds, workers) -> float:
-    model = net.Net(10, size).to(device)
+    model = net.build(CLASSES, size).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(PngDataset(blobs, labels, size), batch_size=64, shuffle=True,
                         num_workers=workers, pin_memory=device.type == "cuda",
@@ -89,7 +91,7 @@ def tutorial(blobs, labels, size, device, seconds, workers) -> float:
 def labelgate(x_uint8, y, params, device, seconds) -> tuple[float, train.LoopPlan]:
     lp = train.plan(params.train, device, n_train=len(x_uint8))
     x, yt = torch.from_numpy(x_uint8).to(device), torch.from_numpy(y).to(device)
-    model = train.to_device(net.Net(10, x.shape[-1]), lp)
+    model = train.to_device(net.build(CLASSES, x.shape[-1]), lp)
     run = torch.compile(model) if lp.compile else model
     train.fit(run, x, yt, None, None, lp=lp, epochs=1, shift_px=params.train.shift_px,
               seed=0, progress=False)  # warm-up (and compile)
@@ -104,12 +106,12 @@ def labelgate(x_uint8, y, params, device, seconds) -> tuple[float, train.LoopPla
 
 
 def bound(lp: train.LoopPlan, size: int, device, seconds) -> float:
-    model = train.to_device(net.Net(10, size), lp)
+    model = train.to_device(net.build(CLASSES, size), lp)
     run = torch.compile(model) if lp.compile else model
     opt = torch.optim.Adam(model.parameters(), lr=lp.lr)
     xb = torch.randint(0, 256, (lp.batch_size, size, size), dtype=torch.uint8, device=device)
     x = train.batch_input(xb, lp)
-    y = torch.randint(0, 10, (lp.batch_size,), device=device)
+    y = torch.randint(0, len(CLASSES), (lp.batch_size,), device=device)
     steps, t0 = -3, None
     while True:
         with train._autocast(lp):

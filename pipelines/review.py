@@ -56,7 +56,7 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, task_ids: np.ndarray, *, params: P
         xt = torch.from_numpy(x[~held]).to(device)
         yt = torch.from_numpy(y[~held]).to(device)
         lp = train.plan(t, device, n_train=len(yt))
-        model = train.to_device(net.Net(len(params.base.classes), params.base.image_size), lp)
+        model = train.to_device(net.build(params.base.classes, params.base.image_size), lp)
         train.fit(model, xt, yt, None, None, lp=lp, epochs=r.epochs, shift_px=t.shift_px,
                   seed=params.base.seed + k, progress=False)
         probs[held] = net.predict_proba(model, x[held], device=device)

@@ -231,7 +231,7 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params) -> dic
         lp = plan(t, device, n_train=len(x_train), rank=rank, world=world)
         if lp.note and rank == 0:
             print(f"train: {lp.note} (lr {lp.lr:.6g} for that batch)", file=sys.stderr)
-        model = to_device(net.Net(len(params.base.classes), params.base.image_size), lp)
+        model = to_device(net.build(params.base.classes, params.base.image_size), lp)
         trained = model
         if world > 1:
             trained = torch.nn.parallel.DistributedDataParallel(model)

@@ -24,7 +24,7 @@ def make_production(reg, tmp_path, seed: int) -> str:
     """An (untrained) model made production through the registry: sha-verified like any other."""
     torch.manual_seed(seed)
     path = tmp_path / f"m{seed}.safetensors"
-    net.save(net.Net(len(CLASSES), 28), path, classes=CLASSES, image_size=28)
+    net.save(net.build(CLASSES, 28), path, classes=CLASSES, image_size=28)
     sha, _ = registry.store(reg, path)
     record = {"id": f"m{seed:04d}-{sha[:10]}", "sha256": sha, "eval_hash": "e" * 64,
               "dataset_version": "pulls-000001-x", "metrics": {}}

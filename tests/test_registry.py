@@ -25,9 +25,9 @@ EVAL_HASH = "e" * 64
 
 
 def make_model(path, seed: int):
-    """A freshly initialised Net saved via net.save; distinct seeds give distinct files."""
+    """A freshly built net saved via net.save; distinct seeds give distinct files."""
     torch.manual_seed(seed)
-    model = net.Net(len(CLASSES), SIZE).eval()
+    model = net.build(CLASSES, SIZE).eval()
     net.save(model, path, classes=CLASSES, image_size=SIZE)
     return model
 

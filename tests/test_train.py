@@ -132,7 +132,7 @@ def test_divergence_raises_naming_epoch_and_step(trained, tmp_path):
 
 def small_net(seed: int = 0, classes=("cat", "dog", "<x>|y"), size: int = 16) -> net.Net:
     torch.manual_seed(seed)
-    return net.Net(len(classes), size).eval()
+    return net.build(classes, size).eval()
 
 
 def test_net_save_load_round_trip(tmp_path):
@@ -158,6 +158,27 @@ def test_same_weights_give_the_same_file_bytes(tmp_path):
     c = net.save(small_net(4, classes), tmp_path / "c.safetensors", classes=classes, image_size=16)
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
+
+
+def test_net_save_never_writes_through_a_planted_symlink(tmp_path):
+    """net.save went through the fixed name `model.tmp`: whether a link planted there was
+    followed depended on the safetensors version (0.8 replaces it; older ones opened it), and
+    the planted entry was consumed either way. It now writes like every other output (a random
+    O_EXCL | O_NOFOLLOW temp name, fsynced, renamed over a link at the target)."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not yours")
+    folder = tmp_path / "candidate"
+    folder.mkdir()
+    (folder / "model.tmp").symlink_to(outside)
+    (folder / "model.safetensors").symlink_to(outside)
+    classes = ("a", "b")
+    path = net.save(small_net(1, classes), folder / "model.safetensors", classes=classes,
+                    image_size=16)
+    assert outside.read_bytes() == b"not yours"
+    assert not path.is_symlink()
+    assert net.load(path, device=torch.device("cpu"))[1] == classes
+    assert (folder / "model.tmp").is_symlink()  # the planted name is left alone
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "model.tmp"]
 
 
 def test_model_file_without_labelgate_metadata_is_refused(tmp_path):
