@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         first, t_full = _timed(lambda: pull.run(raw, studio=st, project_id=pid, params=params))
         print(f"first pull: {pull.describe(first)}", flush=True)
         same, t_same = _timed(lambda: pull.run(raw, studio=st, project_id=pid, params=params))
+        # what pre-annotation asks for: the unlabeled tasks only (a filter, not a full listing)
+        unl, t_unl = _timed(lambda: st.unlabeled_tasks(pid))
+        print(f"unlabeled tasks: {len(unl)} of {args.tasks} listed in {t_unl:.2f} s", flush=True)
         assert same["snapshot"] is None, same
 
         # N changes, the way annotators make them: 40 % new labels, 40 % edits, 10 % deletes,
