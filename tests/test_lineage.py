@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
-from pipelines import cli, dvcrepo, lineage, promote, registry
-from pipelines.files import atomic_write_json, sha256_file
+from pipelines import cli, dvcrepo, gate, lineage, promote, registry
+from pipelines.files import sha256_file
 from pipelines.labelstudio import choice_result
 from pipelines.layout import Layout
+from tests import factories
 from tests.conftest import make_workspace, write_params
 
 TOY_DVC_YAML = """\
@@ -61,14 +63,16 @@ def _toy(root: Path, *, git: bool = True) -> Layout:
 
 
 def _candidate(layout: Layout, *, push: str = "auto") -> tuple[dict, dict]:
-    """What a flow run does after the stages: train, lineage, promote (a FAIL verdict: the
-    candidate line is written either way). Returns (ledger event, lineage dict)."""
+    """What a flow run does after the stages: train, lineage, gate, promote (the real gate on
+    a made-up evaluation at 50% accuracy: FAIL; the candidate line is written either way).
+    Returns (ledger event, lineage dict)."""
     dvcrepo.repro_stage(layout.root, "train")
     rec, _ = lineage.record(layout, commit_enabled=True, push_mode=push, message="candidate")
-    sha = sha256_file(layout.candidate_model)
-    atomic_write_json(layout.decision, {
-        "candidate_sha256": sha, "eval_hash": "e" * 64, "verdict": "FAIL",
-        "candidate_accuracy": 0.5, "tests": [{"name": "accuracy floor", "result": "fail"}]})
+    truth = np.arange(200) % 10
+    ev, rows = factories.evaluation(truth, np.where(truth % 2 == 0, truth, (truth + 1) % 10),
+                                    cand_sha=sha256_file(layout.candidate_model))
+    folder = factories.write_evaluation(layout.evaluation.parent, ev, rows)
+    gate.run(folder, layout.decision.parent, params=factories.params())
     event = promote.run(layout.candidate_model, layout.decision, layout.registry,
                         dataset_version="pulls-x", params_hash="p" * 64,
                         code=promote.code_version(layout.root), lineage=rec.as_dict())
