@@ -4,9 +4,9 @@
         --registry models/registry --out reports/evaluation --latency reports/latency.json
 
 Writes evaluation.json (eval-set hash, metrics of both models, the candidate's size and compute
-per image) and predictions.jsonl (one line per eval image: truth, candidate and production
-predictions). Production is re-evaluated on the current eval set, so both numbers come from the
-same images.
+per image) and predictions.npz (per eval image: truth, candidate and production predictions and
+confidences), `records.Evaluation` and `records.Predictions`. Production is re-evaluated on the
+current eval set, so both numbers come from the same images.
 
 Everything in reports/evaluation is a function of the model files and the eval set: `dvc repro`
 elsewhere or under load writes the same bytes, and the gate judges only these. Wall-clock
@@ -27,8 +27,10 @@ from torch import nn
 
 from pipelines import evalset, net, registry
 from pipelines.device import pick_device
-from pipelines.files import atomic_write_json, atomic_write_jsonl, sha256_file
+from pipelines.files import atomic_write_json, sha256_file
 from pipelines.metrics import classification
+from pipelines.records import (CandidateEval, Evaluation, Predictions, ProductionEval,
+                               write_evaluation)
 from pipelines.settings import Params
 
 # Latency: k repeated runs of 200 single-image predictions on one CPU thread
@@ -72,7 +74,8 @@ def measure_latency(model: nn.Module, x: np.ndarray, *, device: torch.device,
 
 
 def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
-        out_dir: str | Path, *, params: Params, latency_file: str | Path | None = None) -> dict:
+        out_dir: str | Path, *, params: Params,
+        latency_file: str | Path | None = None) -> Evaluation:
     """Evaluate; with `latency_file`, also time the candidate there (see LATENCY_REPEATS)."""
     out_dir = Path(out_dir)
     device = pick_device(params.train.device)
@@ -85,40 +88,35 @@ def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
     cand_probs = net.predict_proba(model, ev.x, device=device,
                                    batch_size=params.evaluate.batch_size)
     cand_pred = cand_probs.argmax(1)
-    result = {"eval_hash": ev.hash, "eval_n": len(ev.y), "classes": list(classes),
-              "candidate": {"sha256": sha256_file(model_file),
-                            "size_bytes": Path(model_file).stat().st_size,
-                            "macs_per_image": macs_per_image(model, ev.x, device=device),
-                            **classification(ev.y, cand_pred, classes)},
-              "production": None}
-    prod_probs = None
+    candidate = CandidateEval(sha256=sha256_file(model_file),
+                              size_bytes=Path(model_file).stat().st_size,
+                              macs_per_image=macs_per_image(model, ev.x, device=device),
+                              **classification(ev.y, cand_pred, classes))
+    production, note, prod_probs = None, None, None
     loaded = registry.load_production(registry_dir, device=device)
     if loaded is not None:
         prod_model, prod_classes, _, pointer = loaded
         if prod_classes == classes:
             prod_probs = net.predict_proba(prod_model, ev.x, device=device,
                                            batch_size=params.evaluate.batch_size)
-            result["production"] = {
-                "id": pointer["id"], "sha256": pointer["sha256"],
-                "judged_on_eval_hash": pointer.get("eval_hash"),
-                "dataset_version": pointer.get("dataset_version"),
-                "train_class_counts": (pointer.get("metrics") or {}).get("train_class_counts"),
-                **classification(ev.y, prod_probs.argmax(1), classes)}
+            production = ProductionEval(
+                id=pointer.id, sha256=pointer.sha256, judged_on_eval_hash=pointer.eval_hash,
+                dataset_version=pointer.dataset_version,
+                train_class_counts=pointer.metrics.get("train_class_counts"),
+                **classification(ev.y, prod_probs.argmax(1), classes))
         else:
-            result["production_note"] = (f"production {pointer['id']} predicts other classes "
-                                         f"{list(prod_classes)}; not comparable")
-    rows = []
-    for i in range(len(ev.y)):
-        row = {"task_id": ev.task_ids[i], "image_sha256": ev.shas[i], "label": classes[ev.y[i]],
-               "candidate": classes[cand_pred[i]],
-               "candidate_confidence": round(float(cand_probs[i].max()), 5)}
-        if prod_probs is not None:
-            row["production"] = classes[int(prod_probs[i].argmax())]
-            row["production_confidence"] = round(float(prod_probs[i].max()), 5)
-        rows.append(row)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "evaluation.json", result)
-    atomic_write_jsonl(out_dir / "predictions.jsonl", rows)
+            note = (f"production {pointer.id} predicts other classes {list(prod_classes)}; "
+                    "not comparable")
+    result = Evaluation(eval_hash=ev.hash, eval_n=len(ev.y), classes=classes,
+                        candidate=candidate, production=production, production_note=note)
+    # confidences rounded to 5 digits: the same decision from the same models on any machine
+    # (float noise below that does not change the bytes DVC hashes)
+    predictions = Predictions(
+        task_id=ev.task_ids, image_sha256=ev.shas, truth=ev.y, cand_pred=cand_pred,
+        cand_conf=cand_probs.max(1).astype(np.float64).round(5),
+        prod_pred=None if prod_probs is None else prod_probs.argmax(1),
+        prod_conf=None if prod_probs is None else prod_probs.max(1).astype(np.float64).round(5))
+    write_evaluation(out_dir, result, predictions)
     if latency_file is not None:
         atomic_write_json(Path(latency_file), measure_latency(model, ev.x, device=device))
     return result
@@ -141,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     except (evalset.EvalSetError, registry.RegistryError, ValueError) as exc:
         print(f"evaluate failed: {exc}", file=sys.stderr)
         return 1
-    prod = result["production"]
-    print(f"evaluate: candidate accuracy {result['candidate']['accuracy']:.4f} on "
-          f"{result['eval_n']} eval images"
-          + (f"; production {prod['id']} {prod['accuracy']:.4f}" if prod else "; no production yet"))
+    prod = result.production
+    print(f"evaluate: candidate accuracy {result.candidate.accuracy:.4f} on "
+          f"{result.eval_n} eval images"
+          + (f"; production {prod.id} {prod.accuracy:.4f}" if prod else "; no production yet"))
     return 0
 
 

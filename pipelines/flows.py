@@ -23,6 +23,7 @@ from pipelines.files import (Busy, atomic_write_json, exclusive, read_json, read
                              utc_now)
 from pipelines.labelstudio import LabelStudioError, Studio
 from pipelines.layout import Layout
+from pipelines.records import Decision
 from pipelines.settings import Params, load
 
 def _studio(layout: Layout, params: Params) -> Studio:
@@ -165,9 +166,9 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
         or "the last run did not finish"))
     version = version_task(root)
     stages = {stage: stage_task(root, stage, force) for stage in dvcrepo.stages(root)}
-    decision = read_json(layout.decision)
+    decision = Decision.read(layout.decision)
     create_markdown_artifact(markdown=layout.report.read_text(), key="gate-report",
-                             description=f"gate verdict {decision['verdict']}")
+                             description=f"gate verdict {decision.verdict}")
     # before promote: the commit it names must exist, holding this candidate's dvc.lock
     lin = lineage_task(root, version)
     event = promote_task(root, version, {k: v for k, v in lin.items() if k != "seconds"})
@@ -179,9 +180,9 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
                "pull": pulled, "validate": read_json(layout.validated / "summary.json"),
                "prepare": read_json(layout.prepared / "summary.json"),
                "train": read_json(layout.candidate_metrics),
-               "verdict": decision["verdict"], "candidate_accuracy": decision["candidate_accuracy"],
-               "production_accuracy": decision["production_accuracy"],
-               "eval_hash": decision["eval_hash"], "lineage": lin, "promotion": event,
+               "verdict": decision.verdict, "candidate_accuracy": decision.candidate_accuracy,
+               "production_accuracy": decision.production_accuracy,
+               "eval_hash": decision.eval_hash, "lineage": lin, "promotion": event,
                "preannotate": pre,
                "review": {**read_json(layout.review / "summary.json"), **flags},
                "report": str(layout.report_html)}

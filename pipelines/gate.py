@@ -8,7 +8,8 @@ re-decides only when one of those changed. The review page is another stage
 (pipelines/report.py). The tests live in validation/regression.py. The first model (no
 production yet) is judged on the absolute tests alone. Exit code 0 whatever the verdict: a FAIL
 is a result, not an error (promote reads the decision). Exit code 1 when the eval set is not the
-one production was judged on: comparing numbers from two eval sets is refused.
+one production was judged on (comparing numbers from two eval sets is refused), or when
+reports/evaluation is not what evaluate writes (pipelines/records.py: Evaluation, Predictions).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.files import atomic_write_json, read_json, read_jsonl
+from pipelines.records import Decision, Evaluation, Predictions, RecordError, read_evaluation
 from pipelines.settings import Params
 from validation import regression
 
@@ -37,34 +38,32 @@ def action(verdict: str, params: Params) -> str:
     return "Keep production (gate.on_inconclusive = keep_production)."
 
 
-def decide(evaluation: dict, rows: list[dict], *, params: Params) -> dict:
-    """The decision record (what promote, the report and the CLI read) from an evaluation and
-    its per-image rows. Pure: no I/O."""
-    prod = evaluation["production"]
-    if prod and prod.get("judged_on_eval_hash") and prod["judged_on_eval_hash"] != evaluation["eval_hash"]:
+def decide(evaluation: Evaluation, predictions: Predictions, *, params: Params) -> Decision:
+    """The decision (what promote, the report and the flow read) from an evaluation and its
+    per-image predictions. Pure: no I/O."""
+    prod = evaluation.production
+    if prod and prod.judged_on_eval_hash and prod.judged_on_eval_hash != evaluation.eval_hash:
         raise GateError(
-            f"the fixed eval set changed: production {prod['id']} was judged on eval set "
-            f"{prod['judged_on_eval_hash'][:12]}, this evaluation used {evaluation['eval_hash'][:12]}. "
+            f"the fixed eval set changed: production {prod.id} was judged on eval set "
+            f"{prod.judged_on_eval_hash[:12]}, this evaluation used {evaluation.eval_hash[:12]}. "
             "Numbers from two eval sets are not comparable. If the change is intended, run "
             "`labelgate evalset rebaseline --reason \"...\"` (re-evaluates production on the new "
             "set and records why), then run again.")
-    tests = regression.run_tests(regression.arrays(evaluation, rows), params.gate)
+    tests = regression.run_tests(evaluation, predictions, params.gate)
     verdict = regression.verdict(tests)
-    return {"verdict": verdict, "action": action(verdict, params), "tests": tests,
-            "candidate_sha256": evaluation["candidate"]["sha256"],
-            "candidate_accuracy": evaluation["candidate"]["accuracy"],
-            "production_id": prod["id"] if prod else None,
-            "production_accuracy": prod["accuracy"] if prod else None,
-            "eval_hash": evaluation["eval_hash"],
-            "on_inconclusive": params.gate.on_inconclusive}
+    return Decision(verdict=verdict, action=action(verdict, params), tests=tuple(tests),
+                    candidate_sha256=evaluation.candidate.sha256,
+                    candidate_accuracy=evaluation.candidate.accuracy,
+                    production_id=prod.id if prod else None,
+                    production_accuracy=prod.accuracy if prod else None,
+                    eval_hash=evaluation.eval_hash,
+                    on_inconclusive=params.gate.on_inconclusive)
 
 
-def run(evaluation_dir: str | Path, out_dir: str | Path, *, params: Params) -> dict:
+def run(evaluation_dir: str | Path, out_dir: str | Path, *, params: Params) -> Decision:
     """reports/evaluation -> `out_dir`/decision.json; returns the decision."""
-    evaluation_dir = Path(evaluation_dir)
-    decision = decide(read_json(evaluation_dir / "evaluation.json"),
-                      read_jsonl(evaluation_dir / "predictions.jsonl"), params=params)
-    atomic_write_json(Path(out_dir) / "decision.json", decision)
+    decision = decide(*read_evaluation(evaluation_dir), params=params)
+    decision.write(Path(out_dir) / "decision.json")
     return decision
 
 
@@ -77,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         decision = run(args.evaluation, args.out, params=settings.load(args.params))
-    except GateError as exc:
+    except (GateError, RecordError) as exc:
         print(f"gate refused: {exc}", file=sys.stderr)
         return 1
-    failed = [t["name"] for t in decision["tests"] if t["result"] in ("fail", "inconclusive")]
-    print(f"gate: {decision['verdict']}" + (f" (not passed: {', '.join(failed)})" if failed else "")
-          + f" -> {decision['action']}")
+    failed = [t.name for t in decision.tests if t.result in ("fail", "inconclusive")]
+    print(f"gate: {decision.verdict}" + (f" (not passed: {', '.join(failed)})" if failed else "")
+          + f" -> {decision.action}")
     return 0
 
 

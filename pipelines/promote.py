@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 from pipelines import rawstore, registry
-from pipelines.files import read_json, sha256_file
+from pipelines.files import sha256_file
+from pipelines.records import (FAIL, INCONCLUSIVE, PASS, Candidate, Decision, PendingReview,
+                               ProductionChange, RecordError, Rejected)
 
 
 def code_version(root: str | Path = ".") -> str:
@@ -35,55 +37,51 @@ def code_version(root: str | Path = ".") -> str:
 def run(model_file: str | Path, decision_path: str | Path, registry_dir: str | Path, *,
         dataset_version: str, params_hash: str, metrics: dict | None = None,
         code: str = "unknown", lineage: dict | None = None) -> dict:
-    """Returns the ledger event written (or `{"event": "unchanged", ...}`). `lineage`: the
-    commit and DVC hashes the candidate was built from (pipelines/lineage.py), kept in its
-    ledger line for `labelgate checkout`."""
-    decision = read_json(decision_path)
+    """Returns what it did, as JSON: the candidate's ledger line with `event` promoted,
+    pending_review or rejected (or `{"event": "unchanged", ...}`). `lineage`: the commit and
+    DVC hashes the candidate was built from (pipelines/lineage.py), kept in its ledger line for
+    `labelgate checkout`."""
+    decision = Decision.read(decision_path)
     sha = sha256_file(model_file)
-    if sha != decision["candidate_sha256"]:
+    if sha != decision.candidate_sha256:
         raise registry.RegistryError(
             f"{model_file} changed after it was gated (sha256 {sha[:12]}… != "
-            f"{decision['candidate_sha256'][:12]}…): re-run evaluate and gate")
+            f"{decision.candidate_sha256[:12]}…): re-run evaluate and gate")
 
     def plan(at: str) -> tuple[list[dict], dict]:
         current = registry.production(registry_dir)
-        if current and current["sha256"] == sha:
-            return [], {"event": "unchanged", "id": current["id"], "verdict": decision["verdict"]}
+        if current and current.sha256 == sha:
+            return [], {"event": "unchanged", "id": current.id, "verdict": decision.verdict}
         seen = next((e for e in registry.candidates(registry_dir).values()
-                     if e["sha256"] == sha and e["eval_hash"] == decision["eval_hash"]), None)
-        if seen is not None and decision["verdict"] != "PASS":
-            return [], {"event": "unchanged", "id": seen["id"], "verdict": decision["verdict"]}
+                     if e.sha256 == sha and e.eval_hash == decision.eval_hash), None)
+        if seen is not None and decision.verdict != PASS:
+            return [], {"event": "unchanged", "id": seen.id, "verdict": decision.verdict}
         # Every candidate's bytes are kept (content-addressed), so a reviewer can approve it
         # later; stored before the plan, which may point production at them.
         registry.store(registry_dir, model_file)
-        model_id = seen["id"] if seen else registry.next_id(registry_dir, sha)
-        record = {"id": model_id, "sha256": sha, "dataset_version": dataset_version,
-                  "eval_hash": decision["eval_hash"], "params_hash": params_hash,
-                  "code_version": code,
-                  "metrics": {**(metrics or {}), "eval_accuracy": decision["candidate_accuracy"]},
-                  "verdict": decision["verdict"], "tests": decision["tests"],
-                  "decision": decision.get("action"),
-                  "production_at_gate": current["id"] if current else None,
-                  **({"lineage": lineage} if lineage is not None else {})}
-        steps = [] if seen else [registry.line({"event": "candidate", **record})]
-        if decision["verdict"] == "PASS":
+        model_id = seen.id if seen else registry.next_id(registry_dir, sha)
+        record = Candidate(
+            at=at, id=model_id, sha256=sha, dataset_version=dataset_version,
+            eval_hash=decision.eval_hash, params_hash=params_hash, code_version=code,
+            metrics={**(metrics or {}), "eval_accuracy": decision.candidate_accuracy},
+            verdict=decision.verdict, tests=decision.tests, decision=decision.action,
+            production_at_gate=current.id if current else None, lineage=lineage)
+        steps = [] if seen else [registry.line(record)]
+        if decision.verdict == PASS:
             pointer = registry.production_pointer(record, at=at, via="gate",
-                                                  previous=current["id"] if current else None)
+                                                  previous=current.id if current else None)
             steps += [registry.pointer_step(pointer),
-                      registry.line({"event": "promoted", **pointer})]
-            return steps, {"event": "promoted", **record, "since": at}
-        if (decision["verdict"] == "INCONCLUSIVE"
-                and decision.get("on_inconclusive") == "ask_reviewer"):
-            steps.append(registry.line({"event": "pending_review", "id": model_id}))
-            return steps, {"event": "pending_review", **record}
-        reason = ("failed: " + ", ".join(t["name"] for t in decision["tests"]
-                                         if t.get("result") == "fail")
-                  if decision["verdict"] == "FAIL" else "inconclusive: production kept")
-        steps.append(registry.line({"event": "rejected", "id": model_id, "by": "gate",
-                                    "reason": reason}))
-        return steps, {"event": "rejected", **record}
+                      registry.line(ProductionChange(event="promoted", at=at, pointer=pointer))]
+            return steps, {**record.to_json(), "event": "promoted", "since": at}
+        if decision.verdict == INCONCLUSIVE and decision.on_inconclusive == "ask_reviewer":
+            steps.append(registry.line(PendingReview(at=at, id=model_id)))
+            return steps, {**record.to_json(), "event": "pending_review"}
+        reason = ("failed: " + ", ".join(decision.failed()) if decision.verdict == FAIL
+                  else "inconclusive: production kept")
+        steps.append(registry.line(Rejected(at=at, id=model_id, by="gate", reason=reason)))
+        return steps, {**record.to_json(), "event": "rejected"}
 
-    return registry.operation(registry_dir, ["promote", sha, decision["eval_hash"]], plan)
+    return registry.operation(registry_dir, ["promote", sha, decision.eval_hash], plan)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         event = run(args.model, args.decision, args.registry,
                     dataset_version=rawstore.dataset_version(args.raw),
                     params_hash=sha256_file(args.params), code=code_version())
-    except registry.RegistryError as exc:
+    except (registry.RegistryError, RecordError) as exc:
         print(f"promote failed: {exc}", file=sys.stderr)
         return 1
     print(f"promote: {event['event']} {event['id']} ({event.get('verdict')})")

@@ -17,14 +17,15 @@ from pathlib import Path
 
 from pipelines import audit, evalset, rawstore
 from pipelines.files import atomic_write_bytes, read_json, read_jsonl
+from pipelines.records import Decision, Evaluation, Predictions, RecordError, read_evaluation
 from pipelines.reviewpage import html_page, latency_note, markdown
 from pipelines.settings import Params
 
 
-def _data_changes(evaluation: dict, *, raw: Path, validated: Path, prepared: Path) -> dict:
+def _data_changes(evaluation: Evaluation, *, raw: Path, validated: Path, prepared: Path) -> dict:
     """What changed in the data since production's dataset version (counts only)."""
-    prod = evaluation["production"] or {}
-    out: dict = {"production_train_counts": prod.get("train_class_counts")}
+    prod = evaluation.production
+    out: dict = {"production_train_counts": prod.train_class_counts if prod else None}
     if (prepared / "summary.json").exists():
         summary = read_json(prepared / "summary.json")
         out["candidate_train_counts"] = summary.get("train_class_counts")
@@ -32,7 +33,7 @@ def _data_changes(evaluation: dict, *, raw: Path, validated: Path, prepared: Pat
             out[key] = summary.get(key, 0)
     if (validated / "summary.json").exists():
         out["quarantine"] = read_json(validated / "summary.json").get("quarantine_reasons", {})
-    version = prod.get("dataset_version") or ""
+    version = (prod.dataset_version if prod else None) or ""
     since = int(version.split("-")[1]) if version.startswith("pulls-") else 0
     totals = {"added": 0, "changed": 0, "removed": 0}
     for snap in rawstore.snapshot_dirs(raw):
@@ -43,7 +44,8 @@ def _data_changes(evaluation: dict, *, raw: Path, validated: Path, prepared: Pat
     return out
 
 
-def context(evaluation: dict, rows: list[dict], *, params: Params, latency: dict | None,
+def context(evaluation: Evaluation, predictions: Predictions, *, params: Params,
+            latency: dict | None,
             eval_dir: Path, candidate_dir: Path, raw: Path, validated: Path, prepared: Path,
             review: Path) -> dict:
     """Everything the page shows besides the decision and the evaluation; a missing input
@@ -53,7 +55,7 @@ def context(evaluation: dict, rows: list[dict], *, params: Params, latency: dict
         with open(candidate_dir / "history.csv", newline="") as f:
             history = list(csv.DictReader(f))
     meta = rawstore.latest_meta(raw) if raw.exists() else None
-    return {"rows": rows, "history": history, "latency": latency,
+    return {"predictions": predictions, "history": history, "latency": latency,
             "latency_budget_ms": params.gate.max_latency_ms_p95,
             "images": evalset.image_bytes(eval_dir) if (eval_dir / "meta.json").exists() else {},
             "ls": ({"url": meta.get("label_studio_url"), "project_id": meta["project_id"]}
@@ -71,13 +73,17 @@ def run(decision_file: str | Path, evaluation_dir: str | Path, out_dir: str | Pa
         prepared: str | Path = "data/prepared", review: str | Path = "data/review") -> Path:
     """decision.json + the evaluation (+ the data, for context) -> `out_dir`/report.md and
     report.html; returns the page's path."""
-    decision = read_json(decision_file)
-    evaluation_dir = Path(evaluation_dir)
-    evaluation = read_json(evaluation_dir / "evaluation.json")
-    rows = read_jsonl(evaluation_dir / "predictions.jsonl")
+    decision = Decision.read(decision_file)
+    evaluation, predictions = read_evaluation(evaluation_dir)
+    if decision.eval_hash != evaluation.eval_hash or (
+            decision.candidate_sha256 != evaluation.candidate.sha256):
+        raise RecordError(f"the decision is about candidate {decision.candidate_sha256[:12]} "
+                          f"on eval set {decision.eval_hash[:12]}, the evaluation about "
+                          f"{evaluation.candidate.sha256[:12]} on {evaluation.eval_hash[:12]}: "
+                          "run the gate again", source=str(decision_file))
     latency = (read_json(latency_file) if latency_file is not None and Path(latency_file).exists()
                else None)
-    ctx = context(evaluation, rows, params=params, latency=latency, eval_dir=Path(eval_dir),
+    ctx = context(evaluation, predictions, params=params, latency=latency, eval_dir=Path(eval_dir),
                   candidate_dir=Path(candidate_dir), raw=Path(raw), validated=Path(validated),
                   prepared=Path(prepared), review=Path(review))
     out_dir = Path(out_dir)
@@ -102,10 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     params = settings.load(args.params)
-    page = run(args.decision, args.evaluation, args.out, params=params,
-               latency_file=args.latency, eval_dir=args.eval, candidate_dir=args.candidate,
-               raw=args.raw, validated=args.validated, prepared=args.prepared,
-               review=args.review)
+    try:
+        page = run(args.decision, args.evaluation, args.out, params=params,
+                   latency_file=args.latency, eval_dir=args.eval, candidate_dir=args.candidate,
+                   raw=args.raw, validated=args.validated, prepared=args.prepared,
+                   review=args.review)
+    except RecordError as exc:
+        print(f"report failed: {exc}", file=sys.stderr)
+        return 1
     latency = read_json(args.latency) if Path(args.latency).exists() else None
     print(f"report: {page} (latency {latency_note(latency, params.gate.max_latency_ms_p95)})")
     return 0

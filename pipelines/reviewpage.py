@@ -1,6 +1,7 @@
 """The promotion review page, rendered: one self-contained HTML page (images inlined, no
 scripts, no external requests) and a Markdown version for the Prefect artifact. Pure functions
-of the decision, the evaluation and a context dict (pipelines/report.py, the stage, gathers it).
+of the decision and the evaluation (pipelines/records.py) and a context dict (pipelines/report.py,
+the stage, gathers it).
 
 Verdict first; then every regression test, the measured latency against its budget, per-class
 metrics with 95 % intervals, both confusion matrices, the flipped images (right->wrong and
@@ -17,6 +18,7 @@ import io
 from PIL import Image
 
 from pipelines import stats
+from pipelines.records import Decision, Evaluation, Metrics, Predictions
 
 FLIPS_SHOWN = 48  # per direction; the counts are always complete
 THUMB_SIDE = 84
@@ -62,14 +64,23 @@ def _thumb(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def flips(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+def flips(evaluation: Evaluation, p: Predictions | None) -> tuple[list[dict], list[dict]]:
     """(right->wrong, wrong->right): eval images production got right and the candidate gets
-    wrong, and the reverse."""
-    if not rows or "production" not in rows[0]:
+    wrong, and the reverse; one {task_id, image_sha256, label, candidate, candidate_confidence,
+    production, production_confidence} per image, class names from `evaluation.classes`."""
+    if p is None or p.prod_pred is None:
         return [], []
-    worse = [r for r in rows if r["production"] == r["label"] != r["candidate"]]
-    better = [r for r in rows if r["candidate"] == r["label"] != r["production"]]
-    return worse, better
+    names = evaluation.classes
+
+    def row(i: int) -> dict:
+        return {"task_id": int(p.task_id[i]), "image_sha256": str(p.image_sha256[i]),
+                "label": names[p.truth[i]], "candidate": names[p.cand_pred[i]],
+                "candidate_confidence": float(p.cand_conf[i]),
+                "production": names[p.prod_pred[i]],
+                "production_confidence": float(p.prod_conf[i])}
+    right_c, right_p = p.cand_pred == p.truth, p.prod_pred == p.truth
+    return ([row(i) for i in (right_p & ~right_c).nonzero()[0]],
+            [row(i) for i in (right_c & ~right_p).nonzero()[0]])
 
 
 def latency_note(latency: dict | None, budget_ms: float) -> str:
@@ -116,7 +127,8 @@ def _svg_curves(history: list[dict]) -> str:
             f'<text x="2" y="{pad + 4}" font-size="11">{top:.2f}</text></svg>')
 
 
-def _confusion_html(title: str, classes: list[str], confusion: list[list[int]]) -> str:
+def _confusion_html(title: str, classes: tuple[str, ...],
+                    confusion: tuple[tuple[int, ...], ...]) -> str:
     head = "".join(f"<th>{esc(c)}</th>" for c in classes)
     body = "".join(
         f"<tr><th>{esc(c)}</th>" + "".join(
@@ -127,31 +139,31 @@ def _confusion_html(title: str, classes: list[str], confusion: list[list[int]]) 
             f"<table class=cm><tr><th></th>{head}</tr>{body}</table></figure>")
 
 
-def markdown(decision: dict, evaluation: dict, context: dict) -> str:
-    cand, prod = evaluation["candidate"], evaluation["production"]
-    lines = [f"# Gate verdict: **{decision['verdict']}**", "",
-             f"- decision: {_md_cell(decision['action'])}",
-             f"- candidate `{cand['sha256'][:12]}`: accuracy **{cand['accuracy']:.4f}** on "
-             f"{evaluation['eval_n']} fixed eval images (eval set `{evaluation['eval_hash'][:12]}`)",
-             (f"- production `{_md_cell(prod['id'])}`: accuracy {prod['accuracy']:.4f}" if prod
+def markdown(decision: Decision, evaluation: Evaluation, context: dict) -> str:
+    cand, prod = evaluation.candidate, evaluation.production
+    lines = [f"# Gate verdict: **{decision.verdict}**", "",
+             f"- decision: {_md_cell(decision.action)}",
+             f"- candidate `{cand.sha256[:12]}`: accuracy **{cand.accuracy:.4f}** on "
+             f"{evaluation.eval_n} fixed eval images (eval set `{evaluation.eval_hash[:12]}`)",
+             (f"- production `{_md_cell(prod.id)}`: accuracy {prod.accuracy:.4f}" if prod
               else "- no production model yet: judged on the absolute tests alone"), "",
              "## Regression tests", "", "| test | result | value | threshold | p | detail |",
              "|---|---|---|---|---|---|"]
-    for t in decision["tests"]:
-        shown = t["result"] if t["result"] != "fail" else "**FAIL**"
-        lines.append(f"| {_md_cell(t['name'])} | {shown} | {t['value']:.4f} | "
-                     f"{t['threshold']:.4f} | {'' if t['p_value'] is None else t['p_value']} | "
-                     f"{_md_cell(t['detail'])} |")
+    for t in decision.tests:
+        shown = t.result if t.result != "fail" else "**FAIL**"
+        lines.append(f"| {_md_cell(t.name)} | {shown} | {t.value:.4f} | "
+                     f"{t.threshold:.4f} | {'' if t.p_value is None else t.p_value} | "
+                     f"{_md_cell(t.detail)} |")
     lines += ["", f"Latency (measured, not judged): "
               f"{_md_cell(latency_note(context.get('latency'), context.get('latency_budget_ms', 0.0)))}"]
     lines += ["", "## Per class", "",
               "| class | support | production recall | candidate recall | candidate precision |",
               "|---|---|---|---|---|"]
-    for cls, m in cand["per_class"].items():
-        p = prod["per_class"][cls]["recall"] if prod else None
-        lines.append(f"| {_md_cell(cls)} | {m['support']} | {_pct(p)} | {_pct(m['recall'])} | "
-                     f"{_pct(m['precision'])} |")
-    worse, better = flips(context.get("rows", []))
+    for cls in evaluation.classes:  # per_class comes back from JSON in sorted order
+        m, p = cand.per_class[cls], prod.per_class[cls].recall if prod else None
+        lines.append(f"| {_md_cell(cls)} | {m.support} | {_pct(p)} | {_pct(m.recall)} | "
+                     f"{_pct(m.precision)} |")
+    worse, better = flips(evaluation, context.get("predictions"))
     lines += ["", f"Flipped eval images: {len(worse)} right -> wrong, {len(better)} wrong -> "
               "right (pictures in report.html)."]
     return "\n".join(lines) + "\n"
@@ -172,37 +184,37 @@ display:block;margin:0 auto 4px;background:#000}figure{display:inline-block;marg
 """
 
 
-def html_page(decision: dict, evaluation: dict, context: dict) -> str:
-    """The self-contained review page. `context` (see `context`): rows (predictions.jsonl),
+def html_page(decision: Decision, evaluation: Evaluation, context: dict) -> str:
+    """The self-contained review page. `context` (see `context`): predictions (per image),
     images (sha256 -> bytes of the eval images), history (training curve rows), data (what
     changed), ls ({url, project_id} or None), latency (+ latency_budget_ms), suspects,
     acceptance."""
-    cand, prod = evaluation["candidate"], evaluation["production"]
-    classes, ls = evaluation["classes"], context.get("ls")
-    verdict = decision["verdict"]
+    cand, prod = evaluation.candidate, evaluation.production
+    classes, ls, n_eval = evaluation.classes, context.get("ls"), evaluation.eval_n
+    verdict = decision.verdict
     out = [f"<!doctype html><html lang=en><head><meta charset=utf-8>"
            f"<title>labelgate gate report: {esc(verdict)}</title><style>{CSS}</style></head><body>",
            f'<div class="verdict {esc(verdict)}"><h1>Verdict: {esc(verdict)}</h1>'
-           f"<div>{esc(decision['action'])}</div></div>",
+           f"<div>{esc(decision.action)}</div></div>",
            "<ul>",
-           f"<li>candidate <code>{esc(cand['sha256'][:12])}</code>"
-           f" — accuracy <b>{cand['accuracy']:.2%}</b> "
-           f"{_interval(round(cand['accuracy'] * evaluation['eval_n']), evaluation['eval_n'])} on "
-           f"{evaluation['eval_n']} fixed eval images</li>",
-           (f"<li>production <code>{esc(prod['id'])}</code> — accuracy {prod['accuracy']:.2%} "
-            f"{_interval(round(prod['accuracy'] * evaluation['eval_n']), evaluation['eval_n'])}"
+           f"<li>candidate <code>{esc(cand.sha256[:12])}</code>"
+           f" — accuracy <b>{cand.accuracy:.2%}</b> "
+           f"{_interval(round(cand.accuracy * n_eval), n_eval)} on "
+           f"{n_eval} fixed eval images</li>",
+           (f"<li>production <code>{esc(prod.id)}</code> — accuracy {prod.accuracy:.2%} "
+            f"{_interval(round(prod.accuracy * n_eval), n_eval)}"
             f"</li>" if prod else "<li>no production model yet: judged on the absolute tests "
             "alone</li>"),
-           f"<li>eval set <code>{esc(evaluation['eval_hash'][:16])}</code></li></ul>",
+           f"<li>eval set <code>{esc(evaluation.eval_hash[:16])}</code></li></ul>",
            "<h2>Regression tests</h2><table><tr><th class=l>test</th><th>result</th>"
            "<th>value</th><th>threshold</th><th>p</th><th class=l>detail</th></tr>"]
-    for t in decision["tests"]:
-        p_value = "" if t["p_value"] is None else f"{t['p_value']:.3g}"
-        out.append(f"<tr><td class=l>{esc(t['name'])}</td>"
-                   f'<td class="r-{esc(t["result"].replace(" ", "-"))}">{esc(t["result"])}</td>'
-                   f"<td>{t['value']:.4f}</td><td>{t['threshold']:.4f}</td>"
+    for t in decision.tests:
+        p_value = "" if t.p_value is None else f"{t.p_value:.3g}"
+        out.append(f"<tr><td class=l>{esc(t.name)}</td>"
+                   f'<td class="r-{esc(t.result.replace(" ", "-"))}">{esc(t.result)}</td>'
+                   f"<td>{t.value:.4f}</td><td>{t.threshold:.4f}</td>"
                    f"<td>{p_value}</td>"
-                   f"<td class=l>{esc(t['detail'])}</td></tr>")
+                   f"<td class=l>{esc(t.detail)}</td></tr>")
     out.append("</table>")
     out.append(f"<p>Latency (measured, not judged): "
                f"{esc(latency_note(context.get('latency'), context.get('latency_budget_ms', 0.0)))}"
@@ -212,30 +224,28 @@ def html_page(decision: dict, evaluation: dict, context: dict) -> str:
                "<th>support</th><th>production recall</th><th>candidate recall</th>"
                "<th>production precision</th><th>candidate precision</th></tr>")
     for k, cls in enumerate(classes):
-        m = cand["per_class"][cls]
-        n = m["support"]
+        m = cand.per_class[cls]
+        n = m.support
 
-        def cell(metrics: dict | None, confusion: list[list[int]] | None, kind: str) -> str:
-            if metrics is None:
+        def cell(model: Metrics | None, kind: str) -> str:
+            if model is None:
                 return "<td></td>"
+            value = getattr(model.per_class[cls], kind)
             if kind == "recall":
-                hits, total = round(metrics["recall"] * n), n
+                hits, total = round(value * n), n
             else:
-                total = sum(row[k] for row in confusion)
-                hits = confusion[k][k]
-            return f"<td>{metrics[kind]:.1%} {_interval(hits, total)}</td>"
-        pm = prod["per_class"][cls] if prod else None
+                total = sum(row[k] for row in model.confusion)
+                hits = model.confusion[k][k]
+            return f"<td>{value:.1%} {_interval(hits, total)}</td>"
         out.append(f"<tr><td class=l>{esc(cls)}</td><td>{n}</td>"
-                   f"{cell(pm, prod['confusion'] if prod else None, 'recall')}"
-                   f"{cell(m, cand['confusion'], 'recall')}"
-                   f"{cell(pm, prod['confusion'] if prod else None, 'precision')}"
-                   f"{cell(m, cand['confusion'], 'precision')}</tr>")
+                   f"{cell(prod, 'recall')}{cell(cand, 'recall')}"
+                   f"{cell(prod, 'precision')}{cell(cand, 'precision')}</tr>")
     out.append("</table><h2>Confusion matrices</h2>")
     if prod:
-        out.append(_confusion_html("production", classes, prod["confusion"]))
-    out.append(_confusion_html("candidate", classes, cand["confusion"]))
+        out.append(_confusion_html("production", classes, prod.confusion))
+    out.append(_confusion_html("candidate", classes, cand.confusion))
 
-    worse, better = flips(context.get("rows", []))
+    worse, better = flips(evaluation, context.get("predictions"))
     images = context.get("images", {})
     for title, group in ((f"Right → wrong: {len(worse)} eval images production got right and "
                           "the candidate gets wrong", worse),
@@ -257,8 +267,8 @@ def html_page(decision: dict, evaluation: dict, context: dict) -> str:
                        f"candidate {esc(r['candidate'])} ({r['candidate_confidence']:.0%})</div>")
         out.append("</div>")
         if len(group) > FLIPS_SHOWN:
-            out.append(f"<p>… and {len(group) - FLIPS_SHOWN} more (reports/evaluation/"
-                       "predictions.jsonl).</p>")
+            out.append(f"<p>… and {len(group) - FLIPS_SHOWN} more (all of them: "
+                       "reports/evaluation/predictions.npz).</p>")
 
     data = context.get("data") or {}
     out.append("<h2>What changed in the data since production's dataset</h2>")

@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from pipelines import rawstore, settings
+from pipelines import rawstore, records, settings
 from pipelines.files import sha256_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,37 +238,63 @@ def write_store(raw_dir: str | Path, entries: list[tuple[dict, bytes | str | Non
     return write_snapshot(raw_dir, [t for t, _ in entries], blobs, rows, removed=removed, seq=seq)
 
 
-# -- evaluations (what pipelines.evaluate writes) -----------------------------------------------
+# -- evaluations and decisions (pipelines/records.py) --------------------------------------------
 
 def evaluation(truth, cand, prod=None, *, classes=tuple(str(c) for c in range(10)),
                cand_conf=0.9, prod_conf=0.9, size_bytes=500_000, macs=12_000_000,
                cand_sha="a" * 64, prod_id="m0001-abcdef0123", prod_sha="b" * 64,
-               eval_hash="e" * 64):
-    """(evaluation.json, predictions.jsonl rows) from per-image class indices; confidences are
-    one number for all images or one per image."""
+               eval_hash="e" * 64, judged_on=None, image_sha256=None, task_ids=None
+               ) -> tuple[records.Evaluation, records.Predictions]:
+    """What pipelines.evaluate writes, built through the same record types, from per-image
+    class indices (`prod` None: no production model). Confidences are one number for all
+    images or one per image; `judged_on`: the eval set production was judged on (default
+    `eval_hash`); image sha256s and task ids (1000, 1001, ...) are made up unless given."""
     from pipelines.metrics import classification
     truth, cand = np.asarray(truth), np.asarray(cand)
     n = len(truth)
-    cc = np.broadcast_to(np.asarray(cand_conf, dtype=float), (n,))
-    ev = {"eval_hash": eval_hash, "eval_n": n, "classes": list(classes),
-          "candidate": {"sha256": cand_sha, "size_bytes": size_bytes, "macs_per_image": macs,
-                        **classification(truth, cand, classes)},
-          "production": None}
-    rows = [{"task_id": 1000 + i, "image_sha256": f"{i:064x}", "label": classes[truth[i]],
-             "candidate": classes[cand[i]], "candidate_confidence": float(cc[i])}
-            for i in range(n)]
+    production = None
     if prod is not None:
         prod = np.asarray(prod)
-        pc = np.broadcast_to(np.asarray(prod_conf, dtype=float), (n,))
-        ev["production"] = {"id": prod_id, "sha256": prod_sha, "judged_on_eval_hash": eval_hash,
-                            **classification(truth, prod, classes)}
-        for i, r in enumerate(rows):
-            r["production"], r["production_confidence"] = classes[prod[i]], float(pc[i])
-    return ev, rows
+        production = records.ProductionEval(
+            id=prod_id, sha256=prod_sha, judged_on_eval_hash=judged_on or eval_hash,
+            dataset_version=None, train_class_counts=None,
+            **classification(truth, prod, classes))
+    ev = records.Evaluation(
+        eval_hash=eval_hash, eval_n=n, classes=classes, production=production,
+        candidate=records.CandidateEval(sha256=cand_sha, size_bytes=size_bytes,
+                                        macs_per_image=macs,
+                                        **classification(truth, cand, classes)))
+    predictions = records.Predictions(
+        task_id=np.arange(1000, 1000 + n) if task_ids is None else task_ids,
+        image_sha256=([f"{i:064x}" for i in range(n)] if image_sha256 is None
+                      else image_sha256),
+        truth=truth, cand_pred=cand, cand_conf=np.broadcast_to(np.asarray(cand_conf, float), (n,)),
+        prod_pred=prod,
+        prod_conf=None if prod is None else np.broadcast_to(np.asarray(prod_conf, float), (n,)))
+    return ev, predictions
 
 
-def write_evaluation(folder: Path, ev: dict, rows: list[dict]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "evaluation.json").write_text(json.dumps(ev))
-    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+def write_evaluation(folder: Path, ev: records.Evaluation,
+                     predictions: records.Predictions) -> Path:
+    """`folder` as pipelines.evaluate leaves reports/evaluation."""
+    return records.write_evaluation(folder, ev, predictions)
+
+
+def decision(candidate_sha256: str, *, verdict: str = "PASS", failed: Iterable[str] = (),
+             candidate_accuracy: float = 0.95, eval_hash: str = "e" * 64,
+             production_id: str | None = None, production_accuracy: float | None = None,
+             on_inconclusive: str = "keep_production") -> records.Decision:
+    """A gate decision, as pipelines.gate writes it, without running the gate: one passing
+    test ("accuracy floor") unless `failed` names the failing ones."""
+    failed = list(failed)
+    tests = [records.GateTest(name=name, result="fail", passed=False, value=1.0,
+                              threshold=0.0, p_value=None, detail="made by tests/factories")
+             for name in failed] or [
+        records.GateTest(name="accuracy floor", result="pass", passed=True,
+                         value=candidate_accuracy, threshold=0.0, p_value=None,
+                         detail="made by tests/factories")]
+    return records.Decision(verdict=verdict, action=f"{verdict} (tests/factories)",
+                            tests=tuple(tests), candidate_sha256=candidate_sha256,
+                            candidate_accuracy=candidate_accuracy, production_id=production_id,
+                            production_accuracy=production_accuracy, eval_hash=eval_hash,
+                            on_inconclusive=on_inconclusive)

@@ -13,7 +13,7 @@ import re  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from pipelines import evaluate, gate, report, stats  # noqa: E402
+from pipelines import evaluate, gate, records, report, stats  # noqa: E402
 from pipelines.files import read_json  # noqa: E402
 from pipelines.metrics import classification  # noqa: E402
 from tests import factories  # noqa: E402
@@ -95,17 +95,17 @@ def scenario(truth, cand, prod=None, **kw):
     return factories.evaluation(truth, cand, prod, **kw)
 
 
-def judged(ev_rows, g=GATE):
-    tests = regression.run_tests(regression.arrays(*ev_rows), g)
+def judged(ev_predictions, g=GATE):
+    tests = regression.run_tests(*ev_predictions, g)
     return tests, regression.verdict(tests)
 
 
 def by_name(tests, name):
-    return next(t for t in tests if t["name"] == name)
+    return next(t for t in tests if t.name == name)
 
 
 def results(tests, result):
-    return [t["name"] for t in tests if t["result"] == result]
+    return [t.name for t in tests if t.result == result]
 
 
 def balanced(per_class=30):
@@ -123,9 +123,9 @@ def wrong(truth, idx):
 def test_first_model_is_judged_on_the_absolute_tests_alone():
     truth = balanced()
     tests, verdict = judged(scenario(truth, truth))
-    assert [t["name"] for t in tests] == ["accuracy floor", "model size", "compute per image"]
+    assert [t.name for t in tests] == ["accuracy floor", "model size", "compute per image"]
     assert verdict == regression.PASS
-    assert by_name(tests, "accuracy floor")["value"] == 1.0
+    assert by_name(tests, "accuracy floor").value == 1.0
 
 
 def test_first_model_under_the_floor_fails():
@@ -139,7 +139,7 @@ def test_accuracy_exactly_at_the_floor_passes():
     truth = np.zeros(100, dtype=int)
     cand = wrong(truth, np.arange(round((1 - GATE.min_accuracy) * 100)))
     tests, _ = judged(scenario(truth, cand))
-    assert by_name(tests, "accuracy floor")["result"] == "pass"
+    assert by_name(tests, "accuracy floor").result == "pass"
 
 
 def test_budgets_for_size_and_compute_fail_when_exceeded():
@@ -153,7 +153,7 @@ def test_budgets_for_size_and_compute_fail_when_exceeded():
 def test_compute_exactly_at_the_budget_passes():
     truth = balanced()
     tests, _ = judged(scenario(truth, truth, macs=int(GATE.max_mmacs_per_image * 1e6)))
-    assert by_name(tests, "compute per image")["result"] == "pass"
+    assert by_name(tests, "compute per image").result == "pass"
 
 
 LOOSE_CLASSES = dict(max_class_recall_drop=1.0, max_class_precision_drop=1.0)
@@ -164,10 +164,10 @@ def test_a_significant_accuracy_drop_beyond_the_margin_fails():
     cand = wrong(truth, np.arange(0, 300, 20))  # 15 images newly wrong, none newly right
     tests, verdict = judged(scenario(truth, cand, truth), gate_params(**LOOSE_CLASSES))
     t = by_name(tests, "accuracy vs production")
-    assert t["result"] == "fail" and t["value"] == pytest.approx(15 / 300)
+    assert t.result == "fail" and t.value == pytest.approx(15 / 300)
     # no resample of 300 images brings a 5 % drop within a 1 % margin: p is its floor, 1/2001
-    assert t["p_value"] == pytest.approx(1 / (stats.BOOTSTRAP_SAMPLES + 1), rel=1e-3)
-    assert "McNemar p = 3.05e-05" in t["detail"]                # 0.5 ** 15, for reference
+    assert t.p_value == pytest.approx(1 / (stats.BOOTSTRAP_SAMPLES + 1), rel=1e-3)
+    assert "McNemar p = 3.05e-05" in t.detail                # 0.5 ** 15, for reference
     assert verdict == regression.FAIL
 
 
@@ -179,9 +179,9 @@ def test_a_drop_beyond_the_margin_that_noise_explains_is_inconclusive():
     cand = wrong(truth, np.arange(0, 300, 34)[:9])       # candidate misses 9 others
     tests, verdict = judged(scenario(truth, cand, prod), gate_params(**LOOSE_CLASSES))
     t = by_name(tests, "accuracy vs production")
-    assert t["value"] == pytest.approx(4 / 300)
-    assert t["result"] == "inconclusive" and 0.3 < t["p_value"] < 0.6
-    assert "McNemar p = 0.212" in t["detail"]
+    assert t.value == pytest.approx(4 / 300)
+    assert t.result == "inconclusive" and 0.3 < t.p_value < 0.6
+    assert "McNemar p = 0.212" in t.detail
     assert verdict == regression.INCONCLUSIVE
 
 
@@ -191,7 +191,7 @@ def test_accuracy_drop_exactly_at_the_margin_passes():
     assert drop / 100 == GATE.max_accuracy_drop  # the margin is a whole number of images
     tests, _ = judged(scenario(truth, wrong(truth, np.arange(drop)), truth,
                                classes=("0", "1")), gate_params(**LOOSE_CLASSES))
-    assert by_name(tests, "accuracy vs production")["result"] == "pass"
+    assert by_name(tests, "accuracy vs production").result == "pass"
 
 
 def test_improvement_passes():
@@ -199,7 +199,7 @@ def test_improvement_passes():
     tests, verdict = judged(scenario(truth, truth, wrong(truth, np.arange(0, 300, 30)),
                                      cand_conf=1.0))
     assert verdict == regression.PASS
-    assert by_name(tests, "accuracy vs production")["value"] < 0
+    assert by_name(tests, "accuracy vs production").value < 0
 
 
 def test_one_class_recall_collapse_fails_naming_the_class():
@@ -209,10 +209,10 @@ def test_one_class_recall_collapse_fails_naming_the_class():
     prod = wrong(truth, others)
     cand = wrong(truth, seven)
     tests, verdict = judged(scenario(truth, cand, prod))
-    assert by_name(tests, "accuracy vs production")["result"] == "pass"  # accuracy is level
+    assert by_name(tests, "accuracy vs production").result == "pass"  # accuracy is level
     # the lost 7s are now called 8: class 8's precision drops with them
     assert results(tests, "fail") == ["recall of class '7'", "precision of class '8'"]
-    assert by_name(tests, "recall of class '7'")["value"] == pytest.approx(10 / 30)
+    assert by_name(tests, "recall of class '7'").value == pytest.approx(10 / 30)
     assert verdict == regression.FAIL
 
 
@@ -221,7 +221,7 @@ def test_small_classes_are_not_enough_evidence():
     cand = wrong(truth, np.flatnonzero(truth == 3))       # class 3 entirely wrong
     tests, _ = judged(scenario(truth, cand, truth), gate_params(max_accuracy_drop=1.0))
     t = by_name(tests, "recall of class '3'")
-    assert t["result"] == "no evidence" and "min_class_support" in t["detail"]
+    assert t.result == "no evidence" and "min_class_support" in t.detail
 
 
 def test_precision_drop_fails_when_the_bootstrap_says_it_is_real():
@@ -230,8 +230,8 @@ def test_precision_drop_fails_when_the_bootstrap_says_it_is_real():
     cand[np.flatnonzero(truth == 5)[:12]] = 3             # twelve 5s now called 3
     tests, _ = judged(scenario(truth, cand, truth), gate_params(max_accuracy_drop=1.0))
     t = by_name(tests, "precision of class '3'")
-    assert t["result"] == "fail" and t["value"] == pytest.approx(1 - 30 / 42)
-    assert t["p_value"] < GATE.alpha
+    assert t.result == "fail" and t.value == pytest.approx(1 - 30 / 42)
+    assert t.p_value < GATE.alpha
 
 
 def test_a_lost_critical_case_fails_naming_the_task():
@@ -240,10 +240,10 @@ def test_a_lost_critical_case_fails_naming_the_task():
     g = gate_params(critical_task_ids=[1017, 1018, 99])
     tests, verdict = judged(scenario(truth, cand, truth), g)
     t = by_name(tests, "critical cases")
-    assert t["result"] == "fail" and "1017" in t["detail"] and "99" in t["detail"]
+    assert t.result == "fail" and "1017" in t.detail and "99" in t.detail
     assert verdict == regression.FAIL
     tests, _ = judged(scenario(truth, truth, truth), g)
-    assert by_name(tests, "critical cases")["result"] == "pass"
+    assert by_name(tests, "critical cases").result == "pass"
 
 
 def test_worse_calibration_fails():
@@ -252,7 +252,7 @@ def test_worse_calibration_fails():
     pred = wrong(truth, miss)
     tests, _ = judged(scenario(truth, pred, pred, cand_conf=1.0, prod_conf=0.9))  # 90 % sure, 90 % right
     t = by_name(tests, "calibration (ECE)")
-    assert t["result"] == "fail" and t["value"] > GATE.max_ece_increase
+    assert t.result == "fail" and t.value > GATE.max_ece_increase
 
 
 def test_ece_of_a_perfectly_calibrated_model_is_zero():
@@ -313,10 +313,12 @@ def test_gate_run_writes_decision_like_promote_reads_it(tmp_path):
     truth = balanced()
     folder = write_evaluation(tmp_path / "ev", *scenario(truth, truth))
     decision = gate.run(folder, tmp_path / "gate", params=factories.params())
-    assert read_json(tmp_path / "gate" / "decision.json") == decision
-    assert decision["candidate_sha256"] == "a" * 64 and decision["eval_hash"] == "e" * 64
-    assert decision["production_id"] is None and decision["verdict"] == "PASS"
-    assert decision["action"].startswith("Promote")
+    # promote reads it through the same type, and the file is that record's JSON
+    assert records.Decision.read(tmp_path / "gate" / "decision.json") == decision
+    assert read_json(tmp_path / "gate" / "decision.json") == decision.to_json()
+    assert decision.candidate_sha256 == "a" * 64 and decision.eval_hash == "e" * 64
+    assert decision.production_id is None and decision.verdict == "PASS"
+    assert decision.action.startswith("Promote")
     assert sorted(p.name for p in (tmp_path / "gate").iterdir()) == ["decision.json"]
     report.run(tmp_path / "gate" / "decision.json", folder, tmp_path / "gate",
                params=factories.params(), raw=tmp_path / "x")
@@ -356,7 +358,7 @@ def test_report_shows_latency_against_its_budget(tmp_path):
         else:
             assert "OVER BUDGET" in line and "headroom" not in line
     # the decision did not move: it never read the latency
-    assert read_json(tmp_path / "gate" / "decision.json")["verdict"] == "PASS"
+    assert records.Decision.read(tmp_path / "gate" / "decision.json").verdict == "PASS"
 
 
 def test_macs_per_image_counts_convolutions_and_linear_layers():
@@ -398,9 +400,9 @@ def test_inconclusive_action_follows_the_configured_rule(tmp_path):
     keep = gate.run(folder, tmp_path / "a", params=factories.params(LOOSE))
     ask = gate.run(folder, tmp_path / "b", params=factories.params(
         {**LOOSE, "gate.on_inconclusive": "ask_reviewer"}))
-    assert keep["verdict"] == ask["verdict"] == "INCONCLUSIVE"
-    assert keep["action"].startswith("Keep production")
-    assert "labelgate approve" in ask["action"]
+    assert keep.verdict == ask.verdict == "INCONCLUSIVE"
+    assert keep.action.startswith("Keep production")
+    assert "labelgate approve" in ask.action
 
 
 LOOSE = {"gate.max_class_recall_drop": 1.0, "gate.max_class_precision_drop": 1.0}
@@ -408,9 +410,8 @@ LOOSE = {"gate.max_class_recall_drop": 1.0, "gate.max_class_precision_drop": 1.0
 
 def test_gate_refuses_an_eval_set_production_was_not_judged_on(tmp_path):
     truth = balanced()
-    ev, rows = scenario(truth, truth, truth)
-    ev["production"]["judged_on_eval_hash"] = "f" * 64
-    folder = write_evaluation(tmp_path / "ev", ev, rows)
+    folder = write_evaluation(tmp_path / "ev", *scenario(truth, truth, truth,
+                                                         judged_on="f" * 64))
     with pytest.raises(gate.GateError, match="rebaseline"):
         gate.run(folder, tmp_path / "gate", params=factories.params())
     assert not (tmp_path / "gate").exists()

@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 
@@ -206,7 +207,8 @@ def test_set_production_refuses_a_pointer_to_a_bad_blob(first):
     reg = first["reg"]
     pointer_bytes = (reg / registry.POINTER).read_bytes()
     with pytest.raises(RegistryError):
-        registry.set_production(reg, {"id": "m9999-x", "sha256": "0" * 64})
+        registry.set_production(reg, dataclasses.replace(registry.production(reg),
+                                                         id="m9999-x", sha256="0" * 64))
     assert (reg / registry.POINTER).read_bytes() == pointer_bytes
 
 
@@ -224,7 +226,7 @@ def test_rollback_restores_the_previous_model(first):
     assert pointer["previous"] is None
     with pytest.raises(RegistryError, match="no previous production model"):
         registry.rollback(reg)
-    assert registry.production(reg) == pointer
+    assert registry.production(reg).to_json() == pointer       # the command returns its JSON
     model, _, _, _ = registry.load_production(reg, device=CPU)
     assert same_weights(model, first["a_model"])
     last = registry.ledger(reg)[-1]
@@ -368,8 +370,8 @@ def test_a_registry_from_before_plans_gets_its_missing_ledger_line(first):
     b_file, _, _ = promote_b(first)
     sha, _ = registry.store(reg, b_file)
     old = registry.production(reg)
-    registry.set_production(reg, {**old, "id": "m0002-legacy", "sha256": sha,
-                                   "since": "2026-01-01T00:00:00Z", "previous": old["id"]})
+    registry.set_production(reg, dataclasses.replace(
+        old, id="m0002-legacy", sha256=sha, since="2026-01-01T00:00:00Z", previous=old.id))
     with registry.lock(reg):
         assert registry.reconcile(reg) is None
     last = registry.ledger(reg)[-1]

@@ -46,23 +46,21 @@ def report(tmp_path_factory):
     cand[threes] = 8
     fixed = np.flatnonzero(truth == 5)[:5]
     prod[fixed] = 6
-    ev, rows = factories.evaluation(truth, cand, prod, classes=tuple(classes),
-                                    cand_conf=np.where(np.isin(np.arange(len(truth)), threes),
-                                                       0.6, 0.97))
-    blobs = {}
-    for row, (_, png, _) in zip(rows, digits):
-        row["image_sha256"] = sha256_bytes(png)
-        blobs[row["image_sha256"]] = png
+    shas = [sha256_bytes(png) for _, png, _ in digits]
+    blobs = dict(zip(shas, (png for _, png, _ in digits)))
+    ev, predictions = factories.evaluation(
+        truth, cand, prod, classes=tuple(classes), image_sha256=shas,
+        cand_conf=np.where(np.isin(np.arange(len(truth)), threes), 0.6, 0.97))
     eval_dir = root / "eval"
     eval_dir.mkdir()
     (eval_dir / "images.tar").write_bytes(tar_bytes(blobs))
-    (eval_dir / "meta.json").write_text(json.dumps({"hash": ev["eval_hash"]}))
+    (eval_dir / "meta.json").write_text(json.dumps({"hash": ev.eval_hash}))
     cand_dir = root / "candidate"
     cand_dir.mkdir()
     (cand_dir / "history.csv").write_text(
         "epoch,train_loss,train_acc,val_loss,val_acc\n1,1.2,0.6,0.8,0.7\n2,0.5,0.85,0.4,0.88\n"
         "3,0.3,0.92,0.3,0.93\n")
-    folder = factories.write_evaluation(root / "evaluation", ev, rows)
+    folder = factories.write_evaluation(root / "evaluation", ev, predictions)
     (root / "review").mkdir()
     (root / "review" / "suspects.jsonl").write_text(json.dumps(
         {"task_id": 77, "label": HOSTILE, "suggested": "3", "label_probability": 0.02,

@@ -1,8 +1,9 @@
 """The gate's regression tests: candidate vs production on the same fixed eval set, declared here
 with their thresholds in params.yaml `gate`.
 
-Pure functions over the evaluation (pipelines.evaluate): no I/O, no Prefect, no DVC. Each test
-returns {name, result, value, threshold, p_value, detail} with result one of
+Pure functions over the evaluation and its per-image predictions (pipelines.records, written by
+pipelines.evaluate): no I/O, no Prefect, no DVC. Each test is a `records.GateTest` {name,
+result, value, threshold, p_value, detail} with result one of
 
     pass          within its margin (or budget)
     fail          beyond its margin, and the paired evidence says so (p < gate.alpha)
@@ -22,22 +23,22 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines import stats
+from pipelines.records import FAIL, INCONCLUSIVE, PASS, Evaluation, GateTest, Predictions
 
-PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
 # Metrics are ratios of counts; 0.95 - 0.94 is 0.010000000000000009 in floating point. A drop
 # exactly at the margin is allowed, so compare with this much slack (far below 1 image in 10^6).
 EPS = 1e-9
 
 
 def _test(name: str, result: str, value: float, threshold: float, detail: str,
-          p_value: float | None = None) -> dict:
-    return {"name": name, "result": result, "passed": result != "fail", "value": float(value),
-            "threshold": float(threshold),
-            "p_value": None if p_value is None else float(f"{p_value:.4g}"), "detail": detail}
+          p_value: float | None = None) -> GateTest:
+    return GateTest(name=name, result=result, passed=result != "fail", value=float(value),
+                    threshold=float(threshold),
+                    p_value=None if p_value is None else float(f"{p_value:.4g}"), detail=detail)
 
 
 def _paired(name: str, drop: float, margin: float, p_value: float, alpha: float,
-            detail: str) -> dict:
+            detail: str) -> GateTest:
     if drop <= margin + EPS:
         return _test(name, "pass", drop, margin, detail)
     result = "fail" if p_value < alpha else "inconclusive"
@@ -55,58 +56,42 @@ def _precision(pred: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float((truth[chosen] == k).mean()) if chosen.any() else 0.0
 
 
-def arrays(evaluation: dict, rows: list[dict]) -> dict:
-    """evaluation.json plus the per-image arrays the paired tests need (truth, predictions,
-    confidences, task id -> row index), rebuilt from predictions.jsonl's `rows`."""
-    index = {c: i for i, c in enumerate(evaluation["classes"])}
-    out = {**evaluation, "truth": np.array([index[r["label"]] for r in rows], dtype=np.int64),
-           "cand_pred": np.array([index[r["candidate"]] for r in rows], dtype=np.int64),
-           "cand_conf": np.array([r["candidate_confidence"] for r in rows], dtype=np.float64),
-           "index": {r["task_id"]: i for i, r in enumerate(rows)}}
-    if evaluation["production"] is not None:
-        out["prod_pred"] = np.array([index[r["production"]] for r in rows], dtype=np.int64)
-        out["prod_conf"] = np.array([r["production_confidence"] for r in rows],
-                                    dtype=np.float64)
-    return out
-
-
-def run_tests(ev: dict, g) -> list[dict]:
-    """`ev`: `arrays(evaluation, rows)`: pipelines.evaluate's result plus `truth`, `cand_pred`,
-    `cand_conf`, and `prod_pred`, `prod_conf` when there is a production model.
-    `g`: params.gate."""
-    cand, prod = ev["candidate"], ev["production"]
-    truth, cp = ev["truth"], ev["cand_pred"]
-    acc = cand["accuracy"]
+def run_tests(ev: Evaluation, pred: Predictions, g) -> list[GateTest]:
+    """`ev`: the metrics, `pred`: the per-image predictions they summarise (`prod_pred`,
+    `prod_conf` when there is a production model). `g`: params.gate."""
+    cand, prod = ev.candidate, ev.production
+    truth, cp = pred.truth, pred.cand_pred
+    acc = cand.accuracy
     tests = [_test("accuracy floor", "pass" if acc >= g.min_accuracy - EPS else "fail", acc,
                    g.min_accuracy, f"candidate accuracy {acc:.4f} vs floor {g.min_accuracy:.4f}")]
-    size_mb = cand["size_bytes"] / 1e6
+    size_mb = cand.size_bytes / 1e6
     tests.append(_test("model size", "pass" if size_mb <= g.max_model_mb + EPS else "fail",
                        size_mb, g.max_model_mb, f"{size_mb:.2f} MB (budget {g.max_model_mb} MB)"))
     # Compute, not wall-clock latency: a timing depends on the machine and its load, and the
     # verdict must be the same wherever `dvc repro` runs. Multiply-accumulates per image follow
     # from the layer shapes alone (pipelines.evaluate.macs_per_image); the measured latency is
     # shown in the report against gate.max_latency_ms_p95.
-    mmacs = cand["macs_per_image"] / 1e6
+    mmacs = cand.macs_per_image / 1e6
     tests.append(_test("compute per image", "pass" if mmacs <= g.max_mmacs_per_image + EPS
                        else "fail", mmacs, g.max_mmacs_per_image,
                        f"{mmacs:.2f} million multiply-accumulates per image "
                        f"(budget {g.max_mmacs_per_image})"))
     if prod is None:
         return tests
-    pp = ev["prod_pred"]
+    pp = pred.prod_pred
     c_ok, p_ok = cp == truth, pp == truth
 
     diff = p_ok.astype(np.int8) - c_ok.astype(np.int8)   # +1: newly wrong, -1: newly right
     worse, better = int((diff == 1).sum()), int((diff == -1).sum())
-    drop = prod["accuracy"] - acc
+    drop = prod.accuracy - acc
     tests.append(_paired("accuracy vs production", drop, g.max_accuracy_drop,
                          _mean_drop_p(diff, drop, g.max_accuracy_drop), g.alpha,
-                         f"production {prod['accuracy']:.4f} -> candidate {acc:.4f}; "
+                         f"production {prod.accuracy:.4f} -> candidate {acc:.4f}; "
                          f"{worse} image(s) newly wrong, {better} newly right (McNemar "
                          f"p = {stats.mcnemar_worse_p(worse, better):.3g})"))
 
-    for k, cls in enumerate(ev["classes"]):
-        support = cand["per_class"][cls]["support"]
+    for k, cls in enumerate(ev.classes):
+        support = cand.per_class[cls].support
         if support < g.min_class_support:
             tests.append(_test(f"recall of class {cls!r}", "no evidence", 0.0,
                                g.max_class_recall_drop, f"{support} eval image(s) of this class, "
@@ -114,7 +99,7 @@ def run_tests(ev: dict, g) -> list[dict]:
             continue
         mine = diff[truth == k]
         w, b = int((mine == 1).sum()), int((mine == -1).sum())
-        pr, cr = prod["per_class"][cls]["recall"], cand["per_class"][cls]["recall"]
+        pr, cr = prod.per_class[cls].recall, cand.per_class[cls].recall
         tests.append(_paired(f"recall of class {cls!r}", pr - cr, g.max_class_recall_drop,
                              _mean_drop_p(mine, pr - cr, g.max_class_recall_drop), g.alpha,
                              f"recall {pr:.4f} -> {cr:.4f} on {support} images (McNemar "
@@ -130,8 +115,9 @@ def run_tests(ev: dict, g) -> list[dict]:
                              g.max_class_precision_drop, p_value, g.alpha,
                              f"precision {pprec:.4f} -> {cprec:.4f}"))
 
-    critical = [t for t in g.critical_task_ids if t in ev["index"]]
-    lost = [t for t in critical if p_ok[ev["index"][t]] and not c_ok[ev["index"][t]]]
+    index = pred.index()
+    critical = [t for t in g.critical_task_ids if t in index]
+    lost = [t for t in critical if p_ok[index[t]] and not c_ok[index[t]]]
     missing = sorted(set(g.critical_task_ids) - set(critical))
     tests.append(_test("critical cases", "fail" if lost else "pass", float(len(lost)), 0.0,
                        (f"now wrong: tasks {lost}" if lost else
@@ -139,7 +125,7 @@ def run_tests(ev: dict, g) -> list[dict]:
                         "still right")
                        + (f"; not in the eval set: {missing}" if missing else "")))
 
-    c_conf, p_conf = ev["cand_conf"], ev["prod_conf"]
+    c_conf, p_conf = pred.cand_conf, pred.prod_conf
     c_ece, p_ece = stats.ece(c_conf, c_ok), stats.ece(p_conf, p_ok)
     p_value = 1.0
     if c_ece - p_ece > g.max_ece_increase + EPS:
@@ -151,6 +137,6 @@ def run_tests(ev: dict, g) -> list[dict]:
     return tests
 
 
-def verdict(tests: list[dict]) -> str:
-    results = {t["result"] for t in tests}
+def verdict(tests: list[GateTest]) -> str:
+    results = {t.result for t in tests}
     return FAIL if "fail" in results else INCONCLUSIVE if "inconclusive" in results else PASS
