@@ -108,24 +108,22 @@ def cmd_evalset(args, layout: Layout, params) -> int:
 
 def _rebaseline(args, layout: Layout, params) -> int:
     """Judge production on the (new) fixed eval set and record why, so gates can compare again."""
-    from pipelines import evalset, net, registry
+    from pipelines import evalset, predict, registry
     from pipelines.device import pick_device
     if not args.reason:
         print("labelgate evalset rebaseline: --reason is required (it goes into the ledger)",
               file=sys.stderr)
         return 2
-    device = pick_device(params.train.device)
     ev = evalset.load(layout.eval, params=params)
-    loaded = registry.load_production(layout.registry, device=device)
-    if loaded is None:
+    model = predict.load_production(layout.registry, device=pick_device(params.train.device))
+    if model is None:
         raise registry.RegistryError("no production model to re-baseline")
-    model, _, _, pointer = loaded
-    accuracy = float((net.predict_proba(model, ev.x, device=device).argmax(1) == ev.y).mean())
+    accuracy = float((predict.probabilities(model, ev.x).argmax(1) == ev.y).mean())
     from pipelines.studiosync import StudioSync
     sync = StudioSync(layout.studio, layout.registry, params)
     event = registry.rebaseline(layout.registry, eval_hash=ev.hash, accuracy=accuracy,
                                 reason=args.reason, reviewer=_reviewer(args), then=sync)
-    print(f"re-baselined {pointer['id']} on eval set {ev.hash[:12]} (was "
+    print(f"re-baselined {model.version} on eval set {ev.hash[:12]} (was "
           f"{str(event['old_eval_hash'])[:12]}): accuracy {accuracy:.4f} on {len(ev.y)} images"
           + (" (finished an interrupted run of this command)" if event.get("resumed") else ""))
     if sync.message:
@@ -347,9 +345,9 @@ def cmd_backend(args, layout: Layout, params) -> int:
     holder = backend.ModelHolder(layout.registry, pick_device(params.train.device))
     server = backend.make_server(holder, _connect(layout, params), params=params,
                                  host=args.host, port=args.port)
-    loaded = holder.get()
+    model = holder.get()
     print(f"labelgate ML backend on http://{args.host}:{args.port} serving "
-          f"{loaded[3]['id'] if loaded else 'no model yet'} (reloads on promotion); Ctrl-C "
+          f"{model.version if model else 'no model yet'} (reloads on promotion); Ctrl-C "
           "to stop")
     try:
         server.serve_forever()
@@ -359,29 +357,20 @@ def cmd_backend(args, layout: Layout, params) -> int:
 
 
 def cmd_predict(args, layout: Layout, params) -> int:
-    from pipelines import images, net, registry
+    from pipelines import predict
     from pipelines.device import pick_device
-    import numpy as np
-    device = pick_device(params.train.device)
-    loaded = registry.load_production(layout.registry, device=device)
-    if loaded is None:
+    model = predict.load_production(layout.registry, device=pick_device(params.train.device))
+    if model is None:
         print("no production model yet: run `labelgate run` first", file=sys.stderr)
         return 1
-    model, classes, size, pointer = loaded
-    rc = 0
-    arrays, names = [], []
-    for path in args.images:
-        try:
-            arrays.append(images.to_array(Path(path).read_bytes(), size))
-            names.append(path)
-        except (OSError, images.BadImage) as exc:
-            print(f"{path}: cannot read: {exc}", file=sys.stderr)
-            rc = 1
-    if arrays:
-        probs = net.predict_proba(model, np.stack(arrays), device=device)
-        for name, p in zip(names, probs):
-            print(f"{name}\t{classes[int(p.argmax())]}\t{p.max():.4f}\t({pointer['id']})")
-    return rc
+    answers = predict.predict_images(model, args.images, lambda path: Path(path).read_bytes(),
+                                     how=params.preannotate.uncertainty, errors=(OSError,))
+    for path, p in answers:
+        if isinstance(p, predict.Unreadable):
+            print(f"{path}: cannot read: {p.reason}", file=sys.stderr)
+        else:
+            print(f"{path}\t{p.label}\t{p.probability:.4f}\t({model.version})")
+    return 1 if any(isinstance(p, predict.Unreadable) for _, p in answers) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
