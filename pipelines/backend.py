@@ -30,10 +30,9 @@ import httpx
 import numpy as np
 import torch
 
-from pipelines import images, labelconfig, net, registry
+from pipelines import images, labelconfig, predict, registry
 from pipelines.jsonserver import HttpError, JsonHandler, Limits, Server, brief
 from pipelines.labelstudio import AuthError, ImageFetchError, LabelStudioError, Studio
-from pipelines.preannotate import certainty
 from pipelines.settings import Params
 
 # Label Studio sends every task selected for "Retrieve predictions" in one call (~0.5-2 KB of
@@ -50,23 +49,23 @@ class ModelHolder:
     def __init__(self, registry_dir: str | Path, device: torch.device) -> None:
         self.registry_dir, self.device = Path(registry_dir), device
         self._lock = threading.Lock()
-        self._loaded: tuple | None = None
+        self._loaded: predict.Model | None = None
         self._sha: str | None = None
 
-    def get(self):
-        """(model, classes, image_size, pointer), or None while there is no production model."""
+    def get(self) -> predict.Model | None:
+        """The production model, or None while there is none."""
         pointer = registry.production(self.registry_dir)
         with self._lock:  # held only to swap models (a load is ~10 ms), never to predict
             if pointer is None:
                 self._loaded, self._sha = None, None
             elif pointer["sha256"] != self._sha:
-                self._loaded = registry.load_production(self.registry_dir, device=self.device)
+                self._loaded = predict.load_production(self.registry_dir, device=self.device)
                 self._sha = pointer["sha256"]
             return self._loaded
 
 
 class _Job:
-    def __init__(self, model: torch.nn.Module, x: np.ndarray) -> None:
+    def __init__(self, model: predict.Model, x: np.ndarray) -> None:
         self.model, self.x = model, x
         self.done = threading.Event()
         self.probs: np.ndarray | None = None
@@ -80,8 +79,7 @@ class Inference:
 
     MAX_BATCH = 1024  # images per forward pass: 784 B each at 28x28
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self) -> None:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # nothing is queued after the stop marker
         self._closed = False
@@ -89,7 +87,7 @@ class Inference:
                                         daemon=True)
         self._thread.start()
 
-    def predict(self, model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    def predict(self, model: predict.Model, x: np.ndarray) -> np.ndarray:
         """`(N, S, S)` uint8 -> `(N, K)` class probabilities."""
         job = _Job(model, x)
         with self._lock:
@@ -125,8 +123,7 @@ class Inference:
             for model in {id(j.model): j.model for j in jobs}.values():
                 group = [j for j in jobs if j.model is model]
                 try:
-                    probs = net.predict_proba(model, np.concatenate([j.x for j in group]),
-                                              device=self.device)
+                    probs = predict.probabilities(model, np.concatenate([j.x for j in group]))
                 except Exception as exc:  # noqa: BLE001 - re-raised in each waiting request
                     for j in group:
                         j.error = exc
@@ -144,19 +141,19 @@ class Predictor:
     def __init__(self, holder: ModelHolder, studio: Studio, *, params: Params,
                  budget_s: float = PREDICT_BUDGET_S) -> None:
         self.holder, self.studio, self.params, self.budget_s = holder, studio, params, budget_s
-        self.inference = Inference(holder.device)
+        self.inference = Inference()
         self._pool = ThreadPoolExecutor(FETCH_WORKERS, thread_name_prefix="labelgate-fetch")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.inference.close()
 
-    def _image(self, url: str, size: int) -> np.ndarray | str:
+    def _image(self, url: str, model: predict.Model) -> np.ndarray | str:
         """The model's input for one task, or why there is none. AuthError propagates: a key
         Label Studio refuses is a server-wide failure, not this task's."""
         try:
             data = self.studio.fetch_image(url, max_bytes=self.params.pull.max_image_bytes)
-            return images.to_array(data, size)
+            return predict.to_input(model, data)
         except AuthError:
             raise
         except (ImageFetchError, images.BadImage) as exc:
@@ -167,7 +164,8 @@ class Predictor:
             # a URL urllib or httpx cannot even parse; lstransport should refuse it first
             return brief(f"malformed image URL: {type(exc).__name__}: {exc}")
 
-    def _images(self, urls: dict[int, str], size: int) -> dict[int, np.ndarray | str]:
+    def _images(self, urls: dict[int, str],
+                model: predict.Model) -> dict[int, np.ndarray | str]:
         """Fetch with at most FETCHES_PER_REQUEST in flight; what is not done within the budget
         is reported per task (the next "Retrieve predictions" asks for those again)."""
         deadline = time.monotonic() + self.budget_s
@@ -177,7 +175,7 @@ class Predictor:
 
         def submit() -> None:
             if (item := next(todo, None)) is not None:
-                pending[self._pool.submit(self._image, item[1], size)] = item[0]
+                pending[self._pool.submit(self._image, item[1], model)] = item[0]
 
         for _ in range(FETCHES_PER_REQUEST):
             submit()
@@ -201,11 +199,10 @@ class Predictor:
     def predict(self, tasks: list,
                 config: labelconfig.LabelingConfig) -> tuple[list[dict], str | None]:
         """One entry per task, in order: a prediction, or `{"error": reason}`."""
-        loaded = self.holder.get()
-        if loaded is None:
+        model = self.holder.get()
+        if model is None:
             return [{"error": "no production model yet"} for _ in tasks], None
-        model, classes, size, pointer = loaded
-        version, key = pointer["id"], config.image_key
+        version, key = model.version, config.image_key
         out: list[dict] = [{} for _ in tasks]
         urls: dict[int, str] = {}
         for i, task in enumerate(tasks):
@@ -219,22 +216,21 @@ class Predictor:
                 out[i] = {"error": f"task.data.{brief(key)} is not an image URL"}
             else:
                 urls[i] = url
-        fetched = self._images(urls, size) if urls else {}
+        fetched = self._images(urls, model) if urls else {}
         good = [i for i, v in fetched.items() if isinstance(v, np.ndarray)]
         for i, v in fetched.items():
             if isinstance(v, str):
                 out[i] = {"error": v}
         if good:
             probs = self.inference.predict(model, np.stack([fetched[i] for i in good]))
-            scores = certainty(probs, self.params.preannotate.uncertainty)
-            for i, p, s in zip(good, probs, scores):
-                label = classes[int(p.argmax())]
-                if config.classes and label not in config.classes:
-                    out[i] = {"error": f"the model chose {brief(label)!r}, which the project's "
+            answers = predict.predictions(model, probs, how=self.params.preannotate.uncertainty)
+            for i, p in zip(good, answers):
+                if config.classes and p.label not in config.classes:
+                    out[i] = {"error": f"the model chose {brief(p.label)!r}, which the project's "
                                        "labeling config does not offer"}
                 else:
-                    out[i] = {"result": labelconfig.choice_result(label, config),
-                              "score": round(float(s), 5)}
+                    out[i] = {"result": labelconfig.choice_result(p.label, config),
+                              "score": round(p.certainty, 5)}
         return [{**o, "model_version": version} for o in out], version
 
 
@@ -242,8 +238,8 @@ class Handler(JsonHandler):
     server: BackendServer
 
     def _version(self) -> str | None:
-        loaded = self.server.predictor.holder.get()
-        return loaded[3]["id"] if loaded else None
+        model = self.server.predictor.holder.get()
+        return model.version if model else None
 
     def _config(self, body: dict) -> labelconfig.LabelingConfig:
         """The project's control names and image key, from the config Label Studio sends; the

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import evalset, net, stats, train
+from pipelines import evalset, predict, stats, train
 from pipelines.device import pick_device
 from pipelines.files import atomic_write_json
 from pipelines.metrics import classification
@@ -36,9 +36,8 @@ def seed_run(prepared_dir: str | Path, ev: evalset.EvalSet, *, params: Params, s
     device = pick_device(params.train.device)
     with tempfile.TemporaryDirectory() as tmp:
         train.run(prepared_dir, tmp, params=p)
-        model, _, _ = net.load(Path(tmp) / "model.safetensors", device=device)
-        probs = net.predict_proba(model, ev.x, device=device,
-                                  batch_size=params.evaluate.batch_size)
+        model = predict.load_file(Path(tmp) / "model.safetensors", device=device)
+        probs = predict.probabilities(model, ev.x, batch_size=params.evaluate.batch_size)
     pred = probs.argmax(1)
     return {"seed": seed, **classification(ev.y, pred, params.base.classes),
             "ece": stats.ece(probs.max(1), pred == ev.y)}

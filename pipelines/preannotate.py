@@ -20,25 +20,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from pipelines import images, net, registry
+from pipelines import predict, registry
 from pipelines.device import pick_device
 from pipelines.files import exclusive
 from pipelines.labelstudio import ImageFetchError, Studio, choice_result
 from pipelines.settings import Params
 
 QUEUE_VIEW = "labelgate: most uncertain first"
-
-
-def certainty(probs: np.ndarray, how: str) -> np.ndarray:
-    """Per row, 0 (as uncertain as it gets) .. 1 (sure): `margin` = top-1 minus top-2
-    probability; `entropy` = 1 - entropy / log(K)."""
-    if how == "margin":
-        top2 = np.sort(probs, axis=1)[:, -2:]
-        return top2[:, 1] - top2[:, 0]
-    p = np.clip(probs, 1e-12, 1.0)
-    return 1.0 + (p * np.log(p)).sum(1) / np.log(probs.shape[1])
 
 
 def run(studio: Studio, project_id: int, registry_dir: str | Path, *, params: Params) -> dict:
@@ -55,9 +43,10 @@ def run(studio: Studio, project_id: int, registry_dir: str | Path, *, params: Pa
 
 
 def _sync(studio: Studio, project_id: int, registry_dir: Path, *, params: Params) -> dict:
-    device = pick_device(params.train.device)
-    model, classes, image_size, pointer = registry.load_production(registry_dir, device=device)
-    version = pointer["id"]
+    model = predict.load_production(registry_dir, device=pick_device(params.train.device))
+    if model is None:  # `run` checked; the pointer is read again here, so say it again
+        return {"pushed": 0, "retired": 0, "reason": "no production model"}
+    version = model.version
     ours = registry.model_ids(registry_dir)
     unlabeled = studio.unlabeled_tasks(project_id)
     stale = [p["id"] for t in unlabeled for p in t["predictions"]
@@ -67,22 +56,17 @@ def _sync(studio: Studio, project_id: int, registry_dir: Path, *, params: Params
     key = params.studio.image_key
     tasks = [t for t in unlabeled if isinstance(t["data"].get(key), str)
              and not any(p["model_version"] == version for p in t["predictions"])]
-    arrays, kept, failed = [], [], 0
-    for task in tasks:
-        try:
-            data = studio.fetch_image(task["data"][key], max_bytes=params.pull.max_image_bytes)
-            arrays.append(images.to_array(data, image_size))
-            kept.append(task["id"])
-        except (ImageFetchError, images.BadImage):
-            failed += 1  # annotators will see these without a suggestion
+    answers = predict.predict_images(
+        model, tasks,
+        lambda task: studio.fetch_image(task["data"][key], max_bytes=params.pull.max_image_bytes),
+        how=params.preannotate.uncertainty, errors=(ImageFetchError,))
+    ready = [(task["id"], p) for task, p in answers if isinstance(p, predict.Prediction)]
+    failed = len(answers) - len(ready)  # annotators will see these without a suggestion
     pushed = 0
-    if kept:
-        probs = net.predict_proba(model, np.stack(arrays), device=device)
-        scores = certainty(probs, params.preannotate.uncertainty)
+    if ready:
         pushed = studio.create_predictions(project_id, [
-            {"task": task_id, "model_version": version, "score": round(float(score), 5),
-             "result": choice_result(classes[int(p.argmax())])}
-            for task_id, p, score in zip(kept, probs, scores)])
+            {"task": task_id, "model_version": version, "score": round(p.certainty, 5),
+             "result": choice_result(p.label)} for task_id, p in ready])
     studio.set_uncertainty_queue(project_id, version)
     # the same order as a Data Manager tab, for people who pick tasks from the list
     studio.ensure_view(project_id, QUEUE_VIEW, {

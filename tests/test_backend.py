@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import backend, jsonserver, net, registry
+from pipelines import backend, jsonserver, net, predict, registry
 from pipelines.device import pick_device
 from tests import factories
 from tests.conftest import free_port
@@ -163,18 +163,21 @@ class _Gated(torch.nn.Module):
 def test_inference_batches_waiting_requests_and_never_mixes_models():
     torch.manual_seed(0)
     gate = threading.Event()
-    first = _Gated(net.Net(10, 28).eval(), gate)
-    second = net.Net(10, 28).eval()  # a model swapped in while requests wait (a promotion)
+    digits, cpu = tuple("0123456789"), torch.device("cpu")
+    gated = _Gated(net.build(digits, 28).eval(), gate)
+    first = predict.Model(gated, digits, 28, cpu)
+    # a model swapped in while requests wait (a promotion)
+    second = predict.Model(net.build(digits, 28).eval(), digits, 28, cpu)
     rng = np.random.default_rng(SEED)
     xs = [rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for n in (1, 2, 1, 3, 1, 1, 2, 1)]
     models = [first, first, second, first, second, first, second, first]
-    inference = backend.Inference(torch.device("cpu"))
+    inference = backend.Inference()
     got: dict[int, np.ndarray] = {}
     try:
         blocker = threading.Thread(target=lambda: got.setdefault(
             -1, inference.predict(first, xs[0])))
         blocker.start()
-        assert first.entered.wait(30)  # the inference thread is busy with it now
+        assert gated.entered.wait(30)  # the inference thread is busy with it now
         threads = [threading.Thread(target=lambda i=i: got.setdefault(
             i, inference.predict(models[i], xs[i]))) for i in range(len(xs))]
         for t in threads:
@@ -186,9 +189,9 @@ def test_inference_batches_waiting_requests_and_never_mixes_models():
     finally:
         inference.close()
     # the blocked pass, then one batch per model for the eight waiting requests
-    assert first.calls == [1, sum(len(x) for x, m in zip(xs, models) if m is first)]
+    assert gated.calls == [1, sum(len(x) for x, m in zip(xs, models) if m is first)]
     for i, x in enumerate(xs):
-        own = net.predict_proba(models[i], x, device=torch.device("cpu"))
+        own = net.predict_proba(models[i].module, x, device=cpu)
         np.testing.assert_allclose(got[i], own, rtol=1e-5, atol=1e-6)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 
 import httpx
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -37,15 +36,6 @@ def unlabeled_versions(st, pid) -> dict[int, list[str]]:
     """task id -> model_versions of its predictions, for every unlabeled task."""
     return {t["id"]: sorted(p["model_version"] for p in t["predictions"])
             for t in st.unlabeled_tasks(pid)}
-
-
-def test_certainty_orders_uncertain_first():
-    probs = np.array([[0.5, 0.5, 0.0], [0.9, 0.05, 0.05], [1 / 3, 1 / 3, 1 / 3]])
-    margin = preannotate.certainty(probs, "margin")
-    entropy = preannotate.certainty(probs, "entropy")
-    assert margin == pytest.approx([0.0, 0.85, 0.0])
-    assert entropy[2] == pytest.approx(0.0, abs=1e-9) and entropy[1] > entropy[0] > entropy[2]
-    assert ((0 <= entropy) & (entropy <= 1)).all()
 
 
 def test_predictions_queue_and_retirement_on_a_real_label_studio(make_project, tmp_path):
