@@ -20,278 +20,35 @@ The JSON on disk is the one the stages wrote before these types: existing regist
 (tests/test_records.py reads ledgers written by three earlier versions of the registry). Two
 kinds of strictness. Stage outputs (evaluation, decision) are rebuilt by `dvc repro` when their
 code changes, so a key this module does not know is a producer's mistake: refused. Registry
-files outlive the code that wrote them: fields added since default (`optional`), keys this
-version does not know are kept in `extra` and written back unchanged. Per-image arrays are not
+files outlive the code that wrote them: fields added since default, keys this version does not
+know are kept in `extra` and written back unchanged. Per-image arrays are not
 JSON: they go to predictions.npz, written with fixed zip timestamps so that the same predictions
 are the same bytes (DVC then keeps the decision).
 
 Every record is also a read-only Mapping of its fields (`pointer["id"]`) for code that still
-reads the JSON shape; new code reads attributes.
+reads the JSON shape; new code reads attributes. How a record is checked, read and written:
+pipelines/jsonrecord.py.
 """
 from __future__ import annotations
 
 import io
-import json
 import math
-import re
-import types
 import zipfile
-from collections.abc import Iterator, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from pipelines.files import atomic_write_bytes, atomic_write_json
+from pipelines.files import atomic_write_bytes
+from pipelines.jsonrecord import (SHA256, Record, RecordError, digest, flattened, optional,
+                                  record)
 
-SHA256 = re.compile(r"[0-9a-f]{64}")
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
 Verdict = Literal["PASS", "FAIL", "INCONCLUSIVE"]
 TestResult = Literal["pass", "fail", "inconclusive", "no evidence"]
 EVALUATION_JSON, PREDICTIONS_NPZ = "evaluation.json", "predictions.npz"
-
-
-class RecordError(ValueError):
-    """A file or value that does not have the shape its record declares."""
-
-    def __init__(self, problem: str, *, field: str = "", source: str = "") -> None:
-        self.problem, self.field, self.source = problem, field, source
-        where = f"field '{field}': " if field else ""  # keys inside are repr()s: escaped
-        super().__init__(f"{source}: {where}{problem}" if source else f"{where}{problem}")
-
-    def under(self, prefix: str = "", *, source: str = "") -> RecordError:
-        """The same problem, seen from an enclosing record (`prefix`) or file (`source`)."""
-        name = ".".join(p for p in (prefix, self.field) if p).replace(".[", "[")
-        return RecordError(self.problem, field=name, source=source or self.source)
-
-
-def optional(default: Any = None) -> Any:
-    """A field only some records have (a rollback's `rolled_back_from`): defaults, and is not
-    written while it has its default (absent and null read alike). A plain default is for
-    fields older files lack but every record now has: written always."""
-    return field(default=default, metadata={"omit": True})
-
-
-def digest(*, default: Any = MISSING, omit: bool = False) -> Any:
-    """A field holding a sha256 (64 lowercase hex digits; None where its type allows)."""
-    return field(default=default, metadata={"sha256": True, "omit": omit})
-
-
-def _kind(value: object) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """`value` checked against the type `tp` (JSON shapes in, record types out)."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise RecordError("is null", field=where)
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where)
-    if value is None:
-        raise RecordError("is null", field=where)
-    if origin is Literal:
-        if isinstance(value, str) and value in get_args(tp):
-            return value
-        raise RecordError(f"expected one of {', '.join(map(repr, get_args(tp)))}, got "
-                          f"{_kind(value)}", field=where)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise RecordError(f"expected a string, got {_kind(value)}", field=where)
-    if tp is bool:
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        raise RecordError(f"expected true or false, got {_kind(value)}", field=where)
-    if tp is int:
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            return int(value)
-        raise RecordError(f"expected an integer, got {_kind(value)}", field=where)
-    if tp is float:
-        if (isinstance(value, (int, float, np.integer, np.floating))
-                and not isinstance(value, bool) and math.isfinite(value)):
-            return float(value)
-        raise RecordError(f"expected a finite number, got {_kind(value)}", field=where)
-    if origin is tuple:
-        (inner, _) = get_args(tp)  # tuple[X, ...]
-        if not isinstance(value, (list, tuple)):
-            raise RecordError(f"expected a list, got {_kind(value)}", field=where)
-        return tuple(_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (Mapping, dict):
-        _, inner = get_args(tp)
-        if not isinstance(value, Mapping):
-            raise RecordError(f"expected a JSON object, got {_kind(value)}", field=where)
-        if not all(isinstance(k, str) for k in value):
-            raise RecordError("expected an object with string keys", field=where)
-        if inner is Any:
-            return value
-        return {k: _convert(inner, v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(tp, type) and issubclass(tp, Record):
-        if isinstance(value, tp):
-            return value
-        return tp._from(value, where)
-    raise TypeError(f"records: no check for type {tp!r}")  # a bug in this module
-
-
-def _dump(value: Any) -> Any:
-    if isinstance(value, Record):
-        return value.to_json()
-    if isinstance(value, tuple):
-        return [_dump(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _dump(v) for k, v in value.items()}
-    return value
-
-
-_SPECS: dict[type, list[tuple[Field, Any]]] = {}
-
-
-class Record(Mapping):
-    """Base of the JSON records: validation, `to_json` / `from_json`, `read` / `write`, and a
-    read-only Mapping view. Subclasses are `@dataclass(frozen=True, kw_only=True)`."""
-    STRICT: ClassVar[bool] = True  # False: unknown keys are kept in a field named `extra`
-
-    # -- the fields ---------------------------------------------------------------------------
-
-    @classmethod
-    def _spec(cls) -> list[tuple[Field, Any]]:
-        """(field, resolved type) of every field but `extra`."""
-        if cls not in _SPECS:
-            hints = get_type_hints(cls)
-            _SPECS[cls] = [(f, hints[f.name]) for f in fields(cls) if f.name != "extra"]
-        return _SPECS[cls]
-
-    def __post_init__(self) -> None:
-        for f, tp in self._spec():
-            value = getattr(self, f.name)
-            # a flattened record's keys are the line's own keys: no prefix in errors
-            new = _convert(tp, value, "" if f.metadata.get("flatten") else f.name)
-            if f.metadata.get("sha256") and new is not None and not SHA256.fullmatch(new):
-                raise RecordError(f"expected a sha256 (64 lowercase hex digits), got "
-                                  f"{_kind(new)}", field=f.name)
-            if new is not value:
-                object.__setattr__(self, f.name, new)
-        if not self.STRICT:
-            extra = _convert(Mapping[str, Any], getattr(self, "extra"), "extra")
-            clash = sorted(set(extra) & {f.name for f, _ in self._spec()})
-            if clash:
-                raise RecordError(f"extra keys {clash} are fields", field="extra")
-        self._check()
-
-    def _check(self) -> None:
-        """Rules between fields (a subclass's); raise RecordError."""
-
-    @classmethod
-    def _upgrade(cls, data: dict) -> dict:
-        """An older file's JSON in today's shape (a subclass's; no change by default)."""
-        return data
-
-    # -- JSON ---------------------------------------------------------------------------------
-
-    @classmethod
-    def from_json(cls, data: Any, *, source: str = "") -> Any:
-        """The record in `data` (parsed JSON), checked; `source` (a file) names it in errors."""
-        try:
-            return cls._from(data, "")
-        except RecordError as exc:
-            raise exc.under(source=source) from None
-
-    @classmethod
-    def _from(cls, data: Any, where: str) -> Any:
-        if not isinstance(data, Mapping):
-            raise RecordError(f"expected a JSON object, got {_kind(data)}", field=where)
-        data = cls._upgrade(dict(data))
-        spec = cls._spec()
-        flat = next((f for f, _ in spec if f.metadata.get("flatten")), None)
-        known = {f.name for f, _ in spec if f is not flat}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        rest = {k: v for k, v in data.items() if k not in known}
-        if flat is not None:
-            kwargs[flat.name], rest = rest, {}
-        for f, _ in spec:
-            if (f.name not in kwargs and f.default is MISSING
-                    and f.default_factory is MISSING):
-                raise RecordError("missing", field=".".join(p for p in (where, f.name) if p))
-        if rest and cls.STRICT:
-            raise RecordError(f"unknown field(s) {', '.join(sorted(rest))} (this version of "
-                              f"labelgate does not write them)", field=where)
-        if rest:
-            kwargs["extra"] = rest
-        try:
-            return cls(**kwargs)
-        except RecordError as exc:
-            raise exc.under(where) from None
-
-    def to_json(self) -> dict:
-        """The JSON object (the on-disk shape)."""
-        out: dict = {}
-        for f, _ in self._spec():
-            value = getattr(self, f.name)
-            if f.metadata.get("omit") and value == f.default:
-                continue
-            if f.metadata.get("flatten"):
-                out.update(value.to_json())
-            else:
-                out[f.name] = _dump(value)
-        if not self.STRICT:
-            out.update({k: v for k, v in getattr(self, "extra").items() if k not in out})
-        return out
-
-    @classmethod
-    def read(cls, path: str | Path) -> Any:
-        """The record in the JSON file `path`; any problem is a RecordError naming it."""
-        try:
-            data = json.loads(Path(path).read_bytes())
-        except FileNotFoundError:
-            raise RecordError("no such file", source=str(path)) from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RecordError(f"not valid JSON ({exc})", source=str(path)) from None
-        return cls.from_json(data, source=str(path))
-
-    def write(self, path: str | Path) -> Path:
-        """Atomically (pipelines.files), as sorted, indented JSON."""
-        return atomic_write_json(path, self.to_json())
-
-    # -- the read-only Mapping view -----------------------------------------------------------
-
-    def _parts(self) -> Iterator[Mapping]:
-        for f, _ in self._spec():
-            if f.metadata.get("flatten"):
-                yield getattr(self, f.name)
-        if not self.STRICT:
-            yield getattr(self, "extra")
-
-    def __getitem__(self, key: str) -> Any:
-        for f, _ in self._spec():
-            if f.name == key and not f.metadata.get("flatten"):
-                return getattr(self, key)
-        for part in self._parts():
-            if key in part:
-                return part[key]
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        seen = set()
-        for f, _ in self._spec():
-            if not f.metadata.get("flatten"):
-                seen.add(f.name)
-                yield f.name
-        for part in self._parts():
-            for key in part:
-                if key not in seen:
-                    seen.add(key)
-                    yield key
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
 
 
 def _number(value: object) -> float | None:
@@ -300,20 +57,16 @@ def _number(value: object) -> float | None:
     return float(value) if ok and math.isfinite(value) else None
 
 
-def _frozen(cls):
-    return dataclass(frozen=True, kw_only=True)(cls)
-
-
 # -- the evaluation (evaluate -> gate, report) ----------------------------------------------------
 
-@_frozen
+@record
 class ClassMetrics(Record):
     precision: float
     recall: float
     support: int
 
 
-@_frozen
+@record
 class Metrics(Record):
     """One model on the eval set (pipelines.metrics.classification): `confusion[i][j]` = eval
     images of class i predicted as j."""
@@ -332,14 +85,14 @@ class Metrics(Record):
                               field="confusion")
 
 
-@_frozen
+@record
 class CandidateEval(Metrics):
     sha256: str = digest()
     size_bytes: int
     macs_per_image: int  # multiply-accumulates of one forward pass on one image
 
 
-@_frozen
+@record
 class ProductionEval(Metrics):
     """Production re-evaluated on the same eval set, with what the report needs of its
     pointer."""
@@ -350,7 +103,7 @@ class ProductionEval(Metrics):
     train_class_counts: Mapping[str, int] | None
 
 
-@_frozen
+@record
 class Evaluation(Record):
     """reports/evaluation/evaluation.json: the candidate and, when there is a comparable one,
     production, on the fixed eval set. The per-image predictions: `Predictions`."""
@@ -409,6 +162,12 @@ class Predictions:
                                   field=name)
             if arr.size and not np.can_cast(arr.dtype, dtype, "same_kind"):
                 raise RecordError(f"expected {np.dtype(dtype)}, got {arr.dtype}", field=name)
+            if name == "image_sha256":  # before the cast, which would cut a longer string
+                bad = next((i for i, v in enumerate(arr.tolist())
+                            if not (isinstance(v, str) and SHA256.fullmatch(v))), None)
+                if bad is not None:
+                    raise RecordError(f"row {bad}: expected a sha256, got "
+                                      f"{str(arr[bad])[:80]!r}", field=name)
             arr = arr.astype(dtype)  # a copy: the caller's array stays the caller's
             arr.flags.writeable = False
             object.__setattr__(self, name, arr)
@@ -425,8 +184,6 @@ class Predictions:
             idx = getattr(self, name)
             if idx is not None and (idx < 0).any():
                 raise RecordError("expected class indices >= 0", field=name)
-        if not all(SHA256.fullmatch(s) for s in self.image_sha256):
-            raise RecordError("expected sha256s", field="image_sha256")
 
     @property
     def n(self) -> int:
@@ -517,7 +274,7 @@ def read_evaluation(folder: str | Path) -> tuple[Evaluation, Predictions]:
 
 # -- the decision (gate -> promote, report, flow) -------------------------------------------------
 
-@_frozen
+@record
 class GateTest(Record):
     """One regression test (validation/regression.py). `passed` is `result != "fail"`."""
     STRICT = False
@@ -544,7 +301,7 @@ class GateTest(Record):
                               field="passed")
 
 
-@_frozen
+@record
 class Decision(Record):
     """reports/gate/decision.json: the verdict on the candidate, and what happens next."""
     verdict: Verdict
@@ -569,7 +326,7 @@ class Decision(Record):
 
 # -- the registry: production pointer and ledger ---------------------------------------------
 
-@_frozen
+@record
 class Pointer(Record):
     """models/registry/production.json: the production model. `metrics` is what train measured
     plus `eval_accuracy` (on the eval set `eval_hash`) and `train_class_counts`."""
@@ -592,7 +349,7 @@ class Pointer(Record):
         return _number(self.metrics.get("eval_accuracy"))
 
 
-@_frozen
+@record
 class LedgerEvent(Record):
     """One line of models/registry/ledger.jsonl. `LedgerEvent.from_json` answers the subclass
     its `event` names; `op` is the registry operation that wrote it (absent before plans)."""
@@ -620,7 +377,7 @@ class LedgerEvent(Record):
                               f"{self.event!r}", field="event")
 
 
-@_frozen
+@record
 class Candidate(LedgerEvent):
     """A gated candidate: what the gate saw and said (written once per model and eval set)."""
     KINDS = ("candidate",)
@@ -647,13 +404,13 @@ class Candidate(LedgerEvent):
         return _number(self.metrics.get("eval_accuracy"))
 
 
-@_frozen
+@record
 class ProductionChange(LedgerEvent):
     """Production became `pointer` (promoted: by the gate or an approval; rolled_back). The
     line is the pointer's JSON plus the event's keys. `recovered`: written by `reconcile` for
     a pointer renamed without its line (registries from before plans)."""
     KINDS = ("promoted", "rolled_back")
-    pointer: Pointer = field(metadata={"flatten": True})
+    pointer: Pointer = flattened()
     recovered: bool = optional(False)
 
     @property
@@ -670,7 +427,7 @@ class ProductionChange(LedgerEvent):
         return data
 
 
-@_frozen
+@record
 class Approved(LedgerEvent):
     KINDS = ("approved",)
     event: str = "approved"
@@ -681,7 +438,7 @@ class Approved(LedgerEvent):
     override_fail: bool
 
 
-@_frozen
+@record
 class Rejected(LedgerEvent):
     """by the gate (a FAIL, or INCONCLUSIVE kept) or by a reviewer."""
     KINDS = ("rejected",)
@@ -692,14 +449,14 @@ class Rejected(LedgerEvent):
     reviewer: str | None = optional()
 
 
-@_frozen
+@record
 class PendingReview(LedgerEvent):
     KINDS = ("pending_review",)
     event: str = "pending_review"
     id: str
 
 
-@_frozen
+@record
 class Rebaselined(LedgerEvent):
     """Production judged again on a new eval set."""
     KINDS = ("rebaselined",)

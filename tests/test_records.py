@@ -265,10 +265,13 @@ def test_an_npz_is_read_without_unpickling_and_checked(tmp_path):
              "missing": {k: v for k, v in good.items() if k != "cand_conf"},
              "unknown": {**good, "extra_scores": np.zeros(10)},
              "float classes": {**good, "cand_pred": good["cand_pred"] + 0.5},
-             "not a probability": {**good, "cand_conf": good["cand_conf"] * 2}}
+             "not a probability": {**good, "cand_conf": good["cand_conf"] * 2},
+             "a longer name": {**good, "image_sha256": np.array(
+                 [s + "/../x" for s in good["image_sha256"]])}}
     problems = {"pickled": "not a readable .npz", "missing": "field 'cand_conf': missing",
                 "unknown": "unknown array(s) extra_scores", "float classes": "expected int64",
-                "not a probability": "expected probabilities in [0, 1]"}
+                "not a probability": "expected probabilities in [0, 1]",
+                "a longer name": "field 'image_sha256': row 0: expected a sha256"}
     for name, arrays in cases.items():
         path = tmp_path / f"{name}.npz"
         np.savez(path, **arrays)
