@@ -181,18 +181,38 @@ def cmd_history(args, layout: Layout, params) -> int:
     if not events:
         print("no candidates yet")
         return 0
-    current = (registry.production(layout.registry) or {}).get("id")
+    from pipelines.records import ProductionChange
+    current = registry.production(layout.registry)
     print(f"{'at':20}  {'event':14}  {'model':16}  {'verdict':12}  {'eval acc':8}  who / why")
     for e in events[-args.limit:]:
-        acc = (e.get("metrics") or {}).get("eval_accuracy", e.get("eval_accuracy"))
-        who = " ".join(str(x) for x in (e.get("reviewer") or e.get("by") or "",
-                                        e.get("reason") or "") if x)
-        mark = " *" if e.get("event") in ("promoted", "rolled_back") and e.get("id") == current else ""
-        print(f"{e.get('at', ''):20}  {e.get('event', ''):14}  {e.get('id', ''):16}  "
-              f"{e.get('verdict') or '':12}  {'' if acc is None else f'{acc:.4f}':8}  "
-              f"{who}{mark}")
+        verdict, acc, who = _history_columns(e)
+        mark = (" *" if isinstance(e, ProductionChange) and current and e.id == current.id
+                else "")
+        print(f"{e.at:20}  {e.event:14}  {e.id:16}  {verdict or '':12}  "
+              f"{'' if acc is None else f'{acc:.4f}':8}  {who}{mark}")
     print("(* = production now)")
     return 0
+
+
+def _history_columns(e) -> tuple[str | None, float | None, str]:
+    """(verdict, eval accuracy, who / why) of a ledger event (pipelines/records.py)."""
+    from pipelines.records import (Approved, Candidate, ProductionChange, Rebaselined,
+                                   Rejected)
+
+    def words(*parts: str | None) -> str:
+        return " ".join(p for p in parts if p)
+    match e:
+        case Candidate():
+            return e.verdict, e.eval_accuracy, ""
+        case ProductionChange(pointer=p):
+            return None, p.eval_accuracy, words(p.reviewer, p.reason)
+        case Approved():
+            return e.verdict, None, words(e.reviewer, e.reason)
+        case Rejected():
+            return None, None, words(e.reviewer or e.by, e.reason)
+        case Rebaselined():
+            return None, e.eval_accuracy, words(e.reviewer, e.reason)
+    return None, None, ""
 
 
 def _print_run(summary: dict, layout: Layout) -> None:
@@ -266,8 +286,9 @@ def cmd_status(args, layout: Layout, params) -> int:
     from pipelines.files import read_json
     prod = registry.production(layout.registry)
     if prod:
-        print(f"production model  {prod['id']} since {prod['since']} "
-              f"(fixed-eval accuracy {prod['metrics'].get('eval_accuracy', 0):.4f}, via {prod['via']})")
+        acc = prod.eval_accuracy
+        print(f"production model  {prod.id} since {prod.since} (fixed-eval accuracy "
+              f"{'not recorded' if acc is None else f'{acc:.4f}'}, via {prod.via})")
     else:
         print("production model  none")
     print(f"dataset version   {rawstore.dataset_version(layout.raw)}")
