@@ -23,11 +23,12 @@ naming the file (`source`) and the field's path (`candidate.per_class['7'].recal
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, Union, get_args, get_origin, get_type_hints
@@ -77,61 +78,76 @@ def _kind(value: object) -> str:
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """`value` checked against the type `tp` (JSON shapes in, record types out)."""
+Check = Callable[[Any, str], Any]  # (value, field path) -> the value, as the record holds it
+
+
+def _fail(expected: str) -> Check:
+    def fail(value: Any, where: str) -> Any:
+        raise RecordError(f"expected {expected}, got {_kind(value)}", field=where)
+    return fail
+
+
+@functools.cache
+def _checker(tp: Any) -> Check:
+    """The check of a value against the type `tp` (JSON shapes in, record types out), built
+    once per type: a ledger of thousands of lines is read on every registry command."""
     origin = get_origin(tp)
     if tp is Any:
-        return value
+        return lambda value, where: value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise RecordError("is null", field=where)
         (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where)
-    if value is None:
-        raise RecordError("is null", field=where)
+        check, nullable = _checker(inner), type(None) in args
+
+        def union(value: Any, where: str) -> Any:
+            if value is None and nullable:
+                return None
+            return check(value, where)
+        return union
     if origin is Literal:
-        if isinstance(value, str) and value in get_args(tp):
-            return value
-        raise RecordError(f"expected one of {', '.join(map(repr, get_args(tp)))}, got "
-                          f"{_kind(value)}", field=where)
+        allowed, fail = get_args(tp), _fail(f"one of {', '.join(map(repr, get_args(tp)))}")
+        return lambda value, where: (value if isinstance(value, str) and value in allowed
+                                     else fail(value, where))
     if tp is str:
-        if isinstance(value, str):
-            return value
-        raise RecordError(f"expected a string, got {_kind(value)}", field=where)
+        fail = _fail("a string")
+        return lambda value, where: value if isinstance(value, str) else fail(value, where)
     if tp is bool:
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        raise RecordError(f"expected true or false, got {_kind(value)}", field=where)
+        fail = _fail("true or false")
+        return lambda value, where: (bool(value) if isinstance(value, (bool, np.bool_))
+                                     else fail(value, where))
     if tp is int:
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            return int(value)
-        raise RecordError(f"expected an integer, got {_kind(value)}", field=where)
+        fail = _fail("an integer")
+        return lambda value, where: (int(value) if isinstance(value, (int, np.integer))
+                                     and not isinstance(value, bool) else fail(value, where))
     if tp is float:
-        if (isinstance(value, (int, float, np.integer, np.floating))
-                and not isinstance(value, bool) and math.isfinite(value)):
-            return float(value)
-        raise RecordError(f"expected a finite number, got {_kind(value)}", field=where)
+        fail = _fail("a finite number")
+        return lambda value, where: (
+            float(value) if isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, bool) and math.isfinite(value) else fail(value, where))
     if origin is tuple:
         (inner, _) = get_args(tp)  # tuple[X, ...]
-        if not isinstance(value, (list, tuple)):
-            raise RecordError(f"expected a list, got {_kind(value)}", field=where)
-        return tuple(_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+        check, fail = _checker(inner), _fail("a list")
+
+        def sequence(value: Any, where: str) -> Any:
+            if not isinstance(value, (list, tuple)):
+                fail(value, where)
+            return tuple(check(v, f"{where}[{i}]") for i, v in enumerate(value))
+        return sequence
     if origin in (Mapping, dict):
         _, inner = get_args(tp)
-        if not isinstance(value, Mapping):
-            raise RecordError(f"expected a JSON object, got {_kind(value)}", field=where)
-        if not all(isinstance(k, str) for k in value):
-            raise RecordError("expected an object with string keys", field=where)
-        if inner is Any:
-            return value
-        return {k: _convert(inner, v, f"{where}[{k!r}]") for k, v in value.items()}
+        check, fail = (None if inner is Any else _checker(inner)), _fail("a JSON object")
+
+        def mapping(value: Any, where: str) -> Any:
+            if not isinstance(value, Mapping):
+                fail(value, where)
+            if not all(isinstance(k, str) for k in value):
+                raise RecordError("expected an object with string keys", field=where)
+            if check is None:
+                return value
+            return {k: check(v, f"{where}[{k!r}]") for k, v in value.items()}
+        return mapping
     if isinstance(tp, type) and issubclass(tp, Record):
-        if isinstance(value, tp):
-            return value
-        return tp._from(value, where)
+        return lambda value, where: value if isinstance(value, tp) else tp._from(value, where)
     raise TypeError(f"jsonrecord: no check for type {tp!r}")  # a record declared wrongly
 
 
@@ -145,7 +161,17 @@ def _dump(value: Any) -> Any:
     return value
 
 
-_SPECS: dict[type, list[tuple[Field, Any]]] = {}
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    check: Check
+    field: Field
+    sha256: bool    # a digest(): 64 lowercase hex digits
+    flatten: bool   # a flattened(): its keys are the record's own
+    omit: bool      # an optional(): not written while it has its default
+
+
+_SPECS: dict[type, list[_Field]] = {}
 
 
 class Record(Mapping):
@@ -156,26 +182,29 @@ class Record(Mapping):
     # -- the fields ---------------------------------------------------------------------------
 
     @classmethod
-    def _spec(cls) -> list[tuple[Field, Any]]:
-        """(field, resolved type) of every field but `extra`."""
+    def _spec(cls) -> list[_Field]:
+        """Every field but `extra`, with its check."""
         if cls not in _SPECS:
             hints = get_type_hints(cls)
-            _SPECS[cls] = [(f, hints[f.name]) for f in fields(cls) if f.name != "extra"]
+            _SPECS[cls] = [_Field(f.name, _checker(hints[f.name]), f,
+                                  bool(f.metadata.get("sha256")), bool(f.metadata.get("flatten")),
+                                  bool(f.metadata.get("omit")))
+                           for f in fields(cls) if f.name != "extra"]
         return _SPECS[cls]
 
     def __post_init__(self) -> None:
-        for f, tp in self._spec():
+        for f in self._spec():
             value = getattr(self, f.name)
             # a flattened record's keys are the line's own keys: no prefix in errors
-            new = _convert(tp, value, "" if f.metadata.get("flatten") else f.name)
-            if f.metadata.get("sha256") and new is not None and not SHA256.fullmatch(new):
+            new = f.check(value, "" if f.flatten else f.name)
+            if f.sha256 and new is not None and not SHA256.fullmatch(new):
                 raise RecordError(f"expected a sha256 (64 lowercase hex digits), got "
                                   f"{_kind(new)}", field=f.name)
             if new is not value:
                 object.__setattr__(self, f.name, new)
         if not self.STRICT:
-            extra = _convert(Mapping[str, Any], getattr(self, "extra"), "extra")
-            clash = sorted(set(extra) & {f.name for f, _ in self._spec()})
+            extra = _checker(Mapping[str, Any])(getattr(self, "extra"), "extra")
+            clash = sorted(set(extra) & {f.name for f in self._spec()})
             if clash:
                 raise RecordError(f"extra keys {clash} are fields", field="extra")
         self._check()
@@ -204,15 +233,15 @@ class Record(Mapping):
             raise RecordError(f"expected a JSON object, got {_kind(data)}", field=where)
         data = cls._upgrade(dict(data))
         spec = cls._spec()
-        flat = next((f for f, _ in spec if f.metadata.get("flatten")), None)
-        known = {f.name for f, _ in spec if f is not flat}
+        flat = next((f for f in spec if f.flatten), None)
+        known = {f.name for f in spec if f is not flat}
         kwargs = {k: v for k, v in data.items() if k in known}
         rest = {k: v for k, v in data.items() if k not in known}
         if flat is not None:
             kwargs[flat.name], rest = rest, {}
-        for f, _ in spec:
-            if (f.name not in kwargs and f.default is MISSING
-                    and f.default_factory is MISSING):
+        for f in spec:
+            if (f.name not in kwargs and f.field.default is MISSING
+                    and f.field.default_factory is MISSING):
                 raise RecordError("missing", field=".".join(p for p in (where, f.name) if p))
         if rest and cls.STRICT:
             raise RecordError(f"unknown field(s) {', '.join(sorted(rest))} (this version of "
@@ -227,11 +256,11 @@ class Record(Mapping):
     def to_json(self) -> dict:
         """The JSON object (the on-disk shape)."""
         out: dict = {}
-        for f, _ in self._spec():
+        for f in self._spec():
             value = getattr(self, f.name)
-            if f.metadata.get("omit") and value == f.default:
+            if f.omit and value == f.field.default:
                 continue
-            if f.metadata.get("flatten"):
+            if f.flatten:
                 out.update(value.to_json())
             else:
                 out[f.name] = _dump(value)
@@ -257,15 +286,15 @@ class Record(Mapping):
     # -- the read-only Mapping view -----------------------------------------------------------
 
     def _parts(self) -> Iterator[Mapping]:
-        for f, _ in self._spec():
-            if f.metadata.get("flatten"):
+        for f in self._spec():
+            if f.flatten:
                 yield getattr(self, f.name)
         if not self.STRICT:
             yield getattr(self, "extra")
 
     def __getitem__(self, key: str) -> Any:
-        for f, _ in self._spec():
-            if f.name == key and not f.metadata.get("flatten"):
+        for f in self._spec():
+            if f.name == key and not f.flatten:
                 return getattr(self, key)
         for part in self._parts():
             if key in part:
@@ -274,8 +303,8 @@ class Record(Mapping):
 
     def __iter__(self) -> Iterator[str]:
         seen = set()
-        for f, _ in self._spec():
-            if not f.metadata.get("flatten"):
+        for f in self._spec():
+            if not f.flatten:
                 seen.add(f.name)
                 yield f.name
         for part in self._parts():

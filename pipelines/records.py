@@ -194,22 +194,28 @@ class Predictions:
         return {int(t): i for i, t in enumerate(self.task_id)}
 
     def check_against(self, evaluation: Evaluation, *, source: str = "") -> None:
-        """Refuse predictions that are not the ones `evaluation` summarises."""
-        problem, name = None, ""
-        if self.n != evaluation.eval_n:
-            problem, name = f"{self.n} images, the evaluation has {evaluation.eval_n}", "task_id"
-        elif (self.prod_pred is None) != (evaluation.production is None):
-            problem, name = ("production predictions " + ("missing" if self.prod_pred is None
-                             else "present") + " but the evaluation says otherwise"), "prod_pred"
-        else:
-            k = len(evaluation.classes)
-            for name in ("truth", "cand_pred", "prod_pred"):
-                idx = getattr(self, name)
-                if idx is not None and idx.size and idx.max() >= k:
-                    problem = f"class index {int(idx.max())}, the evaluation has {k} classes"
-                    break
-        if problem:
+        """Refuse predictions that are not the ones `evaluation` summarises (another run's,
+        another model's): same images, classes, and the accuracies it states."""
+        def refuse(problem: str, name: str) -> None:
             raise RecordError(problem, field=name, source=source)
+        if self.n != evaluation.eval_n:
+            refuse(f"{self.n} images, the evaluation has {evaluation.eval_n}", "task_id")
+        if (self.prod_pred is None) != (evaluation.production is None):
+            refuse("production predictions " + ("missing" if self.prod_pred is None
+                   else "present") + " but the evaluation says otherwise", "prod_pred")
+        k = len(evaluation.classes)
+        for name in ("truth", "cand_pred", "prod_pred"):
+            idx = getattr(self, name)
+            if idx is not None and idx.size and idx.max() >= k:
+                refuse(f"class index {int(idx.max())}, the evaluation has {k} classes", name)
+        for name, metrics in (("cand_pred", evaluation.candidate),
+                              ("prod_pred", evaluation.production)):
+            pred = getattr(self, name)
+            if metrics is not None and self.n:
+                acc = float((pred == self.truth).mean())
+                if abs(acc - metrics.accuracy) > 1e-9:
+                    refuse(f"accuracy {acc:.6f}, the evaluation says {metrics.accuracy:.6f}: "
+                           "not the predictions it summarises", name)
 
     def to_npz(self) -> bytes:
         """The .npz bytes: arrays sorted by name, stored uncompressed, fixed timestamps."""

@@ -1,6 +1,8 @@
 """Small builders shared by the unit tests: settings with overrides, images (real digit scans and
-hand-made ones), Label Studio export-style tasks, and raw-store snapshots written in exactly the
-layout `pipelines.pull.run` writes and `pipelines.rawstore.load` reads.
+hand-made ones), Label Studio export-style tasks, raw-store snapshots written in exactly the
+layout `pipelines.pull.run` writes and `pipelines.rawstore.load` reads, and evaluations and gate
+decisions built through the stages' own record types (pipelines/records.py), never hand-copied
+dicts.
 
 Plain functions, no pytest fixtures: tests/conftest.py is owned elsewhere.
 """

@@ -255,6 +255,11 @@ def test_predictions_that_do_not_match_the_evaluation_are_refused(tmp_path):
     with_prod.write(folder / records.EVALUATION_JSON)
     with pytest.raises(RecordError, match="production predictions missing"):
         records.read_evaluation(folder)
+    other, _ = factories.evaluation(truth, (truth + 1) % 10)  # another model's summary
+    other.write(folder / records.EVALUATION_JSON)
+    with pytest.raises(RecordError, match="'cand_pred': accuracy 1.000000, the evaluation "
+                                          "says 0.000000"):
+        records.read_evaluation(folder)
 
 
 def test_an_npz_is_read_without_unpickling_and_checked(tmp_path):
@@ -284,3 +289,30 @@ def test_an_npz_is_read_without_unpickling_and_checked(tmp_path):
 def _write(path: Path, arrays: dict) -> Path:
     np.savez(path, **arrays)
     return path
+
+
+def test_stages_stop_with_the_file_and_field_when_a_record_is_wrong(tmp_path, capsys):
+    from pipelines import promote, report
+    truth = np.repeat(np.arange(10), 3)
+    folder = records.write_evaluation(tmp_path / "ev", *factories.evaluation(truth, truth))
+    decision = gate.run(folder, tmp_path / "gate", params=factories.params())
+    # a decision about another candidate: the report refuses to explain it with this evaluation
+    factories.decision("c" * 64).write(tmp_path / "other.json")
+    with pytest.raises(RecordError, match="other.json: the decision is about candidate "
+                                          "cccccccccccc.*run the gate again"):
+        report.run(tmp_path / "other.json", folder, tmp_path / "gate",
+                   params=factories.params(), raw=tmp_path / "none")
+    # promote: a damaged decision.json is an error message and exit code 1, not a KeyError
+    data = decision.to_json()
+    del data["eval_hash"]
+    (tmp_path / "gate" / "decision.json").write_text(json.dumps(data))
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"x")
+    assert promote.main(["--model", str(model), "--decision",
+                         str(tmp_path / "gate" / "decision.json"),
+                         "--registry", str(tmp_path / "registry"), "--raw",
+                         str(tmp_path / "none"), "--params",
+                         str(factories.REPO / "params.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "promote failed" in err and "decision.json: field 'eval_hash': missing" in err
+    assert not (tmp_path / "registry").exists()
