@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines import evalset, net, registry
+from pipelines import evalset, net, predict, registry
 from pipelines.device import pick_device
 from pipelines.files import atomic_write_json, sha256_file
 from pipelines.metrics import classification
@@ -81,31 +81,29 @@ def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
     device = pick_device(params.train.device)
     ev = evalset.load(eval_dir, params=params)
     classes = params.base.classes
-    model, model_classes, _ = net.load(model_file, device=device)
-    if model_classes != classes:
-        raise ValueError(f"candidate was trained for classes {list(model_classes)}, "
+    model = predict.load_file(model_file, device=device)
+    if model.classes != classes:
+        raise ValueError(f"candidate was trained for classes {list(model.classes)}, "
                          f"params.yaml has {list(classes)}")
-    cand_probs = net.predict_proba(model, ev.x, device=device,
-                                   batch_size=params.evaluate.batch_size)
+    cand_probs = predict.probabilities(model, ev.x, batch_size=params.evaluate.batch_size)
     cand_pred = cand_probs.argmax(1)
     candidate = CandidateEval(sha256=sha256_file(model_file),
                               size_bytes=Path(model_file).stat().st_size,
-                              macs_per_image=macs_per_image(model, ev.x, device=device),
+                              macs_per_image=macs_per_image(model.module, ev.x, device=device),
                               **classification(ev.y, cand_pred, classes))
     production, note, prod_probs = None, None, None
-    loaded = registry.load_production(registry_dir, device=device)
-    if loaded is not None:
-        prod_model, prod_classes, _, pointer = loaded
-        if prod_classes == classes:
-            prod_probs = net.predict_proba(prod_model, ev.x, device=device,
-                                           batch_size=params.evaluate.batch_size)
+    prod = predict.load_production(registry_dir, device=device)
+    if prod is not None:
+        pointer = prod.pointer
+        if prod.classes == classes:
+            prod_probs = predict.probabilities(prod, ev.x, batch_size=params.evaluate.batch_size)
             production = ProductionEval(
                 id=pointer.id, sha256=pointer.sha256, judged_on_eval_hash=pointer.eval_hash,
                 dataset_version=pointer.dataset_version,
                 train_class_counts=pointer.metrics.get("train_class_counts"),
                 **classification(ev.y, prod_probs.argmax(1), classes))
         else:
-            note = (f"production {pointer.id} predicts other classes {list(prod_classes)}; "
+            note = (f"production {pointer.id} predicts other classes {list(prod.classes)}; "
                     "not comparable")
     result = Evaluation(eval_hash=ev.hash, eval_n=len(ev.y), classes=classes,
                         candidate=candidate, production=production, production_note=note)
@@ -118,7 +116,7 @@ def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
         prod_conf=None if prod_probs is None else prod_probs.max(1).astype(np.float64).round(5))
     write_evaluation(out_dir, result, predictions)
     if latency_file is not None:
-        atomic_write_json(Path(latency_file), measure_latency(model, ev.x, device=device))
+        atomic_write_json(Path(latency_file), measure_latency(model.module, ev.x, device=device))
     return result
 
 

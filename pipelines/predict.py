@@ -15,13 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipelines import images, net, registry
+
+if TYPE_CHECKING:
+    from pipelines.records import Pointer
 
 K = TypeVar("K")
 BATCH = 1024  # images per forward pass; at 28x28 its two conv outputs peak at ~240 MB (fp32)
@@ -35,12 +38,12 @@ class Model:
     classes: tuple[str, ...]
     image_size: int          # input is (S, S) uint8, S = image_size
     device: torch.device
-    pointer: dict | None = None
+    pointer: Pointer | None = None
 
     @property
     def version(self) -> str | None:
         """The registry id (Label Studio's `model_version`), None for an unregistered file."""
-        return self.pointer["id"] if self.pointer else None
+        return self.pointer.id if self.pointer is not None else None
 
 
 @dataclass(frozen=True)

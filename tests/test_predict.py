@@ -85,7 +85,7 @@ def test_load_production_is_verified_and_names_its_version(tmp_path):
     version = make_production(reg, tmp_path, seed=1)
     model = predict.load_production(reg, device=CPU)
     assert (model.version, model.classes, model.image_size) == (version, tuple("0123456789"), 28)
-    sha = registry.production(reg)["sha256"]
+    sha = registry.production(reg).sha256
     blob = registry.blob_path(reg, sha)
     file = predict.load_file(blob, device=CPU)
     assert file.version is None and file.classes == model.classes
@@ -159,5 +159,5 @@ def test_evalset_rebaseline_judges_production_on_the_eval_set(workspace, capsys)
     assert f"accuracy {accuracy:.4f} on {EVAL_N} images" in out
     assert "Label Studio sync pending" in out
     pointer = registry.production(layout.registry)
-    assert pointer["eval_hash"] == ev.hash
-    assert pointer["metrics"]["eval_accuracy"] == pytest.approx(accuracy)
+    assert pointer.eval_hash == ev.hash
+    assert pointer.metrics["eval_accuracy"] == pytest.approx(accuracy)
