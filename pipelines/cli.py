@@ -476,13 +476,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.lineage import LineageError
     from pipelines.prefect_server import PrefectServerError
     from pipelines.pull import PullError
+    from pipelines.records import RecordError
     from pipelines.registry import RegistryError
     from pipelines.studio import StudioError
     try:
         params = settings.load(layout.params)
         return args.fn(args, layout, params)
     except (settings.ParamsError, LabelStudioError, PullError, StudioError, DvcError,
-            EvalSetError, RegistryError, PrefectServerError, LineageError) as exc:
+            EvalSetError, RegistryError, PrefectServerError, LineageError, RecordError) as exc:
         print(f"labelgate {args.command}: {exc}", file=sys.stderr)
         return 2
 
