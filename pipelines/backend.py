@@ -58,9 +58,10 @@ class ModelHolder:
         with self._lock:  # held only to swap models (a load is ~10 ms), never to predict
             if pointer is None:
                 self._loaded, self._sha = None, None
-            elif pointer["sha256"] != self._sha:
+            elif pointer.sha256 != self._sha:
                 self._loaded = predict.load_production(self.registry_dir, device=self.device)
-                self._sha = pointer["sha256"]
+                # what was loaded, which a promotion since the read above may have moved on
+                self._sha = self._loaded.pointer.sha256 if self._loaded else None
             return self._loaded
 
 
