@@ -191,7 +191,7 @@ def up(home: str | Path, *, port: int = DEFAULT_PORT, timeout_s: float = STARTUP
         if not exe.exists():
             raise PrefectServerError(f"Prefect is not installed at {exe}; run `make setup`")
         chosen = recorded or port
-        for attempt in range(3):
+        for _ in range(3):  # a port taken between the check and the bind: try another
             if not _port_free(chosen):
                 taken, chosen = chosen, _any_free_port()
                 say(f"port {taken} on 127.0.0.1 is taken by another program; the Prefect "
@@ -306,7 +306,7 @@ def ensure(home: str | Path, *, port: int = DEFAULT_PORT,
     was imported already."""
     user = os.environ.get("PREFECT_API_URL")
     if user:
-        for attempt in range(3):  # a busy server gets a few seconds
+        for _ in range(3):  # a busy server gets a few seconds
             if healthy(user):
                 return user
             time.sleep(2)
