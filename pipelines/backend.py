@@ -244,12 +244,10 @@ class Handler(JsonHandler):
 
     def _config(self, body: dict) -> labelconfig.LabelingConfig:
         """The project's control names and image key, from the config Label Studio sends; the
-        labelgate defaults (params' image key) for a caller that sends none."""
+        labelgate defaults for a caller that sends none."""
         text = body.get("label_config")
         if text is None:
-            return labelconfig.LabelingConfig(
-                labelconfig.FROM_NAME, labelconfig.TO_NAME,
-                self.server.predictor.params.studio.image_key, (), "")
+            return labelconfig.DEFAULT
         if not isinstance(text, str):
             raise HttpError(400, "`label_config` must be the project's labeling config (XML)")
         try:

@@ -53,7 +53,8 @@ def _sync(studio: Studio, project_id: int, registry_dir: Path, *, params: Params
              if p["model_version"] != version and p["model_version"] in ours
              and p["id"] is not None]
     retired = studio.delete_predictions(stale) if stale else 0
-    key = params.studio.image_key
+    config = studio.labeling_config(project_id)  # the project's control names and image key
+    key = config.image_key
     tasks = [t for t in unlabeled if isinstance(t["data"].get(key), str)
              and not any(p["model_version"] == version for p in t["predictions"])]
     answers = predict.predict_images(
@@ -66,7 +67,7 @@ def _sync(studio: Studio, project_id: int, registry_dir: Path, *, params: Params
     if ready:
         pushed = studio.create_predictions(project_id, [
             {"task": task_id, "model_version": version, "score": round(p.certainty, 5),
-             "result": choice_result(p.label)} for task_id, p in ready])
+             "result": choice_result(p.label, config)} for task_id, p in ready])
     studio.set_uncertainty_queue(project_id, version)
     # the same order as a Data Manager tab, for people who pick tasks from the list
     studio.ensure_view(project_id, QUEUE_VIEW, {

@@ -136,13 +136,15 @@ def flag(studio: Studio, project_id: int, suspects: list[dict], resolved: list[d
            and s["task_id"] in current]
     flagged = [{"event": "flagged", "at": now, **s, "votes": current[s["task_id"]].get("votes")}
                for s in new]
+    config = studio.labeling_config(project_id)  # the project's control names
     existing = studio.predictions(project_id, model_version=REVIEW_VERSION)
     stale = [p["id"] for p in existing if p["task"] in done]
     if stale:
         studio.delete_predictions(stale)
     studio.create_predictions(project_id, [
         {"task": s["task_id"], "model_version": REVIEW_VERSION,
-         "score": s["label_probability"], "result": choice_result(s["suggested"])}
+         "score": s["label_probability"],
+         "result": choice_result(s["suggested"], config)}
         for s in new])
     studio.ensure_view(project_id, VIEW_TITLE, {
         "filters": {"conjunction": "and", "items": [

@@ -32,8 +32,13 @@ class Base:
 @dataclass(frozen=True)
 class Studio:
     project_title: str
-    image_key: str
     port: int
+
+
+# Keys earlier versions read, and where that fact lives now: a params.yaml that still has one
+# gets this message instead of "unknown key".
+MOVED = {"studio.image_key": "the image's task data key is read from the project's labeling "
+                             "config (<Image value=\"$key\">) now; remove studio.image_key"}
 
 
 @dataclass(frozen=True)
@@ -231,9 +236,6 @@ _RULES: dict[str, Rule] = {
                      f"at least two and at most {MAX_CLASSES} distinct, non-empty class names "
                      "(printable, at most 200 characters, no leading or trailing spaces)"),
     "studio.project_title": _text(3, 50),  # Label Studio's own limits on a project title
-    "studio.image_key": ((lambda v: re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", v) is not None),
-                         "a task data key: letters, digits and _, not starting with a digit, "
-                         "at most 64 characters"),
     "studio.port": _between(1, 65535, what="a TCP port"),
     "pull.connect_timeout_s": _between(0, 600, lo_open=True),      # seconds
     "pull.read_timeout_s": _between(0, 3600, lo_open=True),        # seconds
@@ -336,6 +338,9 @@ def _section(name: str, cls: type, raw: object, source: str) -> object:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted((k for k in raw if k not in names), key=repr)  # keys may be any YAML scalar
+    moved = [MOVED[f"{name}.{k}"] for k in unknown if f"{name}.{k}" in MOVED]
+    if moved:
+        raise ParamsError(f"{source}: {moved[0]}")
     if unknown:
         raise ParamsError(f"{source}: unknown key {name}.{_name(unknown[0])} "
                           f"(known: {', '.join(names)})")

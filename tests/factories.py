@@ -27,7 +27,7 @@ from pipelines.files import sha256_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_YAML = REPO / "params.yaml"
-IMAGE_KEY = "image"          # params.yaml studio.image_key
+IMAGE_KEY = "image"          # the <Image value="$image"> of the config labelgate writes
 SCAN_SIDE = 32               # pipelines/demo.py saves the 8x8 scans upscaled to 32x32
 DELETE = object()            # an override value that removes the key
 

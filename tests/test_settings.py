@@ -54,7 +54,7 @@ def test_int_given_for_float_is_coerced_to_float(tmp_path):
     ("train.epochs", 2.5, "an integer"),
     ("train.epochs", True, "an integer"),        # YAML `true` is not 1
     ("train.lr", "fast", "a number"),
-    ("studio.image_key", 3, "a string"),
+    ("studio.project_title", 3, "a string"),
     ("base.classes", "0123456789", "a list of strings"),
     ("base.classes", [0, 1, 2], "a list of strings"),
 ])
@@ -422,7 +422,9 @@ FIXED = [
      ("error", "validate.allowed_modes")),
     ("image-host-bad-ipv6", _sub("image_hosts: []", 'image_hosts: ["http://[::1"]'), ("error", "pull.image_hosts")),
     ("image-host-bad-port", _sub("image_hosts: []", 'image_hosts: ["http://h:99999"]'), ("error", "pull.image_hosts")),
-    ("image-key-with-dash", _sub("image_key: image", "image_key: my-image"), ("error", "studio.image_key")),
+    # a key labelgate no longer reads: the message says where the fact lives now
+    ("moved-image-key", _sub("project_title: labelgate digits", "project_title: labelgate digits\n  image_key: img"),
+     ("error", "labeling config")),
     ("cron-garbage", _sub('cron: "0 3 * * *"', 'cron: "0 3 * * * ; rm -rf /"'), ("error", "schedule.cron")),
     ("min-side-over-max", _sub("min_side: 8", "min_side: 5000"), ("error", "validate.min_side")),
     ("merge-key", _sub("train:\n  epochs: 12\n", "train:\n  <<: {epochs: 5}\n"),
