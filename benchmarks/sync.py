@@ -29,7 +29,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines import demo, pull, settings, studio  # noqa: E402
-from pipelines.labelstudio import Studio, choice_result  # noqa: E402
+from pipelines.labelconfig import choice_result  # noqa: E402
+from pipelines.labelstudio import Studio  # noqa: E402
 
 CLASSES = tuple(str(i) for i in range(10))
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.labelstudio import Studio, choice_result
+from pipelines.labelconfig import choice_result
+from pipelines.labelstudio import Studio
 
 SCAN_SIDE = 32          # the 8x8 scans are saved upscaled: PNGs like a small scanner would give
 EVAL_TASKS = 300        # ground truth, frozen as data/eval

@@ -11,10 +11,10 @@ import datetime
 import json
 
 from pipelines import labelconfig
-from pipelines.labelconfig import LabelingConfig, choice_result, label_config  # noqa: F401
+from pipelines.labelconfig import LabelingConfig, label_config
 # the names callers use with a Studio, re-exported so they import one module
 from pipelines.lstransport import (AuthError, Connection, ImageFetchError,  # noqa: F401
-                                   LabelStudioError, MEDIA_ROUTES, Transport, connection_from_env,
+                                   LabelStudioError, Transport, connection_from_env,
                                    credentials_file)
 
 EXPORT_IDS_PER_CALL = 500  # tasks per export call (Django refuses 1,000+ fields); see pull.py

@@ -23,7 +23,8 @@ from pathlib import Path
 from pipelines import predict, registry
 from pipelines.device import pick_device
 from pipelines.files import exclusive
-from pipelines.labelstudio import ImageFetchError, Studio, choice_result
+from pipelines.labelconfig import choice_result
+from pipelines.labelstudio import ImageFetchError, Studio
 from pipelines.settings import Params
 
 QUEUE_VIEW = "labelgate: most uncertain first"

@@ -15,7 +15,6 @@ that that one answers.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from pipelines.files import atomic_write_json, exclusive, read_json
+from pipelines.process import stop_group
 
 DEFAULT_PORT = 4200        # Prefect's own default; if taken, a free port is picked and recorded
 STARTUP_TIMEOUT_S = 180    # idle 2 cores: ~10 s to answer; loaded: several times that
@@ -273,25 +273,9 @@ def down(home: str | Path) -> bool:
     if pid is None:
         _pid_file(home).unlink(missing_ok=True)
         return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
+    if not stop_group(pid, timeout_s=_STOP_TIMEOUT_S):
         _pid_file(home).unlink(missing_ok=True)
         return False
-    deadline = time.monotonic() + _STOP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child (tests): reap it
-                break
-        except ChildProcessError:
-            pass  # started by another command (the usual CLI case)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.killpg(pid, signal.SIGKILL)
     _pid_file(home).unlink(missing_ok=True)
     print(f"stopped the Prefect server (pid {pid})", file=sys.stderr)
     return True

@@ -30,7 +30,8 @@ from pipelines import net, train
 from pipelines.device import pick_device, seed_everything
 from pipelines.files import (append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl,
                              utc_now)
-from pipelines.labelstudio import Studio, choice_result
+from pipelines.labelconfig import choice_result
+from pipelines.labelstudio import Studio
 from pipelines.settings import Params
 
 REVIEW_VERSION = "labelgate-review"   # model_version of the review flags in Label Studio

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -20,10 +19,12 @@ import httpx
 
 from pipelines.files import atomic_write_json, read_json
 from pipelines.labelstudio import Connection, credentials_file
+from pipelines.process import stop_group
 
 # First start runs migrations: ~37 s on 2 idle cores, over 180 s on the same 2 cores at load
 # average 11 (measured); later starts ~4 s. Waiting only while the process lives costs nothing.
 STARTUP_TIMEOUT_S = 600
+STOP_TIMEOUT_S = 10      # SIGTERM -> exit takes ~1 s; then SIGKILL
 
 
 class StudioError(RuntimeError):
@@ -162,23 +163,8 @@ def down(studio_dir: str | Path) -> bool:
     pid = _pid(studio_dir)
     if pid is None:
         return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
+    if not stop_group(pid, timeout_s=STOP_TIMEOUT_S):
         return False
-    for _ in range(100):
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child (tests): reap it
-                break
-        except ChildProcessError:
-            pass  # started by another process (the usual CLI case)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.killpg(pid, signal.SIGKILL)
     (studio_dir / "server.pid").unlink(missing_ok=True)
     print(f"stopped Label Studio (pid {pid})", file=sys.stderr)
     return True

@@ -27,7 +27,7 @@ import pytest
 
 from pipelines import cli, prefect_server, registry, review
 from pipelines.files import exclusive, read_json
-from pipelines.labelstudio import choice_result
+from pipelines.labelconfig import choice_result
 from pipelines.layout import Layout
 from tests.conftest import free_port, make_workspace, write_params
 

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
+from pipelines.labelconfig import label_config
 from pipelines.labelstudio import (Connection, ImageFetchError, LabelStudioError, Studio,
-                                   connection_from_env, label_config)
+                                   connection_from_env)
 from tests.conftest import free_port
 
 
@@ -234,7 +235,7 @@ def _url_corpus(origin: str, other: str, n: int = 150) -> list[str]:
 def test_key_fetches_only_media_routes_and_hostile_urls_are_reasons(fault_servers):
     """Every URL form ends in bytes or ImageFetchError/LabelStudioError -- never another
     exception -- and no request carrying the key reaches anything but a media route."""
-    from pipelines.labelstudio import MEDIA_ROUTES
+    from pipelines.lstransport import MEDIA_ROUTES
     origin, other = fault_servers
     st = Studio(Connection(origin, "secret-key-123"), read_timeout_s=1.0)
     corpus = _url_corpus(origin, other)

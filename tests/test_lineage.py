@@ -19,7 +19,7 @@ import pytest
 
 from pipelines import cli, dvcrepo, gate, lineage, promote, registry
 from pipelines.files import sha256_file
-from pipelines.labelstudio import choice_result
+from pipelines.labelconfig import choice_result
 from pipelines.layout import Layout
 from tests import factories
 from tests.conftest import make_workspace, write_params

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from pipelines import cli, net, preannotate, registry
-from pipelines.labelstudio import choice_result
+from pipelines.labelconfig import choice_result
 from tests import factories, killpoints
 
 CLASSES = tuple(str(i) for i in range(10))
