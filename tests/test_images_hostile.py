@@ -16,7 +16,6 @@ import json
 import struct
 import subprocess
 import sys
-import time
 import zlib
 
 import numpy as np
@@ -413,16 +412,15 @@ def load_calls(monkeypatch) -> list[str]:
 
 def test_huge_images_are_refused_by_the_pixel_budget_before_decoding(corpus, load_calls):
     assert HUGE * HUGE < Image.MAX_IMAGE_PIXELS  # under Pillow's own bomb check: ours must act
+    # refused from the header: the spy shows no pixel decode started (no wall-clock bound: this
+    # must hold on a loaded machine too)
     for name, data in corpus["huge"]:
-        t = time.perf_counter()
         with pytest.raises(BadImage) as err:
             images.to_array(data, SIZE)
-        took = time.perf_counter() - t
         reason = str(err.value)
         assert reason.startswith("image too large to decode: "), (name, reason)
         assert f"{HUGE} x {HUGE} px = {HUGE * HUGE:,} pixels" in reason, reason
         assert f"over the budget of {images.MAX_PIXELS:,} pixels (images.MAX_PIXELS)" in reason
-        assert took < 1.0, (name, took)  # header only (the 16-bit PNG alone decodes for ~6 s)
     assert load_calls == []
     assert "(I;16, 2 B per pixel: 177 MB decoded)" in str(
         pytest.raises(BadImage, images.inspect, corpus["huge"][0][1]).value)
@@ -469,10 +467,8 @@ def test_scan_bombs_are_refused_by_counting_scans_before_decoding(corpus, load_c
     for name, data in corpus["scan bomb"]:
         scans = jpeg_scans(data)
         assert scans > 1000
-        t = time.perf_counter()
-        with pytest.raises(BadImage) as err:
+        with pytest.raises(BadImage) as err:  # the 4096 px one would decode for ~50 s
             images.to_array(data, SIZE)
-        assert time.perf_counter() - t < 1.0, name  # the 4096 px one decodes for ~50 s
         assert str(err.value).startswith(
             f"JPEG with {scans} scans refused: over the limit of {images.MAX_JPEG_SCANS} "
             "(images.MAX_JPEG_SCANS)"), str(err.value)
@@ -509,7 +505,5 @@ def test_animated_images_decode_the_first_frame_only(fmt):
     data, first = animated(fmt, FRAMES)
     if fmt != "WEBP":
         data = data[: len(data) // 2]
-    t = time.perf_counter()
     out = images.to_array(data, 32)
-    assert time.perf_counter() - t < 1.0
     assert np.array_equal(out, first)

@@ -8,7 +8,6 @@ while a port that really is taken still is.
 from __future__ import annotations
 
 import socket
-import time
 
 import httpx
 import pytest
@@ -59,15 +58,12 @@ def test_up_down_up_on_the_same_port_at_once(tmp_path):
             assert studio.down(data)
         assert TCP_TIME_WAIT in _states(port), _states(port)   # the state the bug needed ...
         assert not _plain_bind_works(port)                       # ... and the old probe's refusal
-        started = time.monotonic()
-        again = studio.up(data, port=port)                       # at once, same port
-        restart_s = time.monotonic() - started
+        again = studio.up(data, port=port)   # at once, same port: the old probe refused here
         assert again == conn
         assert studio.status(data)["running"]
         projects = httpx.get(f"{again.url}/api/projects",
                              headers={"Authorization": f"Token {again.api_key}"}, timeout=30)
         assert projects.status_code == 200                       # the same account, same key
-        assert restart_s < 120, restart_s                        # no minute-long port wait
     finally:
         studio.down(data)
     assert not studio.status(data)["running"]
