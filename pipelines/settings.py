@@ -26,7 +26,19 @@ class ParamsError(ValueError):
 class Base:
     seed: int
     classes: tuple[str, ...]
-    image_size: int  # pixels per side after preprocessing
+
+
+@dataclass(frozen=True)
+class Input:
+    """The input spec: what every image becomes before a model sees it (pipelines/inputspec.py),
+    stored in every model file."""
+    channels: int                   # 1 (grayscale) | 3 (RGB)
+    height: int                     # pixels
+    width: int                      # pixels
+    resize: str                     # stretch | crop | pad
+    background: tuple[int, ...]     # RGB 0..255: transparency is composited onto it, pad fills with it
+    mean: tuple[float, ...]         # per channel, 0..255 scale; () = measured on the training split
+    std: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -38,7 +50,10 @@ class Studio:
 # Keys earlier versions read, and where that fact lives now: a params.yaml that still has one
 # gets this message instead of "unknown key".
 MOVED = {"studio.image_key": "the image's task data key is read from the project's labeling "
-                             "config (<Image value=\"$key\">) now; remove studio.image_key"}
+                             "config (<Image value=\"$key\">) now; remove studio.image_key",
+         "base.image_size": "the input size is the `input` section now (input.height and "
+                            "input.width, with input.channels and input.resize); replace "
+                            "base.image_size: N by input.height: N and input.width: N"}
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,7 @@ class Lineage:
 @dataclass(frozen=True)
 class Params:
     base: Base
+    input: Input
     studio: Studio
     pull: Pull
     validate: Validate
@@ -229,7 +245,17 @@ _CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?#-]{1,60}")
 _RULES: dict[str, Rule] = {
     # NumPy seeds must fit 32 bits; stages add small offsets (rank, fold) to the seed.
     "base.seed": _between(0, 2**31 - 1),
-    "base.image_size": _between(8, 512),
+    "input.channels": ((lambda v: v in (1, 3)), "1 (grayscale) or 3 (RGB)"),
+    "input.height": _between(8, 1024),   # pixels; 1024 x 1024 x 3 B = 3 MB per packed image
+    "input.width": _between(8, 1024),
+    "input.resize": _one_of("stretch", "crop", "pad"),
+    "input.background": ((lambda v: len(v) == 3 and all(0 <= c <= 255 for c in v)),
+                         "three integers 0..255 (an RGB colour), e.g. [0, 0, 0]"),
+    "input.mean": ((lambda v: len(v) in (0, 1, 3) and all(0.0 <= c <= 255.0 for c in v)),
+                   "[] (measured on the training split) or one value per channel, 0..255"),
+    "input.std": ((lambda v: len(v) in (0, 1, 3) and all(0.0 < c <= 255.0 for c in v)),
+                  "[] (measured on the training split) or one value per channel, above 0 and "
+                  "at most 255"),
     "base.classes": ((lambda v: 2 <= len(v) <= MAX_CLASSES and len(set(v)) == len(v)
                       and all(0 < len(c) <= 200 and c.isprintable() and c == c.strip()
                               for c in v)),
@@ -316,8 +342,15 @@ def _coerce(key: str, tp: object, value: object, source: str) -> object:
         if not isinstance(value, str):
             raise bad("a string")
         return value
-    if typing.get_origin(tp) is tuple:  # tuple[str, ...] or tuple[int, ...]
-        item = typing.get_args(tp)[0]
+    args = typing.get_args(tp)
+    if type(None) in args and len(args) == 2:  # `float | None`: YAML null means "none"
+        return None if value is None else _coerce(key, args[0], value, source)
+    if typing.get_origin(tp) is tuple:  # tuple[str, ...], tuple[int, ...] or tuple[float, ...]
+        item = args[0]
+        if item is float:
+            if not isinstance(value, list):
+                raise bad("a list of numbers")
+            return tuple(_coerce(key, float, v, source) for v in value)
         ok = (lambda v: isinstance(v, str)) if item is str else \
             (lambda v: isinstance(v, int) and not isinstance(v, bool))
         if not isinstance(value, list) or not all(ok(v) for v in value):
@@ -372,6 +405,10 @@ def parse(raw: object, *, source: str = "params.yaml") -> Params:
             raise ParamsError(f"{source}: missing section '{name}'")
         sections[name] = _section(name, cls, raw[name], source)
     params = Params(**sections)
+    if len(params.input.mean) != len(params.input.std):
+        raise ParamsError(f"{source}: input.mean and input.std must both be [] (measured) or "
+                          f"both given, got {len(params.input.mean)} and "
+                          f"{len(params.input.std)} values")
     if params.validate.min_side > params.validate.max_side:
         raise ParamsError(f"{source}: validate.min_side must not exceed validate.max_side "
                           f"(got {params.validate.min_side} > {params.validate.max_side})")

@@ -118,7 +118,10 @@ def test_section_that_is_not_a_mapping_is_named(tmp_path):
     ("studio.port", 70000, "a TCP port between 1 and 65535"),
     ("base.classes", ["0", "0", "1"], "distinct"),
     ("base.classes", ["only"], "at least two"),
-    ("base.image_size", 4, "between 8 and 512"),
+    ("input.height", 4, "between 8 and 1024"),
+    ("input.channels", 2, "1 (grayscale) or 3"),
+    ("input.background", [0, 0], "three integers"),
+    ("input.mean", [1.0, 2.0], "one value per channel"),
     ("gate.min_accuracy", 1.2, "between 0 and 1"),
     ("schedule.cron", "every night", "5-field cron"),
 ])
@@ -255,7 +258,7 @@ def test_the_values_seen_in_issue_10_are_refused_at_load(tmp_path, key, value):
 
 def test_range_bounds_themselves_load(tmp_path):
     p = load_with(tmp_path, {"base.seed": 0, "pull.read_timeout_s": 3600, "train.batch_size": 65536,
-                             "train.lr": 1, "studio.port": 65535, "base.image_size": 8})
+                             "train.lr": 1, "studio.port": 65535, "input.height": 8})
     assert (p.base.seed, p.pull.read_timeout_s, p.train.batch_size, p.train.lr) == (0, 3600.0, 65536, 1.0)
     assert settings.load(write(tmp_path, factories.params_dict({"base.seed": 2**31 - 1}))).base.seed == 2**31 - 1
 
@@ -374,7 +377,7 @@ FIXED = [
     ("billion-laughs", LOL + _params_text(), ("error", "lol4")),
     ("billion-laughs-in-classes", _sub(CLASSES_LINE, CLASS_BOMB), ("error", "base.classes[")),
     ("bomb-as-value", _sub("seed: 42", "seed: &s0 [1,1,1,1,1,1,1,1,1,1]").replace(
-        "image_size: 28", "image_size: [" + ",".join(["*s0"] * 10) + "]"), ("error", "base.seed")),
+        "height: 28", "height: [" + ",".join(["*s0"] * 10) + "]"), ("error", "base.seed")),
     ("self-alias", _sub("seed: 42", "seed: &r [*r]"), ("error", "base.seed")),
     ("self-alias-mapping", _sub("seed: 42", "seed: &m {a: *m}"), ("error", "base.seed")),
     ("deep-flow-list", _sub("seed: 42", "seed: " + "[" * 5000 + "]" * 5000), ("error", "base.seed")),
@@ -405,7 +408,7 @@ FIXED = [
     ("5000-digit-seed", _sub("seed: 42", "seed: " + "9" * 5000), ("error", "base.seed")),
     ("hex-epochs", _sub("  epochs: 12", "  epochs: 0x0c"), ("loads", lambda p: p.train.epochs == 12)),
     ("float-epochs", _sub("  epochs: 12", "  epochs: 12.0"), ("error", "train.epochs must be an integer")),
-    ("nan-image-size", _sub("image_size: 28", "image_size: .nan"), ("error", "base.image_size")),
+    ("nan-height", _sub("height: 28", "height: .nan"), ("error", "input.height")),
     ("inf-lr", _sub("lr: 0.002", "lr: -.inf"), ("error", "train.lr")),
     ("null-section", _sub("evaluate:\n  batch_size: 1024", "evaluate:"), ("error", "section 'evaluate'")),
     ("section-is-list", _sub("evaluate:\n  batch_size: 1024", "evaluate: [1024]"), ("error", "section 'evaluate'")),
@@ -560,3 +563,20 @@ def test_a_refused_key_is_one_httpx_could_not_send():
 def test_jwt_style_key_accepted():
     jwt = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.abc-DEF_123"
     assert settings.check_studio_env("http://127.0.0.1:8080", jwt) == "http://127.0.0.1:8080"
+
+
+def test_input_spec_reads_float_lists_and_pairs_mean_with_std(tmp_path):
+    p = load_with(tmp_path, {"input.channels": 3, "input.mean": [125, 123.0, "1.14e2"],
+                             "input.std": [63, 62.5, 66.7]})
+    assert p.input.mean == (125.0, 123.0, 114.0) and p.input.std == (63.0, 62.5, 66.7)
+    assert all(isinstance(v, float) for v in p.input.mean)
+    assert load_with(tmp_path, {}).input.mean == ()
+    with pytest.raises(ParamsError, match="input.mean and input.std must both be"):
+        load_with(tmp_path, {"input.mean": [0.5]})
+    with pytest.raises(ParamsError, match="input.std must be"):
+        load_with(tmp_path, {"input.mean": [0.5], "input.std": [0.0]})
+
+
+def test_base_image_size_names_where_the_size_lives_now(tmp_path):
+    with pytest.raises(ParamsError, match="input.height: N and input.width: N"):
+        load_with(tmp_path, {"base.image_size": 28})
