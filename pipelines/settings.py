@@ -83,11 +83,25 @@ class Prepare:
 
 @dataclass(frozen=True)
 class Train:
+    arch: str              # auto | a name in TRAIN_ARCHS (pipelines/archs.py's registry)
+    init: str              # scratch | weights (init_weights) | production (warm start)
+    init_weights: str      # local safetensors file with backbone weights; "" = none
+    init_sha256: str       # its sha256 (64 hex digits), checked before loading
+    freeze_backbone: bool  # only the head trains (the backbone's BatchNorm stays in eval mode)
+    backbone_lr_scale: float  # backbone lr / head lr when initialised from weights or production
     epochs: int
     batch_size: int        # per optimizer step on CPU
     batch_size_cuda: int   # per optimizer step on CUDA
-    lr: float              # Adam at batch 128, scaled by sqrt(batch / 128)
-    shift_px: int          # random-translation augmentation, pixels (0 = off)
+    optimizer: str         # adamw | sgd (nesterov, momentum 0.9)
+    lr: float              # peak lr at batch 128 (AdamW: x sqrt(batch/128), SGD: x batch/128)
+    weight_decay: float    # AdamW: decoupled; SGD: L2. Never on norms and biases
+    label_smoothing: float  # cross-entropy target smoothing (0 = off)
+    schedule: str          # onecycle (linear up, linear down to 0) | cosine (linear warm-up, cosine to 0)
+    warmup: float          # share of all steps spent warming up to the peak lr
+    shift_px: int          # random crop after reflect padding = shifts of up to this many pixels
+    hflip: bool            # random horizontal flips (never for digits; photos want true)
+    color_jitter: float    # brightness/contrast (and saturation for RGB) factors in 1 +- this
+    resident_max_mb: float  # splits up to this size (MB, uint8) live on the device; bigger stream
     device: str
     compile: bool          # torch.compile on CUDA
     deterministic: bool
@@ -238,6 +252,10 @@ def _is_origin(value: str) -> bool:
 
 _CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?#-]{1,60}")
 
+# train.arch's choices besides `auto`: pipelines/archs.py's trainable architectures (tests hold
+# the two lists equal; settings must not import torch, so the names are written out here).
+TRAIN_ARCHS = ("smallcnn", "resnet-fast", "resnet18", "mobilenet_v3_large", "efficientnet_b0")
+
 # Checks beyond the type, keyed by dotted name: (predicate, what it must be). Every int and float
 # setting has one (tests/test_settings.py checks that), so nothing absurd reaches a stage:
 # `base.seed: -1` crashed NumPy, `read_timeout_s: 1e308` crashed the socket layer, and
@@ -279,11 +297,25 @@ _RULES: dict[str, Rule] = {
     "prepare.min_annotations": _between(1, 1000),
     "prepare.min_agreement": _between(0.0, 1.0),
     "prepare.near_duplicate_similarity": _between(0.0, 1.0, lo_open=True),
+    "train.arch": _one_of("auto", *TRAIN_ARCHS),
+    "train.init": _one_of("scratch", "weights", "production"),
+    "train.init_weights": ((lambda v: len(v) <= 4096 and v.isprintable() and v == v.strip()),
+                           "\"\" or a path to a local .safetensors file"),
+    "train.init_sha256": ((lambda v: v == "" or re.fullmatch(r"[0-9a-f]{64}", v) is not None),
+                          "\"\" or 64 lowercase hex digits (sha256sum of init_weights)"),
+    "train.backbone_lr_scale": _between(0.0, 1.0),   # 0 = backbone fixed but BN stats adapt
     "train.epochs": _between(1, 10_000),
     "train.batch_size": _between(1, 65_536),
     "train.batch_size_cuda": _between(1, 65_536),
-    "train.lr": _between(0.0, 1.0, lo_open=True),   # Adam; 1e-3 is typical, 1 already absurd
-    "train.shift_px": _between(0, 8),
+    "train.optimizer": _one_of("adamw", "sgd"),
+    "train.lr": _between(0.0, 1.0, lo_open=True),   # AdamW: 1e-3 typical; SGD: 0.1; 1 already absurd
+    "train.weight_decay": _between(0.0, 1.0),       # AdamW: 0.01-0.1 typical; SGD: 5e-4
+    "train.label_smoothing": _between(0.0, 0.5),   # 0.5: half the target mass spread evenly
+    "train.schedule": _one_of("onecycle", "cosine"),
+    "train.warmup": _between(0.0, 0.5),            # share of all steps
+    "train.shift_px": _between(0, 64),             # pixels
+    "train.color_jitter": _between(0.0, 0.9),      # 0.9: factors 0.1..1.9, already extreme
+    "train.resident_max_mb": _between(0.0, 16_777_216.0),  # MB; 0 = always stream; 16 TB
     "train.device": _one_of("auto", "cpu", "cuda"),
     "evaluate.batch_size": _between(1, 65_536),
     "gate.min_accuracy": _between(0.0, 1.0),
