@@ -6,12 +6,13 @@
   Studio (`/data/local-files/`, as the demo has them), and by a plain static file server listed
   in `pull.image_hosts` (as bucket storage would be), which shows the backend's own share.
 
-    python benchmarks/backend_latency.py [--requests 200] [--clients 1 8]
+    python benchmarks/backend_latency.py [--requests 200] [--clients 1 8] [--arch auto]
 
 Starts its own Label Studio (from .venv-studio) in a temp dir on a free port, and the backend in
 a separate process (as `labelgate backend` runs), so the clients do not share its interpreter.
-The model is an untrained network of the production architecture: inference cost does not
-depend on the weights. Prints p50 / p95 / max in milliseconds and requests per second.
+The model is an untrained network of the chosen architecture (`--arch`, default: what `auto`
+picks for params.yaml's input spec on the backend's device) at that input spec: inference cost
+does not depend on the weights. Prints p50 / p95 / max in milliseconds and requests per second.
 Timings depend on what else the machine is doing: say how loaded it was when you quote them.
 """
 from __future__ import annotations
@@ -44,18 +45,24 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _make_production(reg: Path, work: Path) -> str:
+def _make_production(reg: Path, work: Path, *, arch: str, params: settings.Params) -> str:
     import torch
 
-    from pipelines import net, registry
+    from pipelines import archs, inputspec, net, registry
+    from pipelines.device import pick_device
     torch.manual_seed(0)
+    spec = inputspec.from_params(params)
+    if not spec.mean:  # unmeasured (no training split here): a mid-grey normalisation
+        spec = spec.with_stats((127.5,) * spec.channels, (64.0,) * spec.channels)
+    arch = archs.resolve_arch(arch, spec, pick_device(params.train.device).type)
     path = work / "model.safetensors"
-    net.save(net.build(CLASSES, 28), path, classes=CLASSES, image_size=28)
+    net.save(net.build(arch, CLASSES, spec), path, arch=arch, classes=CLASSES, spec=spec)
     sha, _ = registry.store(reg, path)
     record = {"id": f"m0001-{sha[:10]}", "sha256": sha, "eval_hash": "e" * 64,
               "dataset_version": "benchmark", "metrics": {}}
     with registry.lock(reg):
         registry.make_production(reg, record, event="promoted", via="gate", previous=None)
+    print(f"model: {arch} at {spec.height}x{spec.width}x{spec.channels}")
     return record["id"]
 
 
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=200, help="requests per measurement")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    ap.add_argument("--arch", default="auto", help="architecture of the production model")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="labelgate-backend-bench-"))
     conn = studio.up(work / "studio", port=_port())
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"id": i + 1, "data": {"image": f"{image_host}/{name}"}}
                 for i, name in enumerate(names[:200])]}
         reg = work / "registry"
-        _make_production(reg, work)
+        _make_production(reg, work, arch=args.arch, params=settings.load(args.params))
         port = _port()
         server = multiprocessing.get_context("spawn").Process(
             target=_serve, args=(conn, str(reg), port, args.params, image_host), daemon=True)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines import evalset, net, predict, registry
+from pipelines import evalset, inputspec, net, predict, registry
 from pipelines.device import pick_device
 from pipelines.files import atomic_write_json, sha256_file
 from pipelines.metrics import classification
@@ -42,8 +42,11 @@ LATENCY_REPEATS = 5
 
 @torch.no_grad()
 def macs_per_image(model: nn.Module, x: np.ndarray, *, device: torch.device) -> int:
-    """Multiply-accumulates of one forward pass on one image of `x` (`(N, S, S)` uint8),
-    counted from the shapes of the convolutions and linear layers (the rest is a rounding
+    """Multiply-accumulates of one forward pass on one image of `x` (`(N, H, W, C)` uint8, or
+    `(N, H, W)` for one channel; net.example_input(spec) gives one of a model's input),
+    counted by forward hooks from the shapes of the convolutions (grouped and depthwise ones
+    included: in_channels / groups inputs per output) and linear layers, for any architecture
+    (the rest — BN, activations, pooling, the inside-the-model normalisation — is a rounding
     error): the same number on every machine, unlike a timing."""
     total = 0
 
@@ -58,7 +61,7 @@ def macs_per_image(model: nn.Module, x: np.ndarray, *, device: torch.device) -> 
              if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         model.eval()
-        model(net.normalize(torch.as_tensor(x[:1]).to(device)))
+        model(net.as_nchw(torch.as_tensor(x[:1]).to(device)))
     finally:
         for h in hooks:
             h.remove()
@@ -73,6 +76,11 @@ def measure_latency(model: nn.Module, x: np.ndarray, *, device: torch.device,
             "device": device.type, "threads": 1 if device.type == "cpu" else None}
 
 
+def _geometry(spec) -> tuple:
+    """What decides the pixels (mean/std are inside the model)."""
+    return spec.channels, spec.height, spec.width, spec.resize, tuple(spec.background)
+
+
 def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
         out_dir: str | Path, *, params: Params,
         latency_file: str | Path | None = None) -> Evaluation:
@@ -85,18 +93,31 @@ def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
     if model.classes != classes:
         raise ValueError(f"candidate was trained for classes {list(model.classes)}, "
                          f"params.yaml has {list(classes)}")
-    cand_probs = predict.probabilities(model, ev.x, batch_size=params.evaluate.batch_size)
+    spec = inputspec.from_params(params)  # what the eval set's ev.x was preprocessed with
+
+    def inputs(m: predict.Model) -> np.ndarray:
+        """The eval images as `m` takes them: ev.x, or preprocessed again with `m`'s own spec
+        (a production model trained at another size or resize policy than params say now)."""
+        if _geometry(m.spec) == _geometry(spec):
+            return ev.x
+        blobs = evalset.image_bytes(eval_dir)
+        return inputspec.stack([blobs[sha] for sha in ev.shas], m.spec)
+
+    cand_probs = predict.probabilities(model, inputs(model),
+                                       batch_size=params.evaluate.batch_size)
     cand_pred = cand_probs.argmax(1)
     candidate = CandidateEval(sha256=sha256_file(model_file),
                               size_bytes=Path(model_file).stat().st_size,
-                              macs_per_image=macs_per_image(model.module, ev.x, device=device),
+                              macs_per_image=macs_per_image(
+                                  model.module, net.example_input(model.spec), device=device),
                               **classification(ev.y, cand_pred, classes))
     production, note, prod_probs = None, None, None
     prod = predict.load_production(registry_dir, device=device)
     if prod is not None:
         pointer = prod.pointer
         if prod.classes == classes:
-            prod_probs = predict.probabilities(prod, ev.x, batch_size=params.evaluate.batch_size)
+            prod_probs = predict.probabilities(prod, inputs(prod),
+                                               batch_size=params.evaluate.batch_size)
             production = ProductionEval(
                 id=pointer.id, sha256=pointer.sha256, judged_on_eval_hash=pointer.eval_hash,
                 dataset_version=pointer.dataset_version,
@@ -116,7 +137,8 @@ def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
         prod_conf=None if prod_probs is None else prod_probs.max(1).astype(np.float64).round(5))
     write_evaluation(out_dir, result, predictions)
     if latency_file is not None:
-        atomic_write_json(Path(latency_file), measure_latency(model.module, ev.x, device=device))
+        atomic_write_json(Path(latency_file),
+                          measure_latency(model.module, inputs(model), device=device))
     return result
 
 

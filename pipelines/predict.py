@@ -1,6 +1,7 @@
 """predict: the one path from images to answers with a model labelgate trained.
 
-    image bytes -> to_input (pipelines.images: decoded, budgets applied, the model's size)
+    image bytes -> to_input (inputspec.preprocess with the model's own input spec: decoded,
+                   budgets applied, resized, (H, W, C) uint8)
                 -> probabilities (net.predict_proba: batched, on the model's device)
                 -> predictions ([Prediction(label, probability, certainty)])
 
@@ -21,13 +22,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines import images, net, registry
+from pipelines import images, inputspec, net, registry
+from pipelines.inputspec import InputSpec
 
 if TYPE_CHECKING:
     from pipelines.records import Pointer
 
 K = TypeVar("K")
-BATCH = 1024  # images per forward pass; at 28x28 its two conv outputs peak at ~240 MB (fp32)
+BATCH = 1024  # images per forward pass at most; fewer for big inputs (batch_for)
+# Pixel values per forward pass (H * W * C * images): 8 M = 1024 images at 32x32x3 or 28x28,
+# 55 at 224x224x3. Activations grow with it: resnet18's first conv output at 224 px is
+# ~1.6 MB an image in fp32, so ~90 MB for 55 images instead of 3.3 GB for 1024.
+PIXELS_PER_BATCH = 1 << 23
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: two loads of one file are two models
@@ -35,8 +41,9 @@ class Model:
     """A loaded model and what it answers in. `pointer`: the registry's production pointer when
     this is the production model, None for a model file the pipeline wrote (a candidate)."""
     module: nn.Module
+    arch: str
     classes: tuple[str, ...]
-    image_size: int          # input is (S, S) uint8, S = image_size
+    spec: InputSpec          # input is (H, W, C) uint8 of this spec
     device: torch.device
     pointer: Pointer | None = None
 
@@ -64,18 +71,18 @@ Result = Prediction | Unreadable
 def load_production(registry_dir: str | Path, *, device: torch.device) -> Model | None:
     """The production model, its file verified against the registry's sha256
     (registry.RegistryError if it does not match); None while there is none."""
-    loaded = registry.load_production(registry_dir, device=device)
-    if loaded is None:
+    found = registry.load_production(registry_dir, device=device)
+    if found is None:
         return None
-    module, classes, image_size, pointer = loaded
-    return Model(module, classes, image_size, device, pointer)
+    loaded, pointer = found
+    return Model(loaded.module, loaded.arch, loaded.classes, loaded.spec, device, pointer)
 
 
 def load_file(path: str | Path, *, device: torch.device) -> Model:
     """A model file the pipeline itself wrote (models/candidate, a calibration run): not
     verified against the registry, so never for annotators."""
-    module, classes, image_size = net.load(path, device=device)
-    return Model(module, classes, image_size, device)
+    loaded = net.load(path, device=device)
+    return Model(loaded.module, loaded.arch, loaded.classes, loaded.spec, device)
 
 
 def certainty(probs: np.ndarray, how: str) -> np.ndarray:
@@ -89,13 +96,21 @@ def certainty(probs: np.ndarray, how: str) -> np.ndarray:
 
 
 def to_input(model: Model, data: bytes) -> np.ndarray:
-    """Image bytes -> `(S, S)` uint8, the model's input; images.BadImage when it is not one."""
-    return images.to_array(data, model.image_size)
+    """Image bytes -> `(H, W, C)` uint8, the model's input (its own spec); images.BadImage
+    when it is not one."""
+    return inputspec.preprocess(data, model.spec)
+
+
+def batch_for(spec: InputSpec, limit: int = BATCH) -> int:
+    """Images per forward pass for this input: `limit`, fewer for big images."""
+    return max(1, min(limit, PIXELS_PER_BATCH // (spec.height * spec.width * spec.channels)))
 
 
 def probabilities(model: Model, arrays: np.ndarray, *, batch_size: int = BATCH) -> np.ndarray:
-    """`(N, S, S)` uint8 -> `(N, K)` float32 class probabilities."""
-    return net.predict_proba(model.module, arrays, device=model.device, batch_size=batch_size)
+    """`(N, H, W, C)` uint8 -> `(N, K)` float32 class probabilities, in batches of at most
+    `batch_size` (and batch_for the model's input)."""
+    return net.predict_proba(model.module, arrays, device=model.device,
+                             batch_size=batch_for(model.spec, batch_size))
 
 
 def predictions(model: Model, probs: np.ndarray, *, how: str) -> list[Prediction]:
@@ -107,17 +122,28 @@ def predictions(model: Model, probs: np.ndarray, *, how: str) -> list[Prediction
 
 def predict_images(model: Model, sources: Iterable[K], read: Callable[[K], bytes], *, how: str,
                    errors: tuple[type[Exception], ...] = ()) -> list[tuple[K, Result]]:
-    """Each source read (`read(source)` -> image bytes) and decoded as it comes, then one
-    batched pass. Only the decoded inputs are kept (784 B an image at 28x28, never the files),
-    so a long list costs little memory. A source whose read raises one of `errors`, or whose
-    bytes are not an image, gets Unreadable; the others a Prediction. Input order."""
-    decoded: list[tuple[K, np.ndarray | Unreadable]] = []
+    """Each source read (`read(source)` -> image bytes) and decoded as it comes, and predicted
+    a batch (batch_for the model's input) at a time: only one batch of decoded inputs is held
+    (8 M pixel values: 8 MB), never the files, so a long list of photos costs little memory.
+    A source whose read raises one of `errors`, or whose bytes are not an image, gets
+    Unreadable; the others a Prediction. Input order."""
+    out: list[tuple[K, Result]] = []
+    batch: list[tuple[K, np.ndarray | Unreadable]] = []
+    size = batch_for(model.spec)
+
+    def flush() -> None:
+        good = [x for _, x in batch if isinstance(x, np.ndarray)]
+        answers = iter(predictions(model, probabilities(model, np.stack(good)), how=how)
+                       if good else [])
+        out.extend((s, next(answers) if isinstance(x, np.ndarray) else x) for s, x in batch)
+        batch.clear()
+
     for source in sources:
         try:
-            decoded.append((source, to_input(model, read(source))))
+            batch.append((source, to_input(model, read(source))))
         except (images.BadImage, *errors) as exc:
-            decoded.append((source, Unreadable(str(exc))))
-    good = [x for _, x in decoded if isinstance(x, np.ndarray)]
-    answers = iter(predictions(model, probabilities(model, np.stack(good)), how=how)
-                   if good else [])
-    return [(s, next(answers) if isinstance(x, np.ndarray) else x) for s, x in decoded]
+            batch.append((source, Unreadable(str(exc))))
+        if len(batch) >= size:
+            flush()
+    flush()
+    return out

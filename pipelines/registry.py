@@ -105,14 +105,19 @@ def blob_path(registry_dir: str | Path, sha256: str) -> Path:
 
 
 def load_production(registry_dir: str | Path, *, device: torch.device):
-    """(model, classes, image_size, pointer) of the production model, verified; None if none."""
+    """(net.Loaded, Pointer) of the production model, its file verified against the pointer's
+    sha256 (and the bytes parsed checked again, so a file swapped after the check is refused
+    too); None while there is none."""
     from pipelines import net  # torch: only for the commands that load a model
     pointer = production(registry_dir)
     if pointer is None:
         return None
     path = verify(blob_path(registry_dir, pointer.sha256), pointer.sha256)
-    model, classes, image_size = net.load(path, device=device)
-    return model, classes, image_size, pointer
+    try:
+        loaded = net.load(path, device=device, sha256=pointer.sha256)
+    except net.ModelFileError as exc:
+        raise RegistryError(f"production model {pointer.id}: {exc}") from None
+    return loaded, pointer
 
 
 def store(registry_dir: str | Path, model_file: str | Path) -> tuple[str, Path]:
