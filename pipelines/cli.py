@@ -394,6 +394,51 @@ def cmd_predict(args, layout: Layout, params) -> int:
     return 1 if any(isinstance(p, predict.Unreadable) for _, p in answers) else 0
 
 
+def cmd_init(args, layout: Layout) -> int:
+    """No workspace yet: runs before params.yaml is read (see `main`)."""
+    import yaml
+    from pipelines import lstransport, workspace
+    overrides = {}
+    for item in args.set or ():
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            print(f"labelgate init: --set wants KEY=VALUE with a dotted params key "
+                  f"(e.g. gate.min_accuracy=0.8), got {item!r}", file=sys.stderr)
+            return 2
+        overrides[key.strip()] = yaml.safe_load(value)
+    conn = lstransport.connection_from_env(layout.studio)
+    dest = workspace.init(Path(args.dir), connection=conn, project=args.project,
+                          overrides=overrides, force=args.force)
+    doc = yaml.safe_load((dest / "params.yaml").read_text(encoding="utf-8"))
+    names, spec = doc["base"]["classes"], doc["input"]
+    print(f"labelgate workspace for Label Studio project {doc['studio']['project_title']!r} "
+          f"written to {dest}")
+    print(f"  classes ({len(names)}): " + ", ".join(names[:10]) + (" …" if len(names) > 10
+                                                                  else ""))
+    print(f"  input spec: {spec['channels']} channel(s), {spec['height']} x {spec['width']}, "
+          f"{spec['resize']} (the `input` section of params.yaml says why)")
+    print("  params.yaml, dvc.yaml, .gitignore, .dvcignore, README.md; git + DVC initialised, "
+          "first commit made\n")
+    print(workspace.next_steps(dest))
+    return 0
+
+
+def cmd_classes(args, layout: Layout, params) -> int:
+    from pipelines import classes
+    st = _connect(layout, params)
+    change = classes.compare(st, params)
+    print(classes.show(change, source=layout.params))
+    if not args.accept or not change.changed:
+        return 1 if change.changed and not args.accept else 0
+    done = classes.accept(layout, change)
+    print(f"\nbase.classes in {layout.params} is now Label Studio's list"
+          + (f" (commit {done.commit[:12]})" if done.commit else ""))
+    for note in done.notes:
+        print(f"- {note}")
+    print("Next: `labelgate pull`, then `labelgate run`.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="labelgate", description=(
         "Label Studio annotations -> validated, versioned data -> a CNN that is promoted only "
@@ -459,6 +504,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=9090)
     s.set_defaults(fn=cmd_backend)
+    s = sub.add_parser("init", help="a new workspace for an existing Label Studio project "
+                       "(LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY): params.yaml from its labeling "
+                       "config and sampled images, dvc.yaml, git + DVC")
+    s.add_argument("dir", help="the new workspace folder (must be empty unless --force)")
+    s.add_argument("--project", required=True, help="Label Studio project id or exact title")
+    s.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a params.yaml value, e.g. --set gate.min_accuracy=0.8 (repeatable)")
+    s.set_defaults(fn=cmd_init, no_workspace=True)
+    s = sub.add_parser("classes", help="compare base.classes with Label Studio's labeling "
+                       "config; --accept adopts Label Studio's list")
+    s.add_argument("--accept", action="store_true",
+                   help="rewrite base.classes from Label Studio (recorded in git)")
+    s.set_defaults(fn=cmd_classes)
     s = sub.add_parser("predict", help="classify images with the production model")
     s.add_argument("images", nargs="+", metavar="IMAGE")
     s.set_defaults(fn=cmd_predict)
@@ -468,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     layout = Layout(args.root)
+    if getattr(args, "no_workspace", False):  # `init`: no params.yaml, no Prefect
+        return _no_workspace(args, layout)
     _quiet_env(layout)
     from pipelines import settings
     from pipelines.dvcrepo import DvcError
@@ -479,11 +540,25 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.records import RecordError
     from pipelines.registry import RegistryError
     from pipelines.studio import StudioError
+    from pipelines.classes import ClassesError
     try:
         params = settings.load(layout.params)
         return args.fn(args, layout, params)
     except (settings.ParamsError, LabelStudioError, PullError, StudioError, DvcError,
-            EvalSetError, RegistryError, PrefectServerError, LineageError, RecordError) as exc:
+            EvalSetError, RegistryError, PrefectServerError, LineageError, RecordError,
+            ClassesError) as exc:
+        print(f"labelgate {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _no_workspace(args, layout: Layout) -> int:
+    from pipelines.dvcrepo import DvcError
+    from pipelines.gitrepo import GitError
+    from pipelines.labelstudio import LabelStudioError
+    from pipelines.workspace import InitError
+    try:
+        return args.fn(args, layout)
+    except (InitError, LabelStudioError, DvcError, GitError) as exc:
         print(f"labelgate {args.command}: {exc}", file=sys.stderr)
         return 2
 

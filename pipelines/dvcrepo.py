@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from pipelines import codestamp
+
 
 class DvcError(RuntimeError):
     pass
@@ -144,7 +146,11 @@ def stale(root: str | Path) -> dict[str, list[str]]:
     """What DVC says changed since each stage (and each .dvc file) was last recorded: data,
     code, params or outputs, as `{stage: ["changed deps: params.yaml train.epochs (modified)",
     ...]}`; empty when everything is up to date. Stages marked `always_changed` (evaluate:
-    production moves outside DVC) are not counted for that alone."""
+    production moves outside DVC) are not counted for that alone. The code stamps
+    (pipelines/codestamp.py) are refreshed first: without that an upgraded labelgate would
+    look unchanged until the `codestamp` stage ran."""
+    if codestamp.STAGE in graph(root):
+        codestamp.write(root)
     stdout = _run(root, ("status", "--json")).stdout   # warnings go to stderr
     try:
         report = json.loads(stdout.strip() or "{}")

@@ -61,8 +61,8 @@ def parse(text: str) -> LabelingConfig:
     images = [e for e in root.iter() if e.tag == "Image"]
     choices = [e for e in root.iter() if e.tag == "Choices"]
     if len(images) != 1:
-        raise UnsupportedConfig(f"the labeling config has {len(images)} <Image> controls; "
-                                f"{SUPPORTED}")
+        raise UnsupportedConfig(f"the labeling config has {len(images)} <Image> controls"
+                                f"{_others(root)}; {SUPPORTED}")
     image = images[0]
     name, value = image.get("name") or "", image.get("value") or ""
     if not name or not value.startswith("$") or len(value) < 2:
@@ -71,18 +71,86 @@ def parse(text: str) -> LabelingConfig:
     mine = [c for c in choices if name in (c.get("toName") or "").split(",")]
     if len(mine) != 1:
         raise UnsupportedConfig(f"the labeling config has {len(mine)} <Choices> for the image "
-                                f"{name!r}; {SUPPORTED}")
+                                f"{name!r}{_others(root)}; {SUPPORTED}")
     control = mine[0]
     if (control.get("choice") or "single") not in ("single", "single-radio"):
         raise UnsupportedConfig(f"<Choices name={control.get('name')!r}> has "
                                 f"choice={control.get('choice')!r} (multi-label); {SUPPORTED}")
     classes = tuple(c.get("value") or c.get("alias") or "" for c in control.iter("Choice"))
-    if not classes or "" in classes or len(set(classes)) != len(classes):
+    if not classes:
+        raise UnsupportedConfig(f"<Choices name={control.get('name')!r}> has no <Choice "
+                                f"value=.../> children (no classes to learn); {SUPPORTED}")
+    if "" in classes or len(set(classes)) != len(classes):
         raise UnsupportedConfig(f"<Choices name={control.get('name')!r}> needs distinct, "
                                 "non-empty <Choice value=.../> children")
     return LabelingConfig(choices_name=control.get("name") or "", image_name=name,
                           image_key=value[1:], classes=classes,
                           sha256=hashlib.sha256(text.encode()).hexdigest())
+
+
+# Control tags of the tasks labelgate does not do, named in the refusal so the user sees why.
+_OTHER_TASKS = {"RectangleLabels": "object detection", "PolygonLabels": "segmentation",
+                "BrushLabels": "segmentation", "KeyPointLabels": "keypoints",
+                "EllipseLabels": "object detection", "Labels": "span labeling",
+                "TextArea": "free text", "Rating": "rating", "Number": "a number",
+                "Taxonomy": "hierarchical labels", "Ranker": "ranking", "Pairwise": "comparison",
+                "Video": "video", "Audio": "audio", "Text": "text", "HyperText": "HTML",
+                "TimeSeries": "time series"}
+
+
+def _others(root: ET.Element) -> str:
+    """`` (it has RectangleLabels: object detection)`` for the controls of other tasks."""
+    found = sorted({e.tag for e in root.iter() if e.tag in _OTHER_TASKS})
+    if not found:
+        return ""
+    return " (it has " + ", ".join(f"<{t}>: {_OTHER_TASKS[t]}" for t in found) + ")"
+
+
+@dataclass(frozen=True)
+class ClassChange:
+    """How a class list changed, in words a user can check against Label Studio."""
+    old: tuple[str, ...]
+    new: tuple[str, ...]
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    renamed: tuple[tuple[str, str], ...]   # (old name, new name) at the same position
+    reordered: bool                         # the same names in another order
+
+    @property
+    def changed(self) -> bool:
+        return self.old != self.new
+
+    def describe(self) -> str:
+        from pipelines.settings import brief  # one way to show a long list
+        parts = []
+        if self.renamed:
+            parts.append("renamed " + ", ".join(f"{a!r} -> {b!r}" for a, b in self.renamed[:5])
+                         + (f", … ({len(self.renamed)} in all)" if len(self.renamed) > 5 else ""))
+        if self.added:
+            parts.append(f"added {brief(self.added)}")
+        if self.removed:
+            parts.append(f"removed {brief(self.removed)}")
+        if self.reordered:
+            parts.append("the same names in another order (class indices change)")
+        return "; ".join(parts) or "no change"
+
+
+def class_change(old: tuple[str, ...] | list[str], new: tuple[str, ...] | list[str]) -> ClassChange:
+    """old -> new. A name gone and another new at the same position counts as a rename (what
+    editing a <Choice value> in Label Studio does); other differences are additions/removals."""
+    old, new = tuple(old), tuple(new)
+    gone = [c for c in old if c not in set(new)]
+    came = [c for c in new if c not in set(old)]
+    renamed = []
+    for i, name in enumerate(old):
+        if name in gone and i < len(new) and new[i] in came:
+            renamed.append((name, new[i]))
+    added = tuple(c for c in came if c not in {b for _, b in renamed})
+    removed = tuple(c for c in gone if c not in {a for a, _ in renamed})
+    kept_old = [c for c in old if c in set(new)]
+    kept_new = [c for c in new if c in set(old)]
+    return ClassChange(old=old, new=new, added=added, removed=removed, renamed=tuple(renamed),
+                       reordered=kept_old != kept_new)
 
 
 def choice_result(label: str, config: LabelingConfig = DEFAULT) -> list[dict]:

@@ -22,7 +22,7 @@ from pipelines import rawstore
 from pipelines.files import atomic_write_json, atomic_write_jsonl, exclusive, read_json, utc_now
 from pipelines.labelstudio import (EXPORT_IDS_PER_CALL, ImageFetchError, LabelStudioError, Studio,
                                    connection_from_env)
-from pipelines.labelconfig import DEFAULT, UnsupportedConfig
+from pipelines.labelconfig import DEFAULT, UnsupportedConfig, class_change
 from pipelines.staging import Staging
 from pipelines.settings import Params, brief
 
@@ -221,13 +221,14 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
             "made before and after name different controls. Pull into a new data directory "
             "(a fresh `labelgate init`) or change the config back.")
     if live_classes != params.base.classes:
-        added = [c for c in live_classes if c not in set(params.base.classes)]
-        gone_cls = [c for c in params.base.classes if c not in set(live_classes)]
+        change = class_change(params.base.classes, live_classes)
         raise PullError(
-            "The labeling config in Label Studio no longer matches base.classes in params.yaml "
-            f"(in Label Studio only: {brief(added)}; in params.yaml only: {brief(gone_cls)}"
-            f"{'; same names, other order' if not added and not gone_cls else ''}). If the "
-            "change is intended, update base.classes, then pull again.")
+            "The class list in Label Studio's labeling config is not base.classes in "
+            f"params.yaml: {change.describe()} (params.yaml {brief(params.base.classes)}, "
+            f"Label Studio {brief(live_classes)}). Nothing was pulled. If the change is "
+            "intended, `labelgate classes --accept` adopts Label Studio's list (the next model "
+            "gets a new head and is judged as a first model); otherwise change the config back "
+            "in Label Studio.")
 
     cursor: dict[str, dict] = prev["cursor"] if prev else {}
     url_sha: dict[str, str] = dict(prev["url_sha"]) if prev else {}

@@ -53,3 +53,30 @@ def test_configs_labelgate_cannot_train_on_say_what_is_supported(xml, match):
     with pytest.raises(UnsupportedConfig, match=match) as err:
         parse(xml)
     assert "Choices" in str(err.value) or "XML" in str(err.value)
+
+
+@pytest.mark.parametrize("xml,match", [
+    ('<View><Image name="i" value="$i"/><RectangleLabels name="r" toName="i"><Label '
+     'value="x"/></RectangleLabels></View>', "RectangleLabels>: object detection"),
+    ('<View><Image name="i" value="$i"/><Choices name="c" toName="i"></Choices></View>',
+     "no <Choice"),
+])
+def test_refusals_name_the_task_found_and_an_empty_class_list(xml, match):
+    with pytest.raises(UnsupportedConfig, match=match) as err:
+        parse(xml)
+    assert "labelgate supports image classification" in str(err.value)
+
+
+@pytest.mark.parametrize("old,new,words", [
+    (("rust", "healthy leaf"), ("rust", "healthy leaf", "leaf spot/blight"),
+     "added ['leaf spot/blight']"),
+    (("rust", "healthy leaf", "mosaic"), ("rust", "mosaic"), "removed ['healthy leaf']"),
+    (("rust", "healthy leaf"), ("rust", "healthy leaf/ok"),
+     "renamed 'healthy leaf' -> 'healthy leaf/ok'"),
+    (("a", "b", "c"), ("c", "a", "b"), "the same names in another order"),
+])
+def test_a_class_list_change_is_told_in_words(old, new, words):
+    change = labelconfig.class_change(old, new)
+    assert change.changed and words in change.describe()
+    assert labelconfig.class_change(old, old).describe() == "no change"
+    assert not labelconfig.class_change(old, old).changed
