@@ -263,21 +263,35 @@ def cmd_run(args, layout: Layout, params) -> int:
 
 
 def cmd_demo(args, layout: Layout, params) -> int:
-    from pipelines import demo, studio
+    from pipelines import datasets, demo, studio
+    ds = datasets.get(args.dataset)
     conn = studio.up(layout.studio, port=params.studio.port)
     st = _connect(layout, params)
-    project_id, created = st.ensure_project(params.studio.project_title, params.base.classes)
+    # digits: this checkout is the workspace; another set gets its own, made by `labelgate init`
+    title, classes = ((params.studio.project_title, params.base.classes) if ds.name == "digits"
+                      else (ds.project_title, ds.classes))
+    project_id, created = st.ensure_project(title, classes)
     if created:
-        counts = demo.seed(st, project_id, layout.studio / "files", params.base.classes)
-        print(f"demo project created and seeded: {counts}")
+        counts = demo.seed(st, project_id, layout.studio / "files", classes, dataset=ds.name)
+        print(f"demo project created and seeded ({ds.name}: {ds.about}): {counts}")
     else:
         print(f"reusing Label Studio project {project_id}")
-    if not (layout.eval / "meta.json").exists():
-        cmd_pull(args, layout, params)
-        cmd_evalset(argparse.Namespace(action="freeze", force=False), layout, params)
-    rc = cmd_run(argparse.Namespace(force=False), layout, params)
+    work = layout
+    if ds.name != "digits":
+        _prefect(layout)  # the checkout's Prefect server serves the demo workspace's runs too
+        work = Layout(demo.workspace(layout.state / "demos" / ds.name, studio=st,
+                                     project_id=project_id, dataset=ds, studio_dir=layout.studio))
+        from pipelines import settings
+        params = settings.load(work.params)
+        print(f"demo workspace   {work.root}  (made by `labelgate init`)")
+    if not (work.eval / "meta.json").exists():
+        cmd_pull(args, work, params)
+        cmd_evalset(argparse.Namespace(action="freeze", force=False), work, params)
+    rc = cmd_run(argparse.Namespace(force=False), work, params)
     print(f"annotators       {conn.url}/projects/{project_id}  "
           f"(login in {layout.studio / 'credentials.json'})")
+    if work != layout:
+        print(f"next             labelgate --root {work.root} run | status | history")
     return rc
 
 
@@ -452,8 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "status; PREFECT_API_URL, if set, names your own instead")
     s.add_argument("action", choices=("up", "down", "status"))
     s.set_defaults(fn=cmd_prefect)
-    sub.add_parser("demo", help="start Label Studio and Prefect, seed the digits demo, run "
-                   "the flow").set_defaults(fn=cmd_demo)
+    s = sub.add_parser("demo", help="start Label Studio and Prefect, seed a demo project, run "
+                       "the flow")
+    from pipelines import datasets
+    s.add_argument("--dataset", default="digits", choices=datasets.names(),
+                   help="digits: 1,797 gray digit scans, in this checkout; emoji: 1,884 colour "
+                   "Twemoji drawings in 9 Unicode groups, in its own workspace under "
+                   ".labelgate/demos/")
+    s.set_defaults(fn=cmd_demo)
     s = sub.add_parser("pull", help="pull new/changed annotations into data/raw (dvc add)")
     s.add_argument("--full", action="store_true",
                    help="compare every annotated task (reconciliation), not only updated ones")

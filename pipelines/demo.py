@@ -7,6 +7,7 @@ not an image) to show quarantine.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,24 @@ def seed(studio: Studio, project_id: int, files_root: Path, classes: tuple[str, 
         studio.import_tasks(project_id, tasks[start:start + 500])
     counts["tasks"] = len(tasks)
     return counts
+
+
+def workspace(dest: Path, *, studio: Studio, project_id: int, dataset: datasets.Dataset,
+              studio_dir: Path) -> Path:
+    """The demo project's own labelgate workspace at `dest`, written once by `labelgate init`
+    (pipelines.workspace) with the set's params (input spec, recipe). Its `.labelgate/studio`
+    links to the checkout's embedded Label Studio (`studio_dir`), so `labelgate --root DEST
+    pull | run` there finds the server and its key as the demo did."""
+    from pipelines import workspace as ws
+    from pipelines.layout import Layout
+    dest = Path(dest)
+    if not ((dest / "params.yaml").exists() and (dest / "dvc.yaml").exists()):
+        # force: a folder an interrupted earlier demo left is ours to complete
+        ws.init(dest, connection=studio.conn, project=project_id,
+                overrides=dict(dataset.params), force=dest.exists())
+    link = Layout(dest).studio
+    if not link.exists() and not link.is_symlink():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(Path(studio_dir).resolve(), link.parent.resolve()),
+                        target_is_directory=True)
+    return dest.resolve()
