@@ -6,7 +6,10 @@ The decision reads the evaluation (reports/evaluation, deterministic: no timings
 params.yaml `gate`, nothing else, so `dvc repro` reaches the same verdict wherever it runs and
 re-decides only when one of those changed. The review page is another stage
 (pipelines/report.py). The tests live in validation/regression.py. The first model (no
-production yet) is judged on the absolute tests alone. Exit code 0 whatever the verdict: a FAIL
+production yet) is judged on the absolute tests alone: better than the majority-class baseline,
+every class above chance, and the floors and budgets the user set. The comparative margins come
+from the seed noise measured on this project, which evaluate attaches to the evaluation
+(pipelines/noise.py), so the decision still reads nothing else. Exit code 0 whatever the verdict: a FAIL
 is a result, not an error (promote reads the decision). Exit code 1 when the eval set is not the
 one production was judged on (comparing numbers from two eval sets is refused), or when
 reports/evaluation is not what evaluate writes (pipelines/records.py: Evaluation, Predictions).
@@ -57,7 +60,8 @@ def decide(evaluation: Evaluation, predictions: Predictions, *, params: Params) 
                     production_id=prod.id if prod else None,
                     production_accuracy=prod.accuracy if prod else None,
                     eval_hash=evaluation.eval_hash,
-                    on_inconclusive=params.gate.on_inconclusive)
+                    on_inconclusive=params.gate.on_inconclusive,
+                    margins_note=regression.margins_note(evaluation, params.gate))
 
 
 def run(evaluation_dir: str | Path, out_dir: str | Path, *, params: Params) -> Decision:

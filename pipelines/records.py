@@ -44,6 +44,7 @@ import numpy as np
 from pipelines.files import atomic_write_bytes
 from pipelines.jsonrecord import (SHA256, Record, RecordError, digest, flattened, optional,
                                   record)
+from pipelines.noise import SeedNoise
 
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
 Verdict = Literal["PASS", "FAIL", "INCONCLUSIVE"]
@@ -101,6 +102,10 @@ class ProductionEval(Metrics):
     judged_on_eval_hash: str | None = digest()
     dataset_version: str | None
     train_class_counts: Mapping[str, int] | None
+    # what the relative budgets compare with (gate.max_size_ratio, max_compute_ratio); absent
+    # in evaluations written before them: those budgets are then not judged
+    size_bytes: int | None = optional()
+    macs_per_image: int | None = optional()
 
 
 @record
@@ -113,6 +118,9 @@ class Evaluation(Record):
     candidate: CandidateEval
     production: ProductionEval | None
     production_note: str | None = optional()  # why production was not evaluated
+    # the project's measured seed noise (models/registry/noise.json), carried here so that the
+    # gate still reads the evaluation and params alone; the gate's margins follow from it
+    seed_noise: SeedNoise | None = optional()
 
     def _check(self) -> None:
         for name in ("candidate", "production"):
@@ -319,6 +327,7 @@ class Decision(Record):
     production_accuracy: float | None
     eval_hash: str = digest()
     on_inconclusive: Literal["keep_production", "ask_reviewer"]
+    margins_note: str | None = optional()  # where the comparative margins came from (noise)
 
     def _check(self) -> None:
         if (self.production_id is None) != (self.production_accuracy is None):

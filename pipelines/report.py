@@ -57,6 +57,7 @@ def context(evaluation: Evaluation, predictions: Predictions, *, params: Params,
     meta = rawstore.latest_meta(raw) if raw.exists() else None
     return {"predictions": predictions, "history": history, "latency": latency,
             "latency_budget_ms": params.gate.max_latency_ms_p95,
+            "background": params.input.background,  # thumbnails' transparency, as the model sees it
             "images": evalset.image_bytes(eval_dir) if (eval_dir / "meta.json").exists() else {},
             "ls": ({"url": meta.get("label_studio_url"), "project_id": meta["project_id"]}
                    if meta else None),

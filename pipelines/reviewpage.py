@@ -15,13 +15,11 @@ import base64
 import html
 import io
 
-from PIL import Image
-
-from pipelines import stats
+from pipelines import images, stats
 from pipelines.records import Decision, Evaluation, Metrics, Predictions
 
 FLIPS_SHOWN = 48  # per direction; the counts are always complete
-THUMB_SIDE = 84
+THUMB_SIDE = 84   # CSS px: the longer side of a thumbnail as shown (aspect ratio kept)
 
 
 def esc(text: object) -> str:
@@ -56,12 +54,29 @@ def _task_html(ls: dict | None, task_id: int) -> str:
             else f"task {int(task_id)}")
 
 
-def _thumb(data: bytes) -> str:
-    img = Image.open(io.BytesIO(data)).convert("L")
-    img.thumbnail((THUMB_SIDE, THUMB_SIDE))
+def _thumb_size(width: int, height: int) -> tuple[int, int]:
+    """The shown size: the longer side THUMB_SIDE, the aspect ratio kept (at least 1 px)."""
+    scale = THUMB_SIDE / max(width, height, 1)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _thumb(data: bytes, *, alt: str, background: tuple[int, int, int] = (0, 0, 0)) -> str:
+    """An <img> of an eval image as an annotator sees it: decoded within pipelines.images'
+    budgets (a hostile file is a note, not a crash or a minute of decoding), EXIF orientation
+    applied, in colour (gray stays gray), transparency on the input spec's background, aspect
+    ratio kept. Pixels are at most THUMB_SIDE on the longer side (a JPEG decodes at a reduced
+    scale when it can); a smaller image is shown enlarged, pixelated, to the same box."""
+    try:
+        img = images.decode(data, draft=lambda w, h: _thumb_size(w, h))
+        img = images.convert(img, channels=3, background=background)
+    except images.BadImage as exc:
+        return f'<div class="noimg">(image unreadable: {esc(str(exc)[:120])})</div>'
+    shown = _thumb_size(*img.size)
+    img.thumbnail(shown)  # never enlarges; the browser does, by the width/height below
     buf = io.BytesIO()
     img.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return f'<img alt="{esc(alt)}" src="{uri}" width="{shown[0]}" height="{shown[1]}">'
 
 
 def flips(evaluation: Evaluation, p: Predictions | None) -> tuple[list[dict], list[dict]]:
@@ -83,15 +98,17 @@ def flips(evaluation: Evaluation, p: Predictions | None) -> tuple[list[dict], li
             [row(i) for i in (right_c & ~right_p).nonzero()[0]])
 
 
-def latency_note(latency: dict | None, budget_ms: float) -> str:
+def latency_note(latency: dict | None, budget_ms: float | None) -> str:
     """The measured latency against its budget, in words. Shown, not judged: a timing depends
     on the machine and its load, and the verdict must not (the gate judges compute per image)."""
     if not latency:
         return "latency not measured"
     p95, where = float(latency["p95_ms"]), f"batch 1 on {latency['device']}" + (
         f", {latency['threads']} thread" if latency.get("threads") else "")
-    head = (f"p95 {p95:.3f} ms per image (median of {int(latency['repeats'])} runs, {where}; "
-            f"budget {budget_ms:g} ms")
+    head = (f"p95 {p95:.3f} ms per image (median of {int(latency['repeats'])} runs, {where}; ")
+    if budget_ms is None:
+        return head + "no budget: gate.max_latency_ms_p95 is null)"
+    head += f"budget {budget_ms:g} ms"
     if p95 <= budget_ms:
         return head + f", {budget_ms / max(p95, 1e-9):.0f}x headroom)"
     return (head + "): OVER BUDGET on the machine that measured it. Not part of the verdict; "
@@ -146,7 +163,9 @@ def markdown(decision: Decision, evaluation: Evaluation, context: dict) -> str:
              f"- candidate `{cand.sha256[:12]}`: accuracy **{cand.accuracy:.4f}** on "
              f"{evaluation.eval_n} fixed eval images (eval set `{evaluation.eval_hash[:12]}`)",
              (f"- production `{_md_cell(prod.id)}`: accuracy {prod.accuracy:.4f}" if prod
-              else "- no production model yet: judged on the absolute tests alone"), "",
+              else "- no production model yet: judged on the absolute tests alone"),
+             *([f"- margins: {_md_cell(decision.margins_note)}"] if decision.margins_note else []),
+             "",
              "## Regression tests", "", "| test | result | value | threshold | p | detail |",
              "|---|---|---|---|---|---|"]
     for t in decision.tests:
@@ -155,7 +174,7 @@ def markdown(decision: Decision, evaluation: Evaluation, context: dict) -> str:
                      f"{t.threshold:.4f} | {'' if t.p_value is None else t.p_value} | "
                      f"{_md_cell(t.detail)} |")
     lines += ["", f"Latency (measured, not judged): "
-              f"{_md_cell(latency_note(context.get('latency'), context.get('latency_budget_ms', 0.0)))}"]
+              f"{_md_cell(latency_note(context.get('latency'), context.get('latency_budget_ms')))}"]
     lines += ["", "## Per class", "",
               "| class | support | production recall | candidate recall | candidate precision |",
               "|---|---|---|---|---|"]
@@ -179,8 +198,9 @@ text-align:right;overflow-wrap:anywhere}th{background:#f5f5f5}td.l,th.l{text-ali
 .r-fail{color:#c0392b;font-weight:600}.r-inconclusive{color:#a67c00;font-weight:600}
 .r-pass{color:#2e8b57}.cm td.diag{background:#e3f6e6}.cm td.off{background:#fde8e8}
 .gallery{display:flex;flex-wrap:wrap;gap:8px}.card{border:1px solid #ddd;border-radius:6px;
-padding:6px;width:150px;font-size:12px;overflow-wrap:anywhere}.card img{width:84px;height:84px;image-rendering:pixelated;
-display:block;margin:0 auto 4px;background:#000}figure{display:inline-block;margin:0 18px 0 0}
+padding:6px;width:150px;font-size:12px;overflow-wrap:anywhere}.card img{image-rendering:pixelated;
+display:block;margin:0 auto 4px}.noimg{height:84px;color:#888}
+figure{display:inline-block;margin:0 18px 0 0}
 """
 
 
@@ -205,7 +225,10 @@ def html_page(decision: Decision, evaluation: Evaluation, context: dict) -> str:
             f"{_interval(round(prod.accuracy * n_eval), n_eval)}"
             f"</li>" if prod else "<li>no production model yet: judged on the absolute tests "
             "alone</li>"),
-           f"<li>eval set <code>{esc(evaluation.eval_hash[:16])}</code></li></ul>",
+           f"<li>eval set <code>{esc(evaluation.eval_hash[:16])}</code></li>",
+           (f"<li>margins vs production: {esc(decision.margins_note)}</li>"
+            if decision.margins_note else ""),
+           "</ul>",
            "<h2>Regression tests</h2><table><tr><th class=l>test</th><th>result</th>"
            "<th>value</th><th>threshold</th><th>p</th><th class=l>detail</th></tr>"]
     for t in decision.tests:
@@ -217,7 +240,7 @@ def html_page(decision: Decision, evaluation: Evaluation, context: dict) -> str:
                    f"<td class=l>{esc(t.detail)}</td></tr>")
     out.append("</table>")
     out.append(f"<p>Latency (measured, not judged): "
-               f"{esc(latency_note(context.get('latency'), context.get('latency_budget_ms', 0.0)))}"
+               f"{esc(latency_note(context.get('latency'), context.get('latency_budget_ms')))}"
                "</p>")
 
     out.append("<h2>Per class (95 % Wilson intervals)</h2><table><tr><th class=l>class</th>"
@@ -246,7 +269,8 @@ def html_page(decision: Decision, evaluation: Evaluation, context: dict) -> str:
     out.append(_confusion_html("candidate", classes, cand.confusion))
 
     worse, better = flips(evaluation, context.get("predictions"))
-    images = context.get("images", {})
+    pictures = context.get("images", {})
+    background = tuple(context.get("background", (0, 0, 0)))
     for title, group in ((f"Right → wrong: {len(worse)} eval images production got right and "
                           "the candidate gets wrong", worse),
                          (f"Wrong → right: {len(better)} eval images the candidate fixes", better)):
@@ -259,9 +283,9 @@ def html_page(decision: Decision, evaluation: Evaluation, context: dict) -> str:
             continue
         out.append('<div class="gallery">')
         for r in group[:FLIPS_SHOWN]:
-            data = images.get(r["image_sha256"])
-            img = (f'<img alt="eval task {int(r["task_id"])}" src="{_thumb(data)}">' if data
-                   else "<div>(image unavailable)</div>")
+            data = pictures.get(r["image_sha256"])
+            img = (_thumb(data, alt=f"eval task {int(r['task_id'])}", background=background)
+                   if data else '<div class="noimg">(image unavailable)</div>')
             out.append(f'<div class="card">{img}{_task_html(ls, r["task_id"])}<br>label <b>{esc(r["label"])}</b><br>'
                        f"production {esc(r['production'])} ({r['production_confidence']:.0%})<br>"
                        f"candidate {esc(r['candidate'])} ({r['candidate_confidence']:.0%})</div>")

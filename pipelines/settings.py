@@ -53,7 +53,11 @@ MOVED = {"studio.image_key": "the image's task data key is read from the project
                              "config (<Image value=\"$key\">) now; remove studio.image_key",
          "base.image_size": "the input size is the `input` section now (input.height and "
                             "input.width, with input.channels and input.resize); replace "
-                            "base.image_size: N by input.height: N and input.width: N"}
+                            "base.image_size: N by input.height: N and input.width: N",
+         "review.max_suspects": "the number of new review flags per run scales with the "
+                                "project now: replace review.max_suspects by "
+                                "review.max_new_fraction (e.g. 0.02) and review.min_new "
+                                "(e.g. 50)"}
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,10 @@ class Train:
 @dataclass(frozen=True)
 class Review:
     folds: int            # out-of-fold models for the label-error search
-    epochs: int           # per fold model
-    max_suspects: int     # flagged per run, most suspicious first
+    epochs: int           # per fold model (method cnn_folds)
+    method: str           # auto | cnn_folds | frozen_features: how out-of-fold predictions are made
+    max_new_fraction: float  # new flags per run: at most this share of the labeled images ...
+    min_new: int          # ... but never fewer than this many (small projects)
 
 
 @dataclass(frozen=True)
@@ -126,16 +132,21 @@ class Evaluate:
 
 @dataclass(frozen=True)
 class Gate:
-    min_accuracy: float
-    max_accuracy_drop: float
-    max_class_recall_drop: float
+    min_accuracy: float | None       # absolute floor; None: none (the baseline test judges)
+    min_class_recall: float | None   # per class; None: significantly above chance (1/K)
+    max_accuracy_drop: float         # margins vs production; the gate widens each to
+    max_class_recall_drop: float     # noise_z x the measured seed-to-seed spread
     max_class_precision_drop: float
     min_class_support: int
     alpha: float
     max_ece_increase: float
-    max_latency_ms_p95: float   # shown against the measured latency in the report
-    max_mmacs_per_image: float  # judged: compute per image, the deterministic latency proxy
-    max_model_mb: float
+    noise_z: float                   # margin = max(configured, noise_z x seed spread)
+    calibration_seeds: int           # trainings `labelgate calibrate` measures the spread with
+    max_latency_ms_p95: float | None   # shown against the measured latency in the report
+    max_mmacs_per_image: float | None  # judged: compute per image (None: no absolute budget)
+    max_model_mb: float | None         # judged (None: no absolute budget)
+    max_compute_ratio: float | None    # judged: at most this x production's compute per image
+    max_size_ratio: float | None       # judged: at most this x production's file size
     critical_task_ids: tuple[int, ...]
     on_inconclusive: str
 
@@ -318,22 +329,36 @@ _RULES: dict[str, Rule] = {
     "train.resident_max_mb": _between(0.0, 16_777_216.0),  # MB; 0 = always stream; 16 TB
     "train.device": _one_of("auto", "cpu", "cuda"),
     "evaluate.batch_size": _between(1, 65_536),
-    "gate.min_accuracy": _between(0.0, 1.0),
+    "gate.min_accuracy": ((lambda v: v is None or 0.0 <= v <= 1.0),
+                          "null (no absolute floor) or between 0 and 1"),
+    "gate.min_class_recall": ((lambda v: v is None or 0.0 <= v <= 1.0),
+                              "null (above chance, 1/number of classes) or between 0 and 1"),
+    "gate.noise_z": _between(0.0, 10.0),   # standard deviations of a seed-to-seed difference
+    "gate.calibration_seeds": _between(2, 20),
+    "gate.max_compute_ratio": ((lambda v: v is None or 0.0 < v <= 1000.0),
+                               "null (no budget relative to production) or above 0, e.g. 1.25"),
+    "gate.max_size_ratio": ((lambda v: v is None or 0.0 < v <= 1000.0),
+                            "null (no budget relative to production) or above 0, e.g. 1.25"),
     "gate.max_accuracy_drop": _between(0.0, 1.0),
     "gate.max_class_recall_drop": _between(0.0, 1.0),
     "gate.max_class_precision_drop": _between(0.0, 1.0),
     "gate.min_class_support": _between(1, 10_000_000),
     "gate.alpha": _between(0.0, 1.0, lo_open=True, hi_open=True),
     "gate.max_ece_increase": _between(0.0, 1.0),
-    "gate.max_latency_ms_p95": _between(0.0, 600_000.0, lo_open=True),  # ms per image
-    "gate.max_mmacs_per_image": _between(0.0, 1e9, lo_open=True),      # million MACs
-    "gate.max_model_mb": _between(0.0, 100_000.0, lo_open=True),        # MB
+    "gate.max_latency_ms_p95": ((lambda v: v is None or 0.0 < v <= 600_000.0),  # ms per image
+                                "null (no budget) or above 0 and at most 600000 (ms)"),
+    "gate.max_mmacs_per_image": ((lambda v: v is None or 0.0 < v <= 1e9),  # million MACs
+                                 "null (no absolute budget) or above 0 and at most 1e9"),
+    "gate.max_model_mb": ((lambda v: v is None or 0.0 < v <= 100_000.0),  # MB
+                          "null (no absolute budget) or above 0 and at most 100000 (MB)"),
     "gate.critical_task_ids": ((lambda v: len(v) <= 100_000 and all(1 <= i < 2**63 for i in v)),
                                "a list of at most 100000 Label Studio task ids (positive integers)"),
     "gate.on_inconclusive": _one_of("keep_production", "ask_reviewer"),
     "review.folds": _between(2, 20),
     "review.epochs": _between(1, 10_000),
-    "review.max_suspects": _between(0, 1_000_000),
+    "review.method": _one_of("auto", "cnn_folds", "frozen_features"),
+    "review.max_new_fraction": _between(0.0, 1.0),
+    "review.min_new": _between(0, 1_000_000),
     "preannotate.uncertainty": _one_of("margin", "entropy"),
     "schedule.min_new_labels": _between(1, 10_000_000),
     "schedule.check_every_s": _between(1.0, 7 * 86_400.0),  # seconds: one second to a week

@@ -11,6 +11,23 @@ BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0  # the gate's verdict must not change between two runs on the same inputs
 
 
+def binomial_at_least_p(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space (exact big-integer sums cost
+    seconds at the 10,000-image scale)."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    lp, lq = math.log(p), math.log1p(-p)
+    base = math.lgamma(n + 1)
+    terms = [base - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * lp + (n - j) * lq
+             for j in range(k, n + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
 def mcnemar_worse_p(worse: int, better: int) -> float:
     """One-sided exact McNemar test on discordant pairs: the probability of seeing at least
     `worse` images that production got right and the candidate got wrong, out of
@@ -18,6 +35,8 @@ def mcnemar_worse_p(worse: int, better: int) -> float:
     n = worse + better
     if n == 0 or worse == 0:
         return 1.0
+    if n > 1000:  # 2**n as an exact integer gets slow; log space is exact to ~1e-12 relative
+        return binomial_at_least_p(worse, n, 0.5)
     return min(1.0, sum(math.comb(n, k) for k in range(worse, n + 1)) / 2 ** n)
 
 

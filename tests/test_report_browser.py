@@ -113,3 +113,49 @@ def test_report_html_keeps_hostile_names_as_text(report):
     assert "Suspected label errors: 1 sent to Label Studio" in page
     assert "p95 1.250 ms per image (median of 5 runs" in page
     assert page.count("<img ") == report["threes"] + report["fixed"]
+
+
+# -- thumbnails (no browser needed) ----------------------------------------------------------------
+
+def _decoded(img_html: str):
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+    uri = re.search(r'src="data:image/png;base64,([^"]+)"', img_html).group(1)
+    size = tuple(int(v) for v in re.search(r'width="(\d+)" height="(\d+)"', img_html).groups())
+    return Image.open(io.BytesIO(base64.b64decode(uri))), size
+
+
+def test_thumbnails_keep_colour_and_aspect_ratio():
+    from pipelines import reviewpage
+    photo = np.zeros((60, 120, 3), dtype=np.uint8)
+    photo[..., 0] = 200                                   # a red 2:1 landscape picture
+    img, shown = _decoded(reviewpage._thumb(factories.png_bytes(photo), alt="x"))
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (200, 0, 0)
+    assert shown == (84, 42) and img.size == (84, 42)
+    # a 32 px scan is not blurred up: its pixels come as they are, the browser enlarges them
+    img, shown = _decoded(reviewpage._thumb(factories.digit_png(0), alt="x"))
+    assert img.size == (32, 32) and shown == (84, 84)
+
+
+def test_thumbnails_apply_exif_orientation_and_survive_hostile_files():
+    import io
+
+    from PIL import Image
+
+    from pipelines import reviewpage
+    pixels = np.zeros((40, 100, 3), dtype=np.uint8)
+    pixels[:, :50] = (0, 0, 255)                          # stored: blue left half, 100 x 40
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6                                      # shown rotated 90 degrees clockwise
+    Image.fromarray(pixels).save(buf, "JPEG", exif=exif, quality=95)
+    img, shown = _decoded(reviewpage._thumb(buf.getvalue(), alt="x"))
+    assert shown == (34, 84)                              # upright: portrait
+    r, g, b = img.getpixel((img.size[0] // 2, 2))         # top now holds the blue half
+    assert b > 200 and r < 40
+    html = reviewpage._thumb(factories.png_header_only_bomb(20000, 20000), alt="x")
+    assert html.startswith('<div class="noimg">') and "image unreadable" in html
+    assert reviewpage._thumb(b"<svg onload=alert(1)>", alt="x").startswith('<div class="noimg">')

@@ -307,11 +307,13 @@ WRONG_TYPE = {
     float: ["fast", True, None, [0.5], {"a": 1}, "0x1p3"],
     bool: ["yes", 1, None, [], 0.0],
     str: [3, None, [], {"k": "v"}, True, 1.5],
+    float | None: ["fast", True, [0.5], {"a": 1}, "0x1p3"],  # null is a value here: "none"
 }
 WRONG_LIST = ["abc", 3, None, {"a": 1}, [None], [[1]], [True], [1.5]]
 OUT_OF_RANGE = {
     int: [-1, -(10**12), 10**12, 2**63, 10**40],
     float: [float("nan"), float("inf"), float("-inf"), 1e308, -1e308, -1.0, 1e12],
+    float | None: [float("nan"), float("inf"), float("-inf"), 1e308, -1e308, -1.0, 1e12],
 }
 
 
