@@ -28,7 +28,7 @@ from pipelines import backend, jsonserver, net, predict, registry
 from pipelines.device import pick_device
 from tests import factories
 from tests.conftest import free_port
-from tests.test_preannotate import make_production
+from tests.test_preannotate import DIGITS, make_production
 
 GOOD = "/data/local-files/?d=demo/digit-{:04d}.png"  # demo scans served by Label Studio
 
@@ -164,12 +164,14 @@ def test_inference_batches_waiting_requests_and_never_mixes_models():
     torch.manual_seed(0)
     gate = threading.Event()
     digits, cpu = tuple("0123456789"), torch.device("cpu")
-    gated = _Gated(net.build(digits, 28).eval(), gate)
-    first = predict.Model(gated, digits, 28, cpu)
+    spec = DIGITS
+    gated = _Gated(net.build("smallcnn", digits, spec).eval(), gate)
+    first = predict.Model(gated, "smallcnn", digits, spec, cpu)
     # a model swapped in while requests wait (a promotion)
-    second = predict.Model(net.build(digits, 28).eval(), digits, 28, cpu)
+    second = predict.Model(net.build("smallcnn", digits, spec).eval(), "smallcnn", digits, spec,
+                           cpu)
     rng = np.random.default_rng(SEED)
-    xs = [rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for n in (1, 2, 1, 3, 1, 1, 2, 1)]
+    xs = [rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8) for n in (1, 2, 1, 3, 1, 1, 2, 1)]
     models = [first, first, second, first, second, first, second, first]
     inference = backend.Inference()
     got: dict[int, np.ndarray] = {}

@@ -13,17 +13,20 @@ import torch
 import yaml
 
 from pipelines import cli, net, preannotate, registry
+from pipelines.inputspec import InputSpec
 from pipelines.labelconfig import choice_result
 from tests import factories, killpoints
 
 CLASSES = tuple(str(i) for i in range(10))
+DIGITS = InputSpec.legacy_gray(28)  # the demo's input: 28 x 28 gray
 
 
-def make_production(reg, tmp_path, seed: int) -> str:
+def make_production(reg, tmp_path, seed: int, *, arch: str = "smallcnn",
+                    spec: InputSpec = DIGITS) -> str:
     """An (untrained) model made production through the registry: sha-verified like any other."""
     torch.manual_seed(seed)
     path = tmp_path / f"m{seed}.safetensors"
-    net.save(net.build(CLASSES, 28), path, classes=CLASSES, image_size=28)
+    net.save(net.build(arch, CLASSES, spec), path, arch=arch, classes=CLASSES, spec=spec)
     sha, _ = registry.store(reg, path)
     record = {"id": f"m{seed:04d}-{sha[:10]}", "sha256": sha, "eval_hash": "e" * 64,
               "dataset_version": "pulls-000001-x", "metrics": {}}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import cli, evalset, images, net, predict, rawstore, registry, settings
+from pipelines import cli, evalset, inputspec, net, predict, rawstore, registry, settings
 from pipelines.files import sha256_file
 from pipelines.layout import Layout
 from tests import factories
@@ -16,7 +16,8 @@ from tests.factories import png_bytes
 from tests.test_preannotate import make_production
 
 CLASSES = ("cat", "dog", "<x>|y")
-SIZE = 16
+SPEC = inputspec.InputSpec(3, 16, 12, "pad", (255, 255, 255), (120.0, 110.0, 100.0),
+                           (60.0, 60.0, 60.0))
 CPU = torch.device("cpu")
 
 
@@ -27,7 +28,8 @@ def png(seed: int, side: int = 20) -> bytes:
 @pytest.fixture
 def model() -> predict.Model:
     torch.manual_seed(0)
-    return predict.Model(net.build(CLASSES, SIZE).eval(), CLASSES, SIZE, CPU)
+    return predict.Model(net.build("smallcnn", CLASSES, SPEC).eval(), "smallcnn", CLASSES, SPEC,
+                         CPU)
 
 
 def test_certainty_orders_uncertain_first():
@@ -84,7 +86,8 @@ def test_load_production_is_verified_and_names_its_version(tmp_path):
     assert predict.load_production(reg, device=CPU) is None
     version = make_production(reg, tmp_path, seed=1)
     model = predict.load_production(reg, device=CPU)
-    assert (model.version, model.classes, model.image_size) == (version, tuple("0123456789"), 28)
+    assert (model.version, model.arch, model.classes, model.spec) == (
+        version, "smallcnn", tuple("0123456789"), inputspec.InputSpec.legacy_gray(28))
     sha = registry.production(reg).sha256
     blob = registry.blob_path(reg, sha)
     file = predict.load_file(blob, device=CPU)
@@ -121,8 +124,9 @@ def workspace(tmp_path, monkeypatch):
 
 def _production_probs(layout: Layout, blobs: list[bytes]) -> tuple[np.ndarray, tuple[str, ...]]:
     """Production's probabilities computed without pipelines.predict, to check it against."""
-    module, classes, size, _ = registry.load_production(layout.registry, device=CPU)
-    return net.predict_proba(module, images.stack(blobs, size), device=CPU), classes
+    loaded, _ = registry.load_production(layout.registry, device=CPU)
+    return (net.predict_proba(loaded.module, inputspec.stack(blobs, loaded.spec), device=CPU),
+            loaded.classes)
 
 
 def test_cli_predict_prints_label_probability_and_version(workspace, tmp_path, capsys):
@@ -161,3 +165,43 @@ def test_evalset_rebaseline_judges_production_on_the_eval_set(workspace, capsys)
     pointer = registry.production(layout.registry)
     assert pointer.eval_hash == ev.hash
     assert pointer.metrics["eval_accuracy"] == pytest.approx(accuracy)
+
+
+def test_a_registry_holding_a_seed_model_file_still_serves_it(tmp_path):
+    """Registries written before format 2 hold format-1 files (arch convnet-32-64-128): the
+    production one loads verified, with the legacy gray input, and predicts."""
+    from tests.test_net import legacy_file
+    path = tmp_path / "old.safetensors"
+    legacy_file(path)
+    reg = tmp_path / "registry"
+    sha, _ = registry.store(reg, path)
+    record = {"id": f"m0001-{sha[:10]}", "sha256": sha, "eval_hash": "e" * 64,
+              "dataset_version": "d", "metrics": {}}
+    registry.make_production(reg, record, via="gate", previous=None)
+    model = predict.load_production(reg, device=CPU)
+    assert model.arch == "convnet-32-64-128"
+    assert model.spec == inputspec.InputSpec.legacy_gray(28)
+    blobs = [factories.digit_png(i) for i in range(3)]
+    answers = predict.predict_images(model, range(3), blobs.__getitem__, how="margin")
+    probs = net.predict_proba(model.module, inputspec.stack(blobs, model.spec), device=CPU)
+    assert [a.label for _, a in answers] == [model.classes[i] for i in probs.argmax(1)]
+
+
+def test_big_inputs_are_predicted_in_smaller_batches(model, monkeypatch):
+    photo = inputspec.InputSpec(3, 224, 224, "crop", (0, 0, 0), (1.0,) * 3, (1.0,) * 3)
+    assert predict.batch_for(photo) == predict.PIXELS_PER_BATCH // (224 * 224 * 3) == 55
+    assert predict.batch_for(SPEC) == predict.BATCH
+    assert predict.batch_for(photo, 10) == 10
+    # predict_images holds one batch of decoded images at a time, and answers in order
+    monkeypatch.setattr(predict, "PIXELS_PER_BATCH", 16 * 12 * 3 * 2)  # 2 images a batch
+    sizes = []
+    real = predict.probabilities
+    monkeypatch.setattr(predict, "probabilities",
+                        lambda m, x, **kw: sizes.append(len(x)) or real(m, x, **kw))
+    blobs = [png(i) for i in range(5)]
+    blobs[2] = b"junk"
+    answers = predict.predict_images(model, range(5), blobs.__getitem__, how="margin")
+    assert sizes == [2, 1, 1]  # batches of 2 sources; the junk one is not predicted
+    assert [type(a).__name__ for _, a in answers] == ["Prediction"] * 2 + ["Unreadable"] + [
+        "Prediction"] * 2
+    assert [s for s, _ in answers] == list(range(5))

@@ -15,12 +15,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pipelines import gate, net, promote, registry  # noqa: E402
+from pipelines.inputspec import InputSpec  # noqa: E402
 from pipelines.files import read_json, sha256_file  # noqa: E402
 from pipelines.registry import RegistryError  # noqa: E402
 from tests import factories, killpoints  # noqa: E402
 
 CLASSES = tuple(str(i) for i in range(10))
-SIZE = 28
+SPEC = InputSpec.legacy_gray(28)
 CPU = torch.device("cpu")
 EVAL_HASH = "e" * 64
 
@@ -28,8 +29,8 @@ EVAL_HASH = "e" * 64
 def make_model(path, seed: int):
     """A freshly built net saved via net.save; distinct seeds give distinct files."""
     torch.manual_seed(seed)
-    model = net.build(CLASSES, SIZE).eval()
-    net.save(model, path, classes=CLASSES, image_size=SIZE)
+    model = net.build("smallcnn", CLASSES, SPEC).eval()
+    net.save(model, path, arch="smallcnn", classes=CLASSES, spec=SPEC)
     return model
 
 
@@ -93,9 +94,9 @@ def test_pass_makes_the_candidate_production(first):
     assert blob.exists() and sha256_file(blob) == sha
     assert [e["event"] for e in registry.ledger(reg)] == ["candidate", "promoted"]
     assert all(e["id"] == event["id"] for e in registry.ledger(reg))
-    model, classes, size, loaded_pointer = registry.load_production(reg, device=CPU)
-    assert classes == CLASSES and size == SIZE and loaded_pointer == pointer
-    assert same_weights(model, first["a_model"])
+    loaded, loaded_pointer = registry.load_production(reg, device=CPU)
+    assert loaded.classes == CLASSES and loaded.spec == SPEC and loaded_pointer == pointer
+    assert loaded.arch == "smallcnn" and same_weights(loaded.module, first["a_model"])
 
 
 def test_no_production_yet(tmp_path):
@@ -174,7 +175,8 @@ def test_crash_during_promotion_keeps_the_previous_production(first, monkeypatch
     monkeypatch.undo()
 
     assert (reg / registry.POINTER).read_bytes() == pointer_bytes
-    model, _, _, pointer = registry.load_production(reg, device=CPU)
+    loaded, pointer = registry.load_production(reg, device=CPU)
+    model = loaded.module
     assert pointer["sha256"] == first["a_sha"]
     assert same_weights(model, first["a_model"])
     assert not [p.name for p in reg.iterdir() if p.name.startswith(f".{registry.POINTER}")]
@@ -182,7 +184,8 @@ def test_crash_during_promotion_keeps_the_previous_production(first, monkeypatch
     # after the crash, running promote again finishes the job
     event = promote_run(b_file, decision_path, reg)
     assert event["event"] == "promoted"
-    model, _, _, pointer = registry.load_production(reg, device=CPU)
+    loaded, pointer = registry.load_production(reg, device=CPU)
+    model = loaded.module
     assert pointer["sha256"] == sha256_file(b_file) and pointer["previous"] == first["a_event"]["id"]
     assert same_weights(model, b_model)
 
@@ -227,14 +230,14 @@ def test_rollback_restores_the_previous_model(first):
     with pytest.raises(RegistryError, match="no previous production model"):
         registry.rollback(reg)
     assert registry.production(reg).to_json() == pointer       # the command returns its JSON
-    model, _, _, _ = registry.load_production(reg, device=CPU)
+    model = registry.load_production(reg, device=CPU)[0].module
     assert same_weights(model, first["a_model"])
     last = registry.ledger(reg)[-1]
     assert last["event"] == "rolled_back" and last["id"] == first["a_event"]["id"]
     assert last["reason"] == "bad predictions in review"
     # and forward again, by id
     registry.rollback(reg, to=b_event["id"])
-    model, _, _, _ = registry.load_production(reg, device=CPU)
+    model = registry.load_production(reg, device=CPU)[0].module
     assert same_weights(model, b_model)
 
 
@@ -307,7 +310,7 @@ def test_inconclusive_waits_for_a_reviewer_who_approves_it(first):
     assert pointer["reviewer"] == "ana" and pointer["previous"] == first["a_event"]["id"]
     kinds = [e["event"] for e in registry.ledger(reg)]
     assert kinds[-3:] == ["pending_review", "approved", "promoted"]
-    model, _, _, _ = registry.load_production(reg, device=CPU)              # verified blob
+    model = registry.load_production(reg, device=CPU)[0].module              # verified blob
     with pytest.raises(RegistryError, match="already the production model"):
         registry.approve(reg, event["id"], reason="again", reviewer="ana")
     # and back: rollback restores A, naming who
