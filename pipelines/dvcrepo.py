@@ -142,6 +142,17 @@ def stages(root: str | Path) -> tuple[str, ...]:
     return tuple(order)
 
 
+def refresh_stamps(root: str | Path) -> None:
+    """Write the code stamps as the `codestamp` stage would: its command, in `root`, with the
+    python the stages run with -- so the code measured is the code `dvc repro` would import
+    (the installed package, or a checkout's own files when `root` holds them)."""
+    proc = subprocess.run([sys.executable, *codestamp.COMMAND.split()[1:]], cwd=root,
+                          env=_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DvcError(f"`{codestamp.COMMAND}` failed (exit {proc.returncode}): "
+                       f"{(proc.stdout + proc.stderr).strip()[-800:]}")
+
+
 def stale(root: str | Path) -> dict[str, list[str]]:
     """What DVC says changed since each stage (and each .dvc file) was last recorded: data,
     code, params or outputs, as `{stage: ["changed deps: params.yaml train.epochs (modified)",
@@ -150,7 +161,7 @@ def stale(root: str | Path) -> dict[str, list[str]]:
     (pipelines/codestamp.py) are refreshed first: without that an upgraded labelgate would
     look unchanged until the `codestamp` stage ran."""
     if codestamp.STAGE in graph(root):
-        codestamp.write(root)
+        refresh_stamps(root)
     stdout = _run(root, ("status", "--json")).stdout   # warnings go to stderr
     try:
         report = json.loads(stdout.strip() or "{}")
