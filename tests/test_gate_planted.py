@@ -1,139 +1,104 @@
-"""The gate on real training runs over the 1,797 demo digit scans (CPU, ~1 min):
+"""The gate on real trainings (CPU, small CNN on 16 x 16 digit scans, a few epochs): seed noise
+measured on this project makes a seed-only retrain pass, a planted real regression still fails.
 
-- production: a model trained with the demo settings;
-- a retrain on the same data with another seed must not FAIL (seed noise is not a regression);
-- a retrain with 60 % of class 3's training labels corrupted to 8 must FAIL, naming class 3;
-- `calibrate` measures the seed spread and proposes margins that the seed retrain passes.
+- the training set: the demo's digit scans outside a fixed eval set of 30 per class, with 10 %
+  of the labels flipped at random (a noisy tiny set: an unstable recipe, like the issue's);
+- `calibrate.measure` trains the recipe with 3 seeds and measures the spreads;
+- production: one more seed; a retrain that changes only the seed must not FAIL;
+- a retrain with 60 % of class 3's training labels turned into 8 must FAIL, naming class 3.
+The gate itself is `pipelines.gate.decide` on the records evaluate would write
+(tests/factories.evaluation), so the test needs no registry or eval-set files.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
+import numpy as np
+import pytest
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from pipelines import calibrate, evaluate, gate, images, promote, registry, report  # noqa: E402
-from pipelines import train  # noqa: E402
-from pipelines.files import jsonl_bytes, read_json, sha256_bytes, tar_bytes  # noqa: E402
-from tests import factories  # noqa: E402
+from pipelines import calibrate, gate, inputspec, net, train
+from pipelines.device import pick_device
+from tests import factories
 
 EVAL_PER_CLASS = 30
 CORRUPT_CLASS, INTO = 3, 8
+SIDE = 16  # px: a quarter of the demo's pixels, the same digits
 
 
-def _params(seed: int = 42):
-    p = factories.params({"train.device": "cpu", "train.epochs": 8})
-    return dataclasses.replace(p, base=dataclasses.replace(p.base, seed=seed))
-
-
-def _write_prepared(folder, x, y, val_mask):
-    folder.mkdir(parents=True, exist_ok=True)
-    ids = np.arange(len(y), dtype=np.int64)
-    for name, mask in (("train", ~val_mask), ("val", val_mask)):
-        np.savez(folder / f"{name}.npz", x=x[mask], y=y[mask], task_id=ids[mask],
-                 sha256=np.array([f"{i:064x}" for i in ids[mask]]))
+def _params():
+    return factories.params({"train.device": "cpu", "train.arch": "smallcnn",
+                             "train.epochs": 5, "input.height": SIDE, "input.width": SIDE})
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("planted")
+def world():
     params = _params()
+    spec = inputspec.from_params(params)
     n = factories.digit_count()
     labels = np.array([factories.digit_label(i) for i in range(n)])
-    pngs = [factories.digit_png(i) for i in range(n)]
-    # fixed eval set: the first 30 scans of each class, in the format evalset.freeze writes
+    x = inputspec.stack([factories.digit_png(i) for i in range(n)], spec)
     eval_idx = np.concatenate([np.flatnonzero(labels == c)[:EVAL_PER_CLASS] for c in range(10)])
-    rows, blobs = [], {}
-    for i in sorted(eval_idx):
-        sha = sha256_bytes(pngs[i])
-        rows.append({"task_id": int(i), "image_sha256": sha, "label": str(labels[i])})
-        blobs[sha] = pngs[i]
-    eval_dir = root / "eval"
-    eval_dir.mkdir()
-    manifest = jsonl_bytes(rows)
-    (eval_dir / "manifest.jsonl").write_bytes(manifest)
-    (eval_dir / "images.tar").write_bytes(tar_bytes(blobs))
-    (eval_dir / "meta.json").write_text(f'{{"hash": "{sha256_bytes(manifest)}"}}')
     rest = np.setdiff1d(np.arange(n), eval_idx)
-    x = images.stack([pngs[i] for i in rest], params.base.image_size)
-    y = labels[rest]
-    val = np.random.default_rng(0).random(len(rest)) < 0.15
-    _write_prepared(root / "clean", x, y, val)
+    rng = np.random.default_rng(0)
+    y = labels[rest].copy()
+    flip = rng.random(len(y)) < 0.10
+    y[flip] = (y[flip] + rng.integers(1, 10, int(flip.sum()))) % 10
     bad = y.copy()
-    victims = np.flatnonzero((y == CORRUPT_CLASS) & ~val)
-    victims = np.random.default_rng(1).permutation(victims)[:round(0.6 * len(victims))]
+    victims = np.flatnonzero(y == CORRUPT_CLASS)
+    victims = rng.permutation(victims)[:round(0.6 * len(victims))]
     bad[victims] = INTO
-    _write_prepared(root / "corrupt", x, bad, val)
-
-    reg = root / "registry"
-
-    def candidate(name: str, prepared: str, seed: int) -> dict:
-        out = root / name
-        train.run(root / prepared, out, params=_params(seed))
-        evaluate.run(out / "model.safetensors", eval_dir, reg, root / f"ev-{name}", params=params)
-        decision = gate.run(root / f"ev-{name}", root / f"gate-{name}", params=params)
-        report.run(root / f"gate-{name}" / "decision.json", root / f"ev-{name}",
-                   root / f"gate-{name}", params=params, eval_dir=eval_dir, candidate_dir=out,
-                   raw=root / "none")
-        return {"dir": out, "decision": decision}
-
-    base = candidate("base", "clean", 42)
-    assert base["decision"]["verdict"] == "PASS", base["decision"]["tests"]
-    event = promote.run(base["dir"] / "model.safetensors", root / "gate-base" / "decision.json",
-                        reg, dataset_version="pulls-000001-x", params_hash="p" * 64)
-    assert event["event"] == "promoted"
-    return {"root": root, "params": params, "eval_dir": eval_dir, "reg": reg,
-            "candidate": candidate, "base": base}
+    measured = calibrate.measure(x[rest], y, x[eval_idx], labels[eval_idx], params=params,
+                                 eval_hash="e" * 64, seeds=3)
+    return {"params": params, "spec": spec, "x": x[rest], "y": y, "bad": bad,
+            "x_eval": x[eval_idx], "truth": labels[eval_idx], "noise": measured}
 
 
-def test_a_retrain_with_another_seed_does_not_fail(world):
-    other = world["candidate"]("seed", "clean", 7)
-    decision = other["decision"]
-    print(f"\nseed retrain: verdict {decision['verdict']}, accuracy "
-          f"{decision['production_accuracy']:.4f} -> {decision['candidate_accuracy']:.4f}; "
-          + "; ".join(f"{t['name']} {t['result']} ({t['value']:+.4f})" for t in decision["tests"]
-                      if t["result"] != "pass"))
-    assert decision["production_id"] == registry.production(world["reg"])["id"]
-    assert decision["verdict"] != "FAIL", [t for t in decision["tests"] if t["result"] == "fail"]
+def _probs(world, labels, seed):
+    device = pick_device("cpu")
+    model, _ = train.train_model(world["x"], labels, arch="smallcnn", spec=world["spec"],
+                                 classes=world["params"].base.classes, params=world["params"],
+                                 epochs=world["params"].train.epochs, seed=seed, device=device)
+    return net.predict_proba(model, world["x_eval"], device=device)
 
 
-def test_a_planted_label_corruption_fails_naming_the_class(world):
-    bad = world["candidate"]("corrupt", "corrupt", 42)
-    decision = bad["decision"]
-    assert decision["verdict"] == "FAIL"
-    failed = {t["name"]: t for t in decision["tests"] if t["result"] == "fail"}
-    recall = failed[f"recall of class '{CORRUPT_CLASS}'"]
-    print(f"\ncorrupted retrain: verdict {decision['verdict']}, accuracy "
-          f"{decision['production_accuracy']:.4f} -> {decision['candidate_accuracy']:.4f}; "
-          f"failed: " + "; ".join(f"{n} {t['value']:+.4f} (p {t['p_value']})"
-                                  for n, t in failed.items()))
-    assert recall["value"] >= 0.03 and recall["p_value"] < world["params"].gate.alpha
-    report = (world["root"] / "gate-corrupt" / "report.html").read_text()
-    assert "Verdict: FAIL" in report and "Right → wrong" in report
-    # promote keeps production and records why
-    event = promote.run(bad["dir"] / "model.safetensors",
-                        world["root"] / "gate-corrupt" / "decision.json", world["reg"],
-                        dataset_version="pulls-000002-x", params_hash="p" * 64)
-    assert event["event"] == "rejected"
-    assert registry.production(world["reg"])["sha256"] != read_json(
-        world["root"] / "gate-corrupt" / "decision.json")["candidate_sha256"]
+def _decide(world, cand, prod, *, with_noise=True):
+    import dataclasses
+    ev, pred = factories.evaluation(world["truth"], cand.argmax(1), prod.argmax(1),
+                                    cand_conf=cand.max(1).round(5),
+                                    prod_conf=prod.max(1).round(5))
+    if with_noise:
+        ev = dataclasses.replace(ev, seed_noise=world["noise"])
+    return gate.decide(ev, pred, params=world["params"])
 
 
-def test_calibrate_proposes_margins_from_seed_noise(world):
-    out = world["root"] / "calibration"
-    result = calibrate.run(world["root"] / "clean", world["eval_dir"], out,
-                           params=world["params"], seeds=2)
-    assert read_json(out / "calibration.json") == result
-    proposed = result["proposed"]
-    print(f"\ncalibrate (2 seeds): accuracy {result['accuracy']}, proposed {proposed}")
-    acc = result["accuracy"]
-    # the accuracy margin covers the spread it measured (and at least one of the 300 eval
-    # images), rounded up to 0.005
-    spread = max(acc["max"] - acc["min"], 1 / 300)
-    assert spread - 1e-9 <= proposed["max_accuracy_drop"] < spread + calibrate.STEP
-    assert proposed["max_class_recall_drop"] >= 1 / EVAL_PER_CLASS
-    assert all(0 <= v <= 1 and round(v / calibrate.STEP, 6).is_integer()
-               for v in proposed.values())
+def _line(decision) -> str:
+    return (f"verdict {decision.verdict}, accuracy {decision.production_accuracy:.4f} -> "
+            f"{decision.candidate_accuracy:.4f}; " + "; ".join(
+                f"{t.name} {t.result} ({t.value:+.3f} vs {t.threshold:.3f})"
+                for t in decision.tests if t.result not in ("pass", "no evidence")))
+
+
+@pytest.mark.slow
+def test_seed_retrain_passes_and_planted_regression_fails(world):
+    prod = _probs(world, world["y"], seed=7)
+    seed_only = _probs(world, world["y"], seed=8)
+    corrupt = _probs(world, world["bad"], seed=7)
+    same = _decide(world, seed_only, prod)
+    print(f"\nmeasured noise: accuracy {world['noise'].accuracy}, {same.margins_note}")
+    print(f"seed-only retrain: {_line(same)}")
+    print(f"  (configured margins alone: {_line(_decide(world, seed_only, prod, with_noise=False))})")
+    assert "measured on this eval set with 3 seeds" in same.margins_note
+    assert same.verdict != "FAIL", [t for t in same.tests if t.result == "fail"]
+
+    worse = _decide(world, corrupt, prod)
+    print(f"class {CORRUPT_CLASS} corrupted: {_line(worse)}")
+    assert worse.verdict == "FAIL"
+    recall = next(t for t in worse.tests if t.name == f"recall of class '{CORRUPT_CLASS}'")
+    assert recall.result == "fail" and recall.value > recall.threshold
+    assert recall.p_value < world["params"].gate.alpha
+
+
+def test_calibration_measures_every_class_with_every_seed(world):
+    measured = world["noise"]
+    assert measured.seeds == (1042, 2042, 3042) and measured.eval_hash == "e" * 64
+    assert set(measured.recall) == set(world["params"].base.classes)
+    assert all(len(v) == 3 for v in measured.recall.values())
+    assert any(len(set(v)) > 1 for v in measured.recall.values())  # the seeds differ

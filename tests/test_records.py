@@ -316,3 +316,32 @@ def test_stages_stop_with_the_file_and_field_when_a_record_is_wrong(tmp_path, ca
     err = capsys.readouterr().err
     assert "promote failed" in err and "decision.json: field 'eval_hash': missing" in err
     assert not (tmp_path / "registry").exists()
+
+
+def test_an_evaluation_carries_production_cost_and_seed_noise_and_old_ones_still_read(tmp_path):
+    from pipelines import noise
+    truth = np.repeat(np.arange(10), 3)
+    ev, pred = factories.evaluation(truth, truth, truth)
+    classes = ev.classes
+    measured = noise.SeedNoise(
+        eval_hash=ev.eval_hash, recipe="c" * 64, classes=classes, seeds=(1, 2),
+        accuracy=(0.9, 0.8), ece=(0.1, 0.1), recall={c: (1.0, 0.9) for c in classes},
+        precision={c: (1.0, 1.0) for c in classes}, measured_at="2026-11-30T00:00:00Z")
+    richer = dataclasses.replace(ev, seed_noise=measured, production=dataclasses.replace(
+        ev.production, size_bytes=45_000_000, macs_per_image=1_800_000_000))
+    folder = records.write_evaluation(tmp_path / "new", richer, pred)
+    back, _ = records.read_evaluation(folder)
+    assert back == richer and back.seed_noise.recall["3"] == (1.0, 0.9)
+    assert back.production.size_bytes == 45_000_000
+    # an evaluation.json written before these fields: both read as absent
+    old = records.write_evaluation(tmp_path / "old", ev, pred)
+    raw = json.loads((old / "evaluation.json").read_text())
+    assert "seed_noise" not in raw and "size_bytes" not in raw["production"]
+    back, _ = records.read_evaluation(old)
+    assert back.seed_noise is None and back.production.macs_per_image is None
+    # a damaged noise block names its field
+    raw = json.loads((folder / "evaluation.json").read_text())
+    raw["seed_noise"]["accuracy"] = [0.9]
+    (folder / "evaluation.json").write_text(json.dumps(raw))
+    with pytest.raises(RecordError, match="seed_noise"):
+        records.read_evaluation(folder)
