@@ -34,7 +34,6 @@ class Arch:
     name: str
     family: str      # "cnn" | "fast" | "torchvision" | "legacy": the training recipe's family
     build: Callable[[InputSpec], tuple[nn.Module, int]]  # spec -> (backbone, feature dim D)
-    first_conv: str  # state-dict key of the first conv's weight (1 <-> 3 channel adaptation)
 
 
 def _conv_bn(cin: int, cout: int, act: type[nn.Module] = nn.ReLU) -> list[nn.Module]:
@@ -196,14 +195,13 @@ def legacy_state(state: dict) -> dict:
 
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (
-    Arch("smallcnn", "cnn", smallcnn, "backbone.0.weight"),
-    Arch("resnet-fast", "fast", resnet_fast(1.0), "backbone.whiten.weight"),
-    Arch("resnet-fast-narrow", "fast", resnet_fast(0.25), "backbone.whiten.weight"),
-    Arch("resnet18", "torchvision", resnet18, "backbone.conv1.weight"),
-    Arch("mobilenet_v3_large", "torchvision", mobilenet_v3_large,
-         "backbone.features.0.0.weight"),
-    Arch("efficientnet_b0", "torchvision", efficientnet_b0, "backbone.features.0.0.weight"),
-    Arch(LEGACY, "legacy", legacy_convnet, "backbone.features.0.weight"),
+    Arch("smallcnn", "cnn", smallcnn),
+    Arch("resnet-fast", "fast", resnet_fast(1.0)),
+    Arch("resnet-fast-narrow", "fast", resnet_fast(0.25)),
+    Arch("resnet18", "torchvision", resnet18),
+    Arch("mobilenet_v3_large", "torchvision", mobilenet_v3_large),
+    Arch("efficientnet_b0", "torchvision", efficientnet_b0),
+    Arch(LEGACY, "legacy", legacy_convnet),
 )}
 # What params' `train.arch` may name (settings holds its list to this one); the legacy net is
 # load-only: its Linear grows with the image.
@@ -235,6 +233,13 @@ def resolve_arch(name: str, spec: InputSpec, device_type: str) -> str:
         raise ArchError(f"{name!r} is the legacy digits net, kept only to load old model files; "
                         f"train one of {', '.join(NAMES)} instead")
     return name
+
+
+def stem_key(backbone: nn.Module) -> str:
+    """State-dict key (under `backbone.`) of the first convolution's weight: the one layer that
+    sees the input channels (1 <-> 3 adaptation). Every backbone here registers it first."""
+    name = next(n for n, m in backbone.named_modules() if isinstance(m, nn.Conv2d))
+    return f"backbone.{name}.weight"
 
 
 def get(name: str) -> Arch:

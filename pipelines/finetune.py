@@ -70,14 +70,14 @@ def _adapt(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
     return None
 
 
-def init_from_weights(model: net.Classifier, path: str | Path, *, arch: str,
-                      sha256: str) -> InitReport:
+def init_from_weights(model: net.Classifier, path: str | Path, *, sha256: str,
+                      arch: str = "the model") -> InitReport:
     """Set `model`'s backbone from a local safetensors file whose sha256 must be `sha256`
     (checked before anything is parsed). Keys may be the backbone's own (a torchvision state
     dict: `conv1.weight`, `layer1.0...`) or a labelgate model file's (`backbone.conv1.weight`);
     each is shape-checked; the first conv is adapted between 1 and 3 channels; the head and the
     normalisation always stay the model's own. A file of which nothing fits is an error (a
-    wrong file, not a slower start)."""
+    wrong file, not a slower start). `arch`: its name, for the messages."""
     path = Path(path)
     try:
         tensors = safetensors_load(_verified_bytes(path, sha256))
@@ -85,7 +85,7 @@ def init_from_weights(model: net.Classifier, path: str | Path, *, arch: str,
         raise WeightsError(f"weights file {path} is not safetensors ({exc}); convert it with "
                            "safetensors.torch.save_file(state_dict, path)") from None
     own = model.state_dict()
-    first_conv = archs.get(arch).first_conv
+    first_conv = archs.stem_key(model.backbone)
     new, loaded, adapted, skipped = {}, [], [], []
     for key, tensor in tensors.items():
         target = key if key.startswith("backbone.") or key in own else "backbone." + key

@@ -35,8 +35,17 @@ def test_any_size_and_channel_count_gives_features_and_logits(arch):
         feats = model.features(x)
         assert feats.shape == (2, model.head.in_features)
         assert model(x).shape == (2, 4)
-        first = model.state_dict()[archs.get(arch).first_conv]
+        first = model.state_dict()[archs.stem_key(model.backbone)]
         assert first.dim() == 4 and first.shape[1] == channels
+
+
+def test_the_stem_is_the_layer_that_sees_the_input():
+    stems = {"smallcnn": "backbone.0.weight", "resnet-fast": "backbone.whiten.weight",
+             "resnet18": "backbone.conv1.weight",
+             "mobilenet_v3_large": "backbone.features.0.0.weight",
+             "efficientnet_b0": "backbone.features.0.0.weight"}
+    for arch, key in stems.items():
+        assert archs.stem_key(net.build(arch, ("a", "b"), spec(32, 3)).backbone) == key
 
 
 def test_auto_picks_by_image_size_and_device():
@@ -87,7 +96,7 @@ def test_whitening_init_decorrelates_the_stem():
     assert torch.allclose(cov, torch.eye(12), atol=0.05)  # whitened: unit, uncorrelated
 
 
-# -- each architecture, the whole way ---------------------------------------------------------------
+# -- each architecture, the whole way -------------------------------------------------------------
 
 class _Studio:
     """What the backend needs of Label Studio: image bytes by URL."""
@@ -116,8 +125,8 @@ def test_each_architecture_trains_a_step_and_serves_through_registry_predict_and
     opt.step()
     assert torch.isfinite(loss)
     assert not torch.equal(before["head.weight"], model.state_dict()["head.weight"])
-    assert not torch.equal(before[archs.get(arch).first_conv],
-                           model.state_dict()[archs.get(arch).first_conv])
+    stem = archs.stem_key(model.backbone)
+    assert not torch.equal(before[stem], model.state_dict()[stem])
     path = net.save(model.eval(), tmp_path / "model.safetensors", arch=arch, classes=classes,
                     spec=s)
     reg = tmp_path / "registry"
