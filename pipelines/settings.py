@@ -265,7 +265,8 @@ _CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?#-]{1,60}")
 
 # train.arch's choices besides `auto`: pipelines/archs.py's trainable architectures (tests hold
 # the two lists equal; settings must not import torch, so the names are written out here).
-TRAIN_ARCHS = ("smallcnn", "resnet-fast", "resnet18", "mobilenet_v3_large", "efficientnet_b0")
+TRAIN_ARCHS = ("smallcnn", "resnet-fast", "resnet-fast-narrow", "resnet18", "mobilenet_v3_large",
+               "efficientnet_b0")
 
 # Checks beyond the type, keyed by dotted name: (predicate, what it must be). Every int and float
 # setting has one (tests/test_settings.py checks that), so nothing absurd reaches a stage:
