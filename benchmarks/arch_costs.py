@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                                                device=torch.device("cpu"))
                 params = sum(p.numel() for p in model.parameters())
                 rate = _step_rate(model, spec, device=device, steps=args.steps)
+                shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
                 print(f"| {arch} | {size} | {params / 1e6:.2f} | "
-                      f"{path.stat().st_size / 1e6:.1f} | {macs / 1e6:,.1f} | {rate:,.0f} |",
+                      f"{path.stat().st_size / 1e6:.1f} | {macs / 1e6:,.1f} | {shown} |",
                       flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0

@@ -161,3 +161,19 @@ def test_each_architecture_trains_a_step_and_serves_through_registry_predict_and
     chosen = [r["result"][0]["value"]["choices"][0] for r in body["results"]]
     assert chosen == [a.label for _, a in answers]
     assert body["model_version"] == f"m0001-{sha[:10]}"
+
+
+def test_the_cost_benchmark_prints_a_row_per_architecture():
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "arch_costs.py"),
+                           "--sizes", "16", "--steps", "1", "--archs", "smallcnn",
+                           "resnet-fast-narrow"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = re.findall(r"^\| ([\w-]+) \| 16 \| [\d.]+ \| [\d.]+ \| ([\d,.]+) \| [\d,.]+ \|$",
+                      proc.stdout, flags=re.M)
+    assert [r[0] for r in rows] == ["smallcnn", "resnet-fast-narrow"]
+    assert rows[0][1] == "12.0"  # smallcnn at 16x16x3: 12.0 million MACs
