@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import images, rawstore
+from pipelines import images, inputspec, rawstore
 from pipelines.files import (atomic_write_bytes, atomic_write_json, jsonl_bytes, read_json,
                              read_jsonl, sha256_bytes, tar_bytes, utc_now)
 from pipelines.settings import Params
@@ -28,7 +28,7 @@ class EvalSetError(RuntimeError):
 
 @dataclass(frozen=True)
 class EvalSet:
-    x: np.ndarray            # (N, S, S) uint8, preprocessed like training
+    x: np.ndarray            # (N, H, W, C) uint8, preprocessed by the spec given to `load`
     y: np.ndarray            # (N,) int64 class indices
     task_ids: list[int]
     shas: list[str]
@@ -45,6 +45,7 @@ def freeze(state: rawstore.RawState, out_dir: str | Path, *, params: Params,
         raise EvalSetError(f"{out_dir} is already frozen (hash {read_json(out_dir / 'meta.json')['hash'][:12]}); "
                            "changing the fixed eval set needs --force and a re-baseline")
     rows, blobs, skipped = [], {}, []
+    spec = inputspec.from_params(params)
     for task_id in sorted(state.tasks):
         gt = [chosen(a.get("result"), state.choices_name)
               for a in state.tasks[task_id].get("annotations") or []
@@ -62,7 +63,7 @@ def freeze(state: rawstore.RawState, out_dir: str | Path, *, params: Params,
             continue
         data = state.image_bytes(sha)
         try:
-            images.inspect(data)
+            images.inspect(data, channels=spec.channels, background=spec.background)
         except images.BadImage as exc:
             skipped.append({"task_id": task_id, "reason": f"image: {exc}"})
             continue
@@ -83,8 +84,13 @@ def freeze(state: rawstore.RawState, out_dir: str | Path, *, params: Params,
     return meta
 
 
-def load(eval_dir: str | Path, *, params: Params) -> EvalSet:
+def load(eval_dir: str | Path, *, params: Params,
+         spec: inputspec.InputSpec | None = None) -> EvalSet:
+    """The frozen eval set, checked against its hash, preprocessed by `spec`: the spec of the
+    model being evaluated (each model file carries its own). Without one, params.yaml's
+    `input` section (a convenience for callers that have no model yet)."""
     eval_dir = Path(eval_dir)
+    spec = spec if spec is not None else inputspec.from_params(params)
     if not (eval_dir / "meta.json").exists():
         raise EvalSetError(f"no fixed eval set in {eval_dir}: run `labelgate evalset freeze`")
     manifest = (eval_dir / "manifest.jsonl").read_bytes()
@@ -96,7 +102,7 @@ def load(eval_dir: str | Path, *, params: Params) -> EvalSet:
     rows = read_jsonl(eval_dir / "manifest.jsonl")
     blobs = image_bytes(eval_dir)
     index = {c: i for i, c in enumerate(params.base.classes)}
-    return EvalSet(x=images.stack([blobs[r["image_sha256"]] for r in rows], params.base.image_size),
+    return EvalSet(x=inputspec.stack([blobs[r["image_sha256"]] for r in rows], spec),
                    y=np.array([index[r["label"]] for r in rows], dtype=np.int64),
                    task_ids=[r["task_id"] for r in rows],
                    shas=[r["image_sha256"] for r in rows], hash=digest)
@@ -119,13 +125,15 @@ def shas(eval_dir: str | Path) -> set[str]:
     return {r["image_sha256"] for r in read_jsonl(path)} if path.exists() else set()
 
 
-def fingerprints(eval_dir: str | Path) -> tuple[np.ndarray, list[int]]:
-    """(perceptual fingerprints, task ids) of the eval images, for near-duplicate leakage checks;
-    empty if no eval set yet. Bytes are checked against their sha256 first."""
+def fingerprints(eval_dir: str | Path, *,
+                 background: tuple[int, int, int] = (0, 0, 0)) -> tuple[np.ndarray, list[int]]:
+    """(perceptual fingerprints `(M, K, D)`, task ids) of the eval images, for near-duplicate
+    leakage checks (images.fingerprint, transparency on `background`); empty if no eval set
+    yet. Bytes are checked against their sha256 first."""
     eval_dir = Path(eval_dir)
     if not (eval_dir / "meta.json").exists():
-        return np.zeros((0, images.FINGERPRINT_SIDE ** 2), dtype=np.float32), []
+        return images.no_fingerprints(), []
     rows = read_jsonl(eval_dir / "manifest.jsonl")
     blobs = image_bytes(eval_dir)
-    return (np.stack([images.fingerprint(blobs[r["image_sha256"]]) for r in rows]),
-            [r["task_id"] for r in rows])
+    return (np.stack([images.fingerprint(blobs[r["image_sha256"]], background=background)
+                      for r in rows]), [r["task_id"] for r in rows])

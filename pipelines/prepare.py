@@ -1,12 +1,14 @@
 """prepare: manifest -> resolved labels, a deterministic train/val split with eval-set images
-excluded, and each split packed as one uint8 array file.
+(and near-duplicates of them) excluded, and each split packed by pipelines/packed.py.
 
     python -m pipelines.prepare --manifest data/validated/manifest.jsonl --raw data/raw \
         --eval data/eval --out data/prepared
 
-Outputs: train.npz / val.npz (`x` (N, S, S) uint8, `y` (N,) int64, `task_id`, `sha256`),
+Outputs: train/ and val/ (packed splits: x.npy (N, H, W, C) uint8 preprocessed by params.yaml's
+input spec, memory-mappable, written image by image; y.npy, task_id.npy, sha256.npy; spec.json),
 resolved.jsonl (every manifest row: label, votes, the rule that decided it, where it went),
-disputed.jsonl (ties, for review), summary.json.
+disputed.jsonl (ties, for review), summary.json (counts, the input spec, the near-duplicate
+threshold used).
 """
 from __future__ import annotations
 
@@ -18,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import evalset, images, rawstore
-from pipelines.files import (atomic_write_json, atomic_write_jsonl, atomic_writer,
-                             read_jsonl)
+from pipelines import evalset, images, inputspec, packed, rawstore
+from pipelines.files import atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipelines.settings import Params
 
 
@@ -74,34 +75,45 @@ EXCLUDED_SAME = "excluded: image is in the fixed eval set"
 EXCLUDED_NEAR = "excluded: near-duplicate of eval task"
 
 
+FINGERPRINT_CHUNK = 256  # images fingerprinted at a time (19 x 384 floats = 29 KB each)
+
+
 def _exclude_near_duplicates(rows: list[dict], state: rawstore.RawState, eval_fps: np.ndarray,
-                             eval_tasks: list[int], threshold: float) -> None:
+                             eval_tasks: list[int], threshold: float, *,
+                             background: tuple[int, int, int]) -> None:
     """Leakage is blocking: a training or validation image that is a near-duplicate of an eval
-    image (perceptual fingerprint similarity >= threshold) is excluded, naming the eval task."""
+    image (images.nearest_similarity >= threshold: re-encoded, resized, cropped by up to
+    ~10 %, brightened or mirrored) is excluded, naming the eval task."""
     if not rows or len(eval_fps) == 0:
         return
-    fps = np.stack([images.fingerprint(state.image_bytes(r["image_sha256"])) for r in rows])
-    best, where = images.nearest_similarity(fps, eval_fps)
-    for row, sim, j in zip(rows, best, where):
-        if sim >= threshold:
-            row["split"] = f"{EXCLUDED_NEAR} {eval_tasks[j]} (similarity {sim:.4f})"
+    for i in range(0, len(rows), FINGERPRINT_CHUNK):  # bounded memory, however many rows
+        chunk = rows[i:i + FINGERPRINT_CHUNK]
+        fps = np.stack([images.fingerprint(state.image_bytes(r["image_sha256"]),
+                                           background=background) for r in chunk])
+        best, where = images.nearest_similarity(fps, eval_fps)
+        for row, sim, j in zip(chunk, best, where):
+            if sim >= threshold:
+                row["split"] = f"{EXCLUDED_NEAR} {eval_tasks[j]} (similarity {sim:.4f})"
 
 
-def _pack(path: Path, rows: list[dict], state: rawstore.RawState, params: Params) -> None:
+def _pack(split_dir: Path, rows: list[dict], state: rawstore.RawState, params: Params,
+          spec: inputspec.InputSpec) -> None:
     index = {c: i for i, c in enumerate(params.base.classes)}
-    x = images.stack([state.image_bytes(r["image_sha256"]) for r in rows], params.base.image_size)
-    with atomic_writer(path) as f:  # a random, O_EXCL temp name: nothing planted is followed
-        np.savez(f, x=x, y=np.array([index[r["label"]] for r in rows], dtype=np.int64),
-                 task_id=np.array([r["task_id"] for r in rows], dtype=np.int64),
-                 sha256=np.array([r["image_sha256"] for r in rows]))
+    packed.write_split(split_dir, (state.image_bytes(r["image_sha256"]) for r in rows),
+                       y=[index[r["label"]] for r in rows], task_id=[r["task_id"] for r in rows],
+                       sha256=[r["image_sha256"] for r in rows], spec=spec)
 
 
 def run(manifest: str | Path, raw_dir: str | Path, eval_dir: str | Path, out_dir: str | Path,
         *, params: Params) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    spec = inputspec.from_params(params)
     eval_shas = evalset.shas(eval_dir)
-    eval_fps, eval_tasks = evalset.fingerprints(eval_dir)
+    eval_fps, eval_tasks = evalset.fingerprints(eval_dir, background=spec.background)
+    threshold = params.prepare.near_duplicate_similarity
+    if threshold is None:  # from how alike this project's distinct eval images are
+        threshold = images.auto_threshold(eval_fps)
     state = rawstore.load(raw_dir)
     resolved, disputed = [], []
     for row in read_jsonl(manifest):
@@ -119,14 +131,14 @@ def run(manifest: str | Path, raw_dir: str | Path, eval_dir: str | Path, out_dir
                                            fraction=params.prepare.val_fraction) else "train"
         resolved.append(out)
     _exclude_near_duplicates([r for r in resolved if r["split"] in ("train", "val")], state,
-                             eval_fps, eval_tasks, params.prepare.near_duplicate_similarity)
+                             eval_fps, eval_tasks, threshold, background=spec.background)
     train = [r for r in resolved if r["split"] == "train"]
     val = [r for r in resolved if r["split"] == "val"]
     if not train or not val:
         raise ValueError(f"prepare: need images in both splits, got train={len(train)} "
                          f"val={len(val)}; label more tasks or change prepare.val_fraction")
-    _pack(out_dir / "train.npz", train, state, params)
-    _pack(out_dir / "val.npz", val, state, params)
+    _pack(out_dir / "train", train, state, params, spec)
+    _pack(out_dir / "val", val, state, params, spec)
     atomic_write_jsonl(out_dir / "resolved.jsonl", resolved)
     atomic_write_jsonl(out_dir / "disputed.jsonl", disputed)
     summary = {"resolved": len(resolved), "train": len(train), "val": len(val),
@@ -136,7 +148,11 @@ def run(manifest: str | Path, raw_dir: str | Path, eval_dir: str | Path, out_dir
                "excluded_near_duplicates": sum(r["split"].startswith(EXCLUDED_NEAR)
                                                for r in resolved),
                "rules": dict(Counter(r["rule"].split(":")[0] for r in resolved)),
-               "train_class_counts": dict(sorted(Counter(r["label"] for r in train).items()))}
+               "train_class_counts": dict(sorted(Counter(r["label"] for r in train).items())),
+               "input_spec": spec.to_json(),
+               "near_duplicate_threshold": threshold,
+               "near_duplicate_threshold_from": ("params" if params.prepare.near_duplicate_similarity
+                                                 is not None else "eval set")}
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 

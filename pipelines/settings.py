@@ -82,7 +82,7 @@ class Prepare:
     min_annotations: int      # fewer non-skipped votes -> disputed
     min_agreement: float      # share of votes the winning label needs
     ground_truth_wins: bool
-    near_duplicate_similarity: float  # fingerprint cosine at which an image counts as an eval copy
+    near_duplicate_similarity: float | None  # fingerprint similarity at which an image counts as an eval copy; None = from the eval set
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,8 @@ _RULES: dict[str, Rule] = {
     "prepare.val_fraction": _between(0.0, 1.0, lo_open=True, hi_open=True),
     "prepare.min_annotations": _between(1, 1000),
     "prepare.min_agreement": _between(0.0, 1.0),
-    "prepare.near_duplicate_similarity": _between(0.0, 1.0, lo_open=True),
+    "prepare.near_duplicate_similarity": ((lambda v: v is None or 0.0 < v <= 1.0),
+                                          "null (set from the eval set) or above 0 and at most 1"),
     "train.arch": _one_of("auto", *TRAIN_ARCHS),
     "train.init": _one_of("scratch", "weights", "production"),
     "train.init_weights": ((lambda v: len(v) <= 4096 and v.isprintable() and v == v.strip()),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines import images, rawstore
+from pipelines import images, inputspec, rawstore
 from pipelines.files import atomic_write_json, atomic_write_jsonl
 from pipelines.labelconfig import chosen
 from pipelines.settings import Params
@@ -34,6 +34,7 @@ def collect(state: rawstore.RawState, params: Params) -> tuple[list[dict], list[
     """(candidate manifest rows, annotation rows, quarantine rows) before the GE suites."""
     rows, votes, quarantine = [], [], []
     name = state.choices_name
+    spec = inputspec.from_params(params)  # the blank check runs on what the model would see
     for task_id in sorted(state.tasks):
         task = state.tasks[task_id]
         annotations = task.get("annotations") or []
@@ -56,7 +57,8 @@ def collect(state: rawstore.RawState, params: Params) -> tuple[list[dict], list[
             reject("image unavailable", "image bytes missing from the raw store")
             continue
         try:
-            info = images.inspect(state.image_bytes(sha))
+            info = images.inspect(state.image_bytes(sha), channels=spec.channels,
+                                  background=spec.background)
         except images.BadImage as exc:
             reject("bad image", str(exc))
             continue

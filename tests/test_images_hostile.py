@@ -1,5 +1,6 @@
-"""pipelines.images against a seeded, generated hostile corpus: every public function (inspect,
-to_array, stack, fingerprint) ends in pixels or in BadImage with a reason, for any bytes; bombs
+"""pipelines.images + pipelines.inputspec against a seeded, generated hostile corpus: every public
+function (inspect, preprocess for gray and colour specs, stack, fingerprint) ends in pixels or in
+BadImage with a reason, for any bytes; bombs
 are refused from the header, by a budget the reason names, before a pixel is decoded.
 
 The corpus (built once per session, seed 10): every Pillow mode the allowed formats can carry;
@@ -22,12 +23,20 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipelines import images
+from pipelines import images, inputspec
 from pipelines.images import BadImage
+from pipelines.inputspec import InputSpec
 from tests import factories
 
 SEED = 10
-SIZE = 28     # params base.image_size
+SIZE = 28     # the digits demo's input: 28 x 28 gray, stretched
+SPEC = InputSpec.legacy_gray(SIZE)
+COLOUR = InputSpec(channels=3, height=24, width=40, resize="crop", background=(255, 255, 255))
+
+
+def to_array(data: bytes, size: int) -> np.ndarray:
+    """`(size, size)` uint8: the gray stretched preprocessing the digits demo uses."""
+    return inputspec.preprocess(data, InputSpec.legacy_gray(size))[..., 0]
 HUGE = 9400   # px per side: 88.4 Mpx, over images.MAX_PIXELS, just under Pillow's own limit
 FRAMES = 300  # per animated file (Pillow takes ~5 s to write a 1,000-page TIFF)
 
@@ -288,21 +297,24 @@ def test_every_public_function_ends_in_pixels_or_a_reason(corpus):
     seen = collections.Counter()
     for kind, name, data in everything(corpus):
         info = outcome(images.inspect, data)
-        arr = outcome(lambda d: images.to_array(d, SIZE), data)
+        arr = outcome(lambda d: to_array(d, SIZE), data)
+        rgb = outcome(lambda d: inputspec.preprocess(d, COLOUR), data)
         fp = outcome(images.fingerprint, data)
-        st = outcome(lambda d: images.stack([d], SIZE), data)
+        st = outcome(lambda d: inputspec.stack([d], SPEC), data)
         assert outcome(images.inspect, data) == info, name  # deterministic, reason and all
         if info[0] == "ok":
             assert isinstance(info[1], images.ImageInfo), name
             assert info[1].width * info[1].height <= images.MAX_PIXELS, name
-            assert arr[0] == fp[0] == st[0] == "ok", (name, arr, fp, st)
+            assert arr[0] == rgb[0] == fp[0] == st[0] == "ok", (name, arr, rgb, fp, st)
         if arr[0] == "ok":
             assert arr[1].shape == (SIZE, SIZE) and arr[1].dtype == np.uint8, name
-            assert np.array_equal(arr[1], images.to_array(data, SIZE)), name
-            assert st[1].shape == (1, SIZE, SIZE) and np.array_equal(st[1][0], arr[1]), name
-            assert fp[1].shape == (images.FINGERPRINT_SIDE ** 2,) and fp[1].dtype == np.float32
+            assert np.array_equal(arr[1], to_array(data, SIZE)), name
+            assert st[1].shape == (1, SIZE, SIZE, 1) and np.array_equal(st[1][0, ..., 0], arr[1])
+            assert rgb[1].shape == (24, 40, 3) and rgb[1].dtype == np.uint8, name
+            assert fp[1].shape == images.no_fingerprints().shape[1:], name
+            assert fp[1].dtype == np.float32 and np.isfinite(fp[1]).all(), name
         else:
-            assert fp[0] == st[0] == "bad", name
+            assert rgb[0] == fp[0] == st[0] == "bad", name
             assert st[1].startswith("image 0 of 1: "), st[1]
         seen[(kind, info[0])] += 1
     # each hostile kind really was refused (the corpus is not accidentally all-valid)
@@ -316,7 +328,7 @@ def test_every_public_function_ends_in_pixels_or_a_reason(corpus):
 def test_truncations_are_refused_as_corrupt_or_unrecognised(corpus):
     for name, data in corpus["truncated"]:
         with pytest.raises(BadImage) as err:
-            images.to_array(data, SIZE)
+            to_array(data, SIZE)
         reason = str(err.value)
         assert reason.startswith(("corrupt image: ", "not an image in an accepted format")), \
             (name, reason)
@@ -334,8 +346,8 @@ def test_stack_names_the_bad_image_among_good_ones(corpus):
     good = [d for _, d in corpus["mode"][:5]]
     bad_name, bad = corpus["truncated"][30]
     with pytest.raises(BadImage, match=r"^image 3 of 6: corrupt image"):
-        images.stack(good[:3] + [bad] + good[3:], SIZE)
-    assert images.stack(good, SIZE).shape == (5, SIZE, SIZE)
+        inputspec.stack(good[:3] + [bad] + good[3:], SPEC)
+    assert inputspec.stack(good, SPEC).shape == (5, SIZE, SIZE, 1)
 
 
 # -- modes ----------------------------------------------------------------------------------------
@@ -346,7 +358,7 @@ def test_every_mode_converts_to_upright_gray(mode, fmt, opened):
     data = encode(mode_image(mode), fmt)
     info = images.inspect(data)
     assert (info.mode, info.format, info.width, info.height) == (opened, fmt, 32, 32)
-    out = images.to_array(data, SIZE)
+    out = to_array(data, SIZE)
     assert out.shape == (SIZE, SIZE) and out.dtype == np.uint8
     assert bright_quadrant(out) == 0, out  # the picture survived the conversion, unmoved
     assert np.ptp(out) > 0
@@ -359,14 +371,14 @@ def test_lab_tiff_is_its_lightness():
     lab = rgb.convert("LAB")
     data = encode(lab, "TIFF")
     assert Image.open(io.BytesIO(data)).mode == "LAB"
-    out = images.to_array(data, 32)
+    out = to_array(data, 32)
     assert np.array_equal(out, np.asarray(lab.getchannel("L")))
     assert np.abs(out.astype(int) - np.asarray(rgb.convert("L"), dtype=int)).mean() < 12
 
 
 def test_16bit_scaling_is_round_half_up_of_v_over_257():
     v = np.arange(0, 65536, dtype=np.uint16)[::37][:1024].reshape(32, 32)
-    out = images.to_array(encode(Image.fromarray(v), "PNG"), 32)
+    out = to_array(encode(Image.fromarray(v), "PNG"), 32)
     assert np.array_equal(out, np.floor(v / 257 + 0.5).astype(np.uint8))
 
 
@@ -380,7 +392,7 @@ def test_unreadable_exif_shows_the_pixels_as_stored(fmt, what):
     rgb = Image.fromarray(corner_pattern()).convert("RGB")
     kw = {"lossless": True} if fmt == "WEBP" else {}
     data = encode(rgb, fmt, exif=GARBAGE_EXIF[what], **kw)
-    assert np.array_equal(images.to_array(data, 32), images.to_array(encode(rgb, fmt, **kw), 32))
+    assert np.array_equal(to_array(data, 32), to_array(encode(rgb, fmt, **kw), 32))
     images.inspect(data)
 
 
@@ -390,7 +402,7 @@ def test_valid_exif_orientation_in_png_and_webp_is_applied(fmt):
     exif = Image.Exif()
     exif[0x0112] = 6  # shown rotated 90 degrees clockwise
     kw = {"lossless": True} if fmt == "WEBP" else {}
-    out = images.to_array(encode(Image.fromarray(stored).convert("RGB"), fmt,
+    out = to_array(encode(Image.fromarray(stored).convert("RGB"), fmt,
                                  exif=exif.tobytes(), **kw), 32)
     assert np.array_equal(out, np.rot90(stored, -1))
 
@@ -416,7 +428,7 @@ def test_huge_images_are_refused_by_the_pixel_budget_before_decoding(corpus, loa
     # must hold on a loaded machine too)
     for name, data in corpus["huge"]:
         with pytest.raises(BadImage) as err:
-            images.to_array(data, SIZE)
+            to_array(data, SIZE)
         reason = str(err.value)
         assert reason.startswith("image too large to decode: "), (name, reason)
         assert f"{HUGE} x {HUGE} px = {HUGE * HUGE:,} pixels" in reason, reason
@@ -430,7 +442,7 @@ def test_the_pixel_budget_is_exact(load_calls):
     side = 4096
     assert side * side == images.MAX_PIXELS
     at_budget = factories.png_header_only_bomb(side, side)        # all black: blank
-    assert images.to_array(at_budget, SIZE).shape == (SIZE, SIZE)
+    assert to_array(at_budget, SIZE).shape == (SIZE, SIZE)
     assert set(load_calls) == {"PngImageFile"}  # decoded: the spy sees decodes when they happen
     with pytest.raises(BadImage, match="blank"):
         images.inspect(at_budget)
@@ -449,9 +461,10 @@ def test_16bit_png_bomb_stays_within_memory(tmp_path):
     # size of the forking pytest process (1.2 GB late in a full run), not this decode's
     code = (
         "import sys\n"
-        "from pipelines import images\n"
+        "from pipelines import images, inputspec\n"
         "data = open(sys.argv[1], 'rb').read()\n"
-        "for fn in (images.inspect, lambda d: images.to_array(d, 28), images.fingerprint):\n"
+        "spec = inputspec.InputSpec.legacy_gray(28)\n"
+        "for fn in (images.inspect, lambda d: inputspec.preprocess(d, spec), images.fingerprint):\n"
         "    try:\n"
         "        fn(data)\n"
         "        print('decoded')\n"
@@ -471,7 +484,7 @@ def test_scan_bombs_are_refused_by_counting_scans_before_decoding(corpus, load_c
         scans = jpeg_scans(data)
         assert scans > 1000
         with pytest.raises(BadImage) as err:  # the 4096 px one would decode for ~50 s
-            images.to_array(data, SIZE)
+            to_array(data, SIZE)
         assert str(err.value).startswith(
             f"JPEG with {scans} scans refused: over the limit of {images.MAX_JPEG_SCANS} "
             "(images.MAX_JPEG_SCANS)"), str(err.value)
@@ -508,5 +521,5 @@ def test_animated_images_decode_the_first_frame_only(fmt):
     data, first = animated(fmt, FRAMES)
     if fmt != "WEBP":
         data = data[: len(data) // 2]
-    out = images.to_array(data, 32)
+    out = to_array(data, 32)
     assert np.array_equal(out, first)

@@ -1,5 +1,5 @@
 """pipelines.prepare: label resolution, the content-hash split, eval-set exclusion, and packed
-uint8 splits that are byte-identical for identical inputs."""
+uint8 splits (pipelines/packed.py) that are byte-identical for identical inputs."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import images, prepare
+from pipelines import inputspec, packed, prepare
 from pipelines.files import read_json, read_jsonl, sha256_bytes, tar_bytes
 from pipelines.prepare import in_val, resolve
 from tests import factories
@@ -148,10 +148,7 @@ def prepared(tmp_path_factory):
     info = build(root)
     summary, params = run(root)
     out = root / "prepared"
-    with np.load(out / "train.npz") as z:
-        train = {k: z[k] for k in z.files}
-    with np.load(out / "val.npz") as z:
-        val = {k: z[k] for k in z.files}
+    train, val = (vars(packed.read_split(out / name)) for name in ("train", "val"))
     return {"root": root, "out": out, "summary": summary, "params": params, "train": train,
             "val": val, "resolved": read_jsonl(out / "resolved.jsonl"), **info}
 
@@ -191,19 +188,22 @@ def test_split_follows_in_val_and_covers_every_usable_task(prepared):
 
 def test_packed_arrays_are_uint8_images_with_their_labels(prepared):
     p = prepared["params"]
-    size = p.base.image_size
+    spec = inputspec.from_params(p)
     index = {c: i for i, c in enumerate(p.base.classes)}
+    assert prepared["summary"]["input_spec"] == spec.to_json()
     for split in ("train", "val"):
         z = prepared[split]
         n = len(z["task_id"])
-        assert z["x"].dtype == np.uint8 and z["x"].shape == (n, size, size)
+        assert z["spec"] == spec
+        assert z["x"].dtype == np.uint8
+        assert z["x"].shape == (n, p.input.height, p.input.width, p.input.channels)
         assert z["y"].dtype == np.int64 and z["y"].shape == (n,)
         assert len(z["sha256"]) == n
         for k in range(n):
             sha, label, data = prepared["truth"][int(z["task_id"][k])]
             assert z["sha256"][k] == sha
             assert z["y"][k] == index[label]
-            assert np.array_equal(z["x"][k], images.to_array(data, size))  # same preprocessing
+            assert np.array_equal(z["x"][k], inputspec.preprocess(data, spec))  # same function
 
 
 def test_resolved_has_every_manifest_row(prepared):
@@ -219,18 +219,22 @@ def test_resolved_has_every_manifest_row(prepared):
 
 def test_same_inputs_give_byte_identical_outputs(prepared):
     run(prepared["root"], out="again")
-    first = sorted(p.name for p in prepared["out"].iterdir())
-    second = sorted(p.name for p in (prepared["root"] / "again").iterdir())
+    first = sorted(str(p.relative_to(prepared["out"])) for p in prepared["out"].rglob("*"))
+    second = sorted(str(p.relative_to(prepared["root"] / "again"))
+                    for p in (prepared["root"] / "again").rglob("*"))
     assert first == second
-    assert {"train.npz", "val.npz", "resolved.jsonl", "disputed.jsonl", "summary.json"} <= set(first)
+    assert {"train", "val", "resolved.jsonl", "disputed.jsonl", "summary.json",
+            *(f"{split}/{f}" for split in ("train", "val") for f in packed.FILES)} == set(first)
     for name in first:
+        if (prepared["out"] / name).is_dir():
+            continue
         a = (prepared["out"] / name).read_bytes()
         b = (prepared["root"] / "again" / name).read_bytes()
         assert a == b, name
 
 
 def test_no_temp_files_are_left(prepared):
-    assert not [p for p in prepared["out"].iterdir() if ".tmp" in p.name]
+    assert not [p for p in prepared["out"].rglob("*") if ".tmp" in p.name or ".old" in p.name]
 
 
 def test_an_empty_split_is_a_readable_error(tmp_path):

@@ -60,10 +60,14 @@ def build_store(raw_dir):
     ids["fetch error"] = add("4", "HTTP 404 from Label Studio", "image unavailable")
     ids["no choice"] = add([None], next(spare)[1], "label")
     ids["too small"] = add("5", factories.png_bytes(np.eye(4, dtype=np.uint8) * 255), "image size")
+    ramp = np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1))
     cmyk = io.BytesIO()
-    Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1))).convert("CMYK").save(
-        cmyk, "JPEG")
-    ids["cmyk"] = add("6", cmyk.getvalue(), "image mode")
+    Image.fromarray(ramp).convert("CMYK").save(cmyk, "JPEG")
+    ids["cmyk"] = add("6", cmyk.getvalue(), None)  # preprocess handles CMYK: accepted
+    labels[ids["cmyk"]] = ["6"]
+    floats = io.BytesIO()  # 32-bit float pixels have no agreed scale: not in the default modes
+    Image.fromarray(ramp.astype(np.float32)).save(floats, "TIFF")
+    ids["float"] = add("6", floats.getvalue(), "image mode")
     # one annotator skipped, the other labeled: accepted, with the skip counted
     mixed_data = next(spare)[1]
     ids["one skip"] = add(["8", "8"], mixed_data, None, cancelled=[True, False])
@@ -126,7 +130,8 @@ def test_quarantine_reasons_say_what_is_wrong(validated):
     assert "missing from the raw store" in reason[ids["missing bytes"]]
     assert "width outside [8, 4096]" in reason[ids["too small"]] or \
         "height outside [8, 4096]" in reason[ids["too small"]]
-    assert "'CMYK'" in reason[ids["cmyk"]]
+    assert "image mode not allowed (validate.allowed_modes): 'F'" in reason[ids["float"]]
+    assert ids["cmyk"] not in reason
 
 
 def test_unknown_label_is_quarantined_naming_the_label(tmp_path):
