@@ -89,10 +89,11 @@ def _consequences(layout: Layout, change: ClassChange) -> list[str]:
     return out
 
 
-def show(change: ClassChange, *, source: str | Path = "params.yaml") -> str:
+def show(change: ClassChange, *, source: str | Path = "params.yaml",
+         accepting: bool = False) -> str:
     if not change.changed:
         return f"base.classes in {source} matches Label Studio ({len(change.new)} classes)"
     return (f"Label Studio's classes differ from base.classes in {source}: "
             f"{change.describe()}.\n  params.yaml:  {settings.brief(change.old, first=12)}\n"
-            f"  Label Studio: {settings.brief(change.new, first=12)}\n"
-            "`labelgate classes --accept` adopts Label Studio's list.")
+            f"  Label Studio: {settings.brief(change.new, first=12)}"
+            + ("" if accepting else "\n`labelgate classes --accept` adopts Label Studio's list."))

@@ -441,7 +441,7 @@ def cmd_classes(args, layout: Layout, params) -> int:
     from pipelines import classes
     st = _connect(layout, params)
     change = classes.compare(st, params)
-    print(classes.show(change, source=layout.params))
+    print(classes.show(change, source=layout.params, accepting=args.accept))
     if not args.accept or not change.changed:
         return 1 if change.changed and not args.accept else 0
     done = classes.accept(layout, change)
