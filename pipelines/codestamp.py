@@ -2,7 +2,7 @@
 
 A stage's command is `python -m pipelines.<stage>`: in a user's workspace that code lives in the
 installed labelgate package, not beside dvc.yaml, so a dvc.yaml dep on `pipelines/train.py`
-would name a file that is not there. Instead the `codestamp` stage (always run, milliseconds) writes
+would name a file that is not there. Instead the `codestamp` stage (always run, about a second) writes
 `.labelgate/code/<stage>.sha256`: labelgate's version and the sha256 of every file of the
 stage module's import closure (lazy imports included, as Python would load them), and each
 stage depends on its stamp. Same code -> the same bytes -> DVC skips the stage; an upgrade or an
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -65,6 +66,12 @@ def module_file(name: str, dirs: dict[str, Path]) -> Path | None:
 def _imported(path: Path, dirs: dict[str, Path]) -> set[str]:
     """labelgate modules `path` imports anywhere (a lazy import inside a function runs too),
     with the parent packages Python imports on the way."""
+    return set(_imported_cached(path, tuple(sorted(dirs.items()))))
+
+
+@functools.lru_cache(maxsize=1024)   # each file is parsed once per process, not once per stage
+def _imported_cached(path: Path, dirs_items: tuple) -> frozenset[str]:
+    dirs = dict(dirs_items)
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -75,7 +82,8 @@ def _imported(path: Path, dirs: dict[str, Path]) -> set[str]:
             names.update(f"{node.module}.{a.name}" for a in node.names
                          if module_file(f"{node.module}.{a.name}", dirs))
     ours = {n for n in names if module_file(n, dirs)}
-    return ours | {".".join(n.split(".")[:i]) for n in ours for i in range(1, n.count(".") + 1)}
+    return frozenset(ours | {".".join(n.split(".")[:i]) for n in ours
+                             for i in range(1, n.count(".") + 1)})
 
 
 def closure(module: str, dirs: dict[str, Path] | None = None) -> dict[str, Path]:
