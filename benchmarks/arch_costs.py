@@ -2,7 +2,7 @@
 gate counts it) and training throughput (one batch forward + backward + SGD step, images/s),
 at 32 x 32 and 224 x 224 RGB.
 
-    python benchmarks/arch_costs.py [--device cpu] [--sizes 32 224] [--steps 5]
+    python benchmarks/arch_costs.py [--device cpu] [--sizes 32 224] [--steps 5] [--threads N]
 
 Throughput is the median of `--steps` timed steps after one warm-up step, on a fixed batch
 (64 images at <= 64 px, 8 above): the fwd+bwd bound, no data loading. On CUDA: bf16 autocast and
@@ -61,9 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads (0: torch's default); on a shared, loaded machine 1 can "
+                         "beat 2 several times over (OpenMP barriers wait for descheduled threads)")
     ap.add_argument("--archs", nargs="+", default=[n for n in archs.NAMES if n != archs.AUTO])
     args = ap.parse_args(argv)
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"device {device.type}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f", {torch.get_num_threads()} threads")

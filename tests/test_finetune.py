@@ -107,7 +107,7 @@ def test_a_shape_mismatch_is_skipped_and_reported(tmp_path):
     assert same(model.backbone[0].weight, source.backbone[0].weight)
 
 
-# -- warm start -------------------------------------------------------------------------------------
+# -- warm start -----------------------------------------------------------------------------------
 
 def test_warm_start_loads_only_a_model_that_matches(tmp_path):
     prod_file, prod = model_file(tmp_path / "prod.safetensors", seed=1, arch="smallcnn")
