@@ -154,6 +154,15 @@ def test_dvc_reruns_exactly_the_stage_whose_code_changed(tmp_path):
     assert "didn't change, skipping" in out["promote"]
 
 
+def test_a_non_empty_folder_is_refused_before_label_studio_is_asked(tmp_path):
+    from pipelines.lstransport import Connection
+    (tmp_path / "notes.txt").write_text("mine")
+    nowhere = Connection("http://127.0.0.1:9", "key")   # never contacted
+    with pytest.raises(workspace.InitError, match="not empty.*--force"):
+        workspace.init(tmp_path, connection=nowhere, project=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 # -- a real Label Studio project ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -294,3 +303,18 @@ def test_a_full_run_in_the_workspace(leaf_project, studio_env, prefect_api, tmp_
     # nothing changed: a no-op run (the stamps did not move)
     r = cli("run", cwd=ws)
     assert r.returncode == 0 and "nothing changed" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_title_two_projects_share_is_refused(label_studio, tmp_path):
+    """The pipeline finds its project by studio.project_title: a shared one would be a guess."""
+    from pipelines.labelstudio import Studio
+    st = Studio(label_studio["conn"])
+    title = f"twin {uuid.uuid4().hex[:6]}"
+    with st._call("creating the projects"):
+        first = st._client.projects.create(title=title, label_config=CONFIG).id
+        st._client.projects.create(title=title, label_config=CONFIG)
+    with pytest.raises(workspace.InitError, match="2 Label Studio projects are titled"):
+        workspace.init(tmp_path / "a", connection=label_studio["conn"], project=title)
+    with pytest.raises(workspace.InitError, match="shared with another project"):
+        workspace.init(tmp_path / "b", connection=label_studio["conn"], project=first)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
