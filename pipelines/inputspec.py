@@ -75,7 +75,7 @@ class InputSpec:
             raw = settings._section("input", settings.Input, d, source)
         except settings.ParamsError as exc:
             raise SpecError(str(exc)) from None
-        return _from_settings(raw, source=source)
+        return _from_settings(raw, source=source, broadcast=False)
 
 
 def _checked(spec: InputSpec, *, source: str) -> InputSpec:
@@ -94,10 +94,11 @@ def _checked(spec: InputSpec, *, source: str) -> InputSpec:
     return spec
 
 
-def _from_settings(raw, *, source: str) -> InputSpec:
+def _from_settings(raw, *, source: str, broadcast: bool) -> InputSpec:
     def per_channel(values: tuple[float, ...]) -> tuple[float, ...]:
-        # one value for 3 channels means the same for each (a gray-world mean)
-        return values * raw.channels if len(values) == 1 else values
+        # params.yaml: one value for 3 channels means the same for each; a model file must
+        # hold one per channel
+        return values * raw.channels if broadcast and len(values) == 1 else values
     return _checked(InputSpec(channels=raw.channels, height=raw.height, width=raw.width,
                               resize=raw.resize, background=tuple(raw.background),
                               mean=per_channel(raw.mean), std=per_channel(raw.std)),
@@ -106,7 +107,7 @@ def _from_settings(raw, *, source: str) -> InputSpec:
 
 def from_params(params) -> InputSpec:
     """The spec params.yaml's `input` section describes (mean/std () when to be measured)."""
-    return _from_settings(params.input, source="params.yaml")
+    return _from_settings(params.input, source="params.yaml", broadcast=True)
 
 
 # -- geometry -------------------------------------------------------------------------------------
