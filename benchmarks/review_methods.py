@@ -45,8 +45,13 @@ def score(probs: np.ndarray, noisy: np.ndarray, flips: np.ndarray, threes: np.nd
     return {"flagged": len(found), "recall": sum(hits) / len(bad),
             "precision": sum(hits) / max(len(found), 1),
             "recall_at_limit": len(set(top.tolist()) & bad) / len(bad),
-            "systematic_found": len(set(found.tolist()) & set(threes.tolist())),
-            "oof_acc_vs_truth": None}
+            "systematic_found": len(set(found.tolist()) & set(threes.tolist()))}
+
+
+def show(name: str, r: dict) -> None:
+    print(f"{name:42s} recall {r['recall']:.3f} (at limit {r['recall_at_limit']:.3f}) "
+          f"precision {r['precision']:.3f} flagged {r['flagged']:4d} systematic "
+          f"{r['systematic_found']:2d} {r['seconds']:.1f} s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                 device=device)
     rows["cnn_folds"] = {**score(probs, noisy, flips, threes, limit),
                          "seconds": time.monotonic() - t0}
+    show("cnn_folds", rows["cnn_folds"])
 
     t0 = time.monotonic()
     model = outoffold.extractor([x], noisy, params=params, arch=args.arch, spec=spec,
@@ -89,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     probs = outoffold.linear_heads(f, noisy, folds, len(params.base.classes))
     rows["frozen_features (trained on all)"] = {**score(probs, noisy, flips, threes, limit),
                                                 "seconds": time.monotonic() - t0}
+    show("frozen_features (trained on all)", rows["frozen_features (trained on all)"])
 
     # an extractor that never saw these images: trained on half, heads over the other half
     half = rng.permutation(len(y))
@@ -106,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 np.array([remap[int(i)] for i in threes[in_b[1]]]),
                 review.flag_limit(len(b), params.review)),
         "seconds": time.monotonic() - t0}
-    for name, r in rows.items():
-        print(f"{name:42s} recall {r['recall']:.3f} (at limit {r['recall_at_limit']:.3f}) "
-              f"precision {r['precision']:.3f} flagged {r['flagged']:4d} systematic "
-              f"{r['systematic_found']:2d} {r['seconds']:.1f} s")
+    show("frozen_features (clean extractor, half)", rows["frozen_features (clean extractor, half)"])
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 
 import numpy as np
 import torch
@@ -129,10 +130,11 @@ def extractor(parts: list[np.ndarray], y: np.ndarray, *, params: Params, arch: s
     all labeled images with the project's recipe."""
     if model_file is not None:
         loaded = net.load(model_file, device=device)
-        same = all(getattr(loaded.spec, a) == getattr(spec, a)
-                   for a in ("channels", "height", "width", "resize"))
-        if same:
+        if all(getattr(loaded.spec, a) == getattr(spec, a)
+               for a in ("channels", "height", "width", "resize", "background")):
             return loaded.module
+        print(f"review: {model_file} was trained on another input spec; training a feature "
+              "extractor on the prepared images instead", file=sys.stderr)
     model, _ = train.train_model(np.concatenate(parts), y, arch=arch, spec=spec,
                                  classes=params.base.classes,
                                  params=params, epochs=params.train.epochs,

@@ -64,7 +64,9 @@ def context(evaluation: Evaluation, predictions: Predictions, *, params: Params,
             "data": _data_changes(evaluation, raw=raw, validated=validated, prepared=prepared),
             "acceptance": audit.acceptance(rawstore.load(raw)) if meta else None,
             "suspects": (read_jsonl(review / "suspects.jsonl")
-                         if (review / "suspects.jsonl").exists() else None)}
+                         if (review / "suspects.jsonl").exists() else None),
+            "flag_limit": (read_json(review / "summary.json").get("flag_limit")
+                           if (review / "summary.json").exists() else None)}
 
 
 def run(decision_file: str | Path, evaluation_dir: str | Path, out_dir: str | Path, *,

@@ -19,6 +19,7 @@ from pipelines import images, stats
 from pipelines.records import Decision, Evaluation, Metrics, Predictions
 
 FLIPS_SHOWN = 48  # per direction; the counts are always complete
+SUSPECTS_SHOWN = 200  # rows of the suspected-label-error table; the count is always complete
 THUMB_SIDE = 84   # CSS px: the longer side of a thumbnail as shown (aspect ratio kept)
 
 
@@ -320,17 +321,24 @@ def html_page(decision: Decision, evaluation: Evaluation, context: dict) -> str:
     out.append("</ul>")
     suspects = context.get("suspects")
     if suspects is not None:
-        out.append(f"<h2>Suspected label errors: {len(suspects)} sent to Label Studio for "
-                   "review</h2>")
+        limit = context.get("flag_limit")
+        out.append(f"<h2>Suspected label errors: {len(suspects)}</h2>")
+        if limit is not None:
+            out.append(f"<p>Up to {int(limit)} new ones go to Label Studio for review per run, "
+                       "most suspicious first; flags still open from earlier runs stay and do "
+                       "not take the new ones' places.</p>")
         if suspects:
             out.append("<table><tr><th class=l>task</th><th class=l>given label</th>"
                        "<th class=l>model suggests</th><th>model's belief in the given label</th>"
                        "</tr>")
-            for s in suspects:
+            for s in suspects[:SUSPECTS_SHOWN]:
                 out.append(f"<tr><td class=l>{_task_html(ls, s['task_id'])}</td><td class=l>{esc(s['label'])}</td>"
                            f"<td class=l>{esc(s['suggested'])}</td>"
                            f"<td>{float(s['label_probability']):.1%}</td></tr>")
             out.append("</table>")
+            if len(suspects) > SUSPECTS_SHOWN:
+                out.append(f"<p>… and {len(suspects) - SUSPECTS_SHOWN} more (all of them: "
+                           "data/review/suspects.jsonl).</p>")
         else:
             out.append("<p>None found.</p>")
     acc = context.get("acceptance")
