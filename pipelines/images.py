@@ -228,8 +228,10 @@ def stack(blobs: list[bytes], size: int) -> np.ndarray:
 
 
 FINGERPRINT_SIDE = 16    # luma thumbnail, pixels per side
-FINGERPRINT_CHROMA_SIDE = 8
-FINGERPRINT_CHROMA = 0.5  # weight of the colour planes against the luma plane
+# Weight of the colour planes against the luma plane. 1.0 on real photos: a copy with red and
+# blue swapped scores median 0.65 (0.87 at 0.5: colour barely counted), copies with 1.5x the
+# saturation still >= 0.975, brightened copies score higher than at 0.5.
+FINGERPRINT_CHROMA = 1.0
 FINGERPRINT_DEFAULTS = {"side": FINGERPRINT_SIDE, "chroma": FINGERPRINT_CHROMA}
 # ITU-R BT.601 colour differences (JPEG's Cb, Cr): a gray picture has Cb = Cr = 0
 _CBCR = np.array([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
@@ -255,13 +257,14 @@ def fingerprint(data: bytes, *, side: int = FINGERPRINT_SIDE, chroma: float = FI
     weighted by `chroma`. A gray picture has zero colour planes, so gray images compare by
     luma alone. Compare with `nearest_similarity` (crops and mirroring both ways)."""
     csize = max(1, side // 2)
-    img = convert(decode(data, draft=lambda w, h: (4 * side, 4 * side)), channels=3,
+    img = convert(decode(data, draft=lambda w, h: (8 * side, 8 * side)), channels=3,
                   background=background)
     w, h = img.size
+    gray = img.convert("L")
     rows = []
     for left, top, right, bottom in crops:
         box = (left * w, top * h, w - right * w, h - bottom * h)
-        luma = np.asarray(img.convert("L").resize((side, side), Image.Resampling.BILINEAR,
+        luma = np.asarray(gray.resize((side, side), Image.Resampling.BILINEAR,
                                                   box=box, reducing_gap=2.0), dtype=np.float64)
         small = np.asarray(img.resize((csize, csize), Image.Resampling.BILINEAR, box=box,
                                       reducing_gap=2.0), dtype=np.float64)

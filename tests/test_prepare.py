@@ -7,12 +7,13 @@ import io
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import inputspec, packed, prepare
+from pipelines import images, inputspec, packed, prepare
 from pipelines.files import read_json, read_jsonl, sha256_bytes, tar_bytes
 from pipelines.prepare import in_val, resolve
 from tests import factories
@@ -288,3 +289,66 @@ def test_consensus_policy_from_params():
     # ground truth can be switched off: then it is one vote among others
     assert resolve(["3", "5", "5"], [True, False, False], ground_truth_wins=False) == ("5", "majority")
     assert resolve(["3", "5", "5"], [True, False, False]) == ("3", "ground_truth")
+
+
+def test_colour_project_packs_its_spec_and_excludes_a_cropped_copy(tmp_path):
+    """A colour project (3 channels, 24 x 32, centre crop): tiles of scikit-learn's real sample
+    photos; the eval set holds one of them cut by 8 % at a corner, halved and re-encoded.
+    That task leaves training, every other tile stays, and the threshold came from the eval
+    set (params: null)."""
+    import sklearn
+    folder = Path(sklearn.__file__).parent / "datasets" / "images"
+    tiles = []
+    for name in ("china.jpg", "flower.jpg"):
+        img = Image.open(folder / name).convert("RGB")
+        w, h = img.width // 4, img.height // 3
+        tiles += [img.crop((j * w, i * h, (j + 1) * w, (i + 1) * h))
+                  for i in range(3) for j in range(4)]
+    entries, manifest, truth = [], [], {}
+    for n, tile in enumerate(tiles, start=1):
+        buf = io.BytesIO()
+        tile.save(buf, "JPEG", quality=90)
+        data = buf.getvalue()
+        label = str(n % 2)
+        entries.append((ls_task(n, label, url=task_url(f"tile-{n}.jpg")), data))
+        manifest.append({"task_id": n, "labels": [label], "ground_truth": [False],
+                         "annotators": ["1"], "annotation_ids": [n], "n_votes": 1, "skipped": 0,
+                         "image_sha256": sha256_bytes(data)})
+        truth[n] = data
+    factories.write_store(tmp_path / "raw", entries)
+    (tmp_path / "validated").mkdir()
+    (tmp_path / "validated" / "manifest.jsonl").write_text(
+        "".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest))
+    leaked = tiles[6]
+    w, h = leaked.size
+    buf = io.BytesIO()
+    leaked.crop((round(0.08 * w), round(0.08 * h), w, h)).resize((w // 2, h // 2)).save(
+        buf, "JPEG", quality=75)
+    copy = buf.getvalue()
+    other = tiles[0].transpose(Image.Transpose.FLIP_TOP_BOTTOM)  # a distinct second eval image
+    buf = io.BytesIO()
+    other.save(buf, "PNG")
+    eval_rows = [{"task_id": 9001, "image_sha256": sha256_bytes(copy), "label": "1"},
+                 {"task_id": 9002, "image_sha256": sha256_bytes(buf.getvalue()), "label": "0"}]
+    manifest_text = "".join(json.dumps(r) + "\n" for r in eval_rows)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "manifest.jsonl").write_text(manifest_text)
+    (tmp_path / "eval" / "images.tar").write_bytes(tar_bytes(
+        {sha256_bytes(copy): copy, sha256_bytes(buf.getvalue()): buf.getvalue()}))
+    (tmp_path / "eval" / "meta.json").write_text(
+        json.dumps({"hash": sha256_bytes(manifest_text.encode())}))
+    summary, params = run(tmp_path, **{"input.channels": 3, "input.height": 24,
+                                       "input.width": 32, "input.resize": "crop",
+                                       "base.classes": ["0", "1"], "validate.min_per_class": 1})
+    assert summary["near_duplicate_threshold_from"] == "eval set"
+    assert summary["near_duplicate_threshold"] == images.AUTO_FLOOR  # two distinct eval images
+    resolved = {r["task_id"]: r for r in read_jsonl(tmp_path / "prepared" / "resolved.jsonl")}
+    assert resolved[7]["split"].startswith("excluded: near-duplicate of eval task 9001")
+    assert [t for t, r in resolved.items() if r["split"].startswith("excluded")] == [7]
+    spec = inputspec.from_params(params)
+    for name in ("train", "val"):
+        split = packed.read_split(tmp_path / "prepared" / name)
+        assert split.x.shape[1:] == (24, 32, 3) and split.spec == spec
+        for k, task in enumerate(split.task_id.tolist()):
+            assert np.array_equal(split.x[k], inputspec.preprocess(truth[task], spec))
+    assert summary["train"] + summary["val"] == len(tiles) - 1
