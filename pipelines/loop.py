@@ -124,7 +124,8 @@ def precise_bn(model: torch.nn.Module, src, lp: LoopPlan, index: list[torch.Tens
 
 
 def fit(model: torch.nn.Module, train_src, val_src, *, lp: LoopPlan, rec: recipe.Recipe,
-        aug: augment.Augment, epochs: int, seed: int, progress: bool = True) -> list[dict]:
+        aug: augment.Augment, epochs: int, seed: int, progress: bool = True,
+        recalibrate: bool = True) -> list[dict]:
     """Train `model` (on `lp.device`, maybe DDP-wrapped: then `rec` must have been applied to
     the unwrapped module's parameters, which `model.parameters()` are too) and return per-epoch
     history rows. Every rank walks the same global permutation and draws the same augmentation
@@ -174,7 +175,7 @@ def fit(model: torch.nn.Module, train_src, val_src, *, lp: LoopPlan, rec: recipe
             loss_sum, correct, seen = stats[0], stats[1], stats[2]
         row = {"epoch": epoch, "train_loss": round(loss_sum.item() / seen.item(), 5),
                "train_acc": round(correct.item() / seen.item(), 5)}
-        if epoch == epochs:
+        if epoch == epochs and recalibrate:
             recipe.train_mode(inner, rec)
             perm = residency.epoch_batches(n, lp.batch_size, order_gen)
             sub = torch.cat(perm)[:PRECISE_BN_IMAGES].sort().values

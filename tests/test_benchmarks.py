@@ -11,17 +11,27 @@ import pytest
 from tests.conftest import REPO
 
 
-def test_train_throughput_benchmark_prints_all_three_loops_and_ratios():
+def test_train_throughput_benchmark_prints_all_four_loops_and_ratios():
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--device", "cpu",
-         "--images", "512", "--seconds", "0.5", "--workers", "0"],
-        capture_output=True, text=True, timeout=300)
+         "--sizes", "32", "--images", "48", "--batch", "16", "--seconds", "0.2",
+         "--workers", "0"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = re.search(r"^\| 32 \| 48 \| 16 \|(.*)\|$", proc.stdout, flags=re.M)
+    assert row, proc.stdout
+    cells = [c.strip() for c in row.group(1).split("|")]
+    assert len(cells) == 7                                      # a, b, b', c, b/c, b'/c, b/a
+    assert all(float(c.replace(",", "")) > 0 for c in cells)
+
+
+def test_train_accuracy_benchmark_compares_both_recipes():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "train_accuracy.py"), "--device", "cpu",
+         "--parts", "recipe", "--epochs", "1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    rates = re.findall(r"^\| \((a|b|c)\) .*\| ([\d,]+) \|$", out, flags=re.M)
-    assert [r[0] for r in rates] == ["a", "b", "c"]
-    assert all(int(r[1].replace(",", "")) > 0 for r in rates)
-    assert re.search(r"b/a = [\d.]+\s+b/c = [\d.]+\s+c/a = [\d.]+", out)
+    assert re.search(r"^\| labelgate default .*\| 0\.\d{4} \| \d+ \|$", out, flags=re.M), out
+    assert re.search(r"^\| torchvision .*\| 0\.\d{4} \| \d+ \|$", out, flags=re.M), out
 
 
 @pytest.mark.slow
