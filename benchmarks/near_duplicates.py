@@ -1,7 +1,8 @@
 """Near-duplicate leakage on real colour photos: how similar are copies of an image (re-encoded,
 resized, slightly cropped, brightened, mirrored ...) and how similar are distinct images, under
-the fingerprint prepare uses (images.fingerprint) and its alternatives? This is the measurement
-behind params.yaml's prepare.near_duplicate_similarity.
+the fingerprint prepare uses (neardup.fingerprint + neardup.nearest_similarity) and the simpler
+ones it replaced? This is the measurement behind params.yaml's prepare.near_duplicate_similarity
+and neardup.AUTO_*.
 
     python benchmarks/near_duplicates.py [--photos DIR ...] [--max-side 768] [--tiles 3]
 
@@ -13,9 +14,11 @@ all pairs of originals, and — a harder set — all pairs of non-overlapping ti
 photos (--tiles x --tiles per photo: same light, same colours, different content). Also the
 digits demo: the largest similarity between distinct scans (no digit may look like an eval copy).
 
-Prints, per method: the lowest similarity of each kind of copy, the highest of distinct pairs,
-and the margins around the threshold in use. Similarities are cosines; a pair counts as a copy
-when the best of (a vs b, a vs mirrored b) reaches the threshold.
+Prints, per method: for each kind of copy the lowest similarity to its original and the share
+of photos whose copy reaches the threshold; for distinct photos / tiles / digits the highest
+similarity and the share of images with a distinct neighbour at or above the threshold (they
+would be excluded from training for nothing); the thresholds `null` (auto) picks for the
+photos and for a digits-demo eval set.
 """
 from __future__ import annotations
 
@@ -29,11 +32,16 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipelines import images, inputspec  # noqa: E402
+from pipelines import images, inputspec, neardup  # noqa: E402
 
 DEFAULT_FOLDERS = ("sklearn", "skimage", "/usr/share/backgrounds")
-# the same artwork shipped at three sizes by mate-backgrounds: real copies, not distinct images
-KNOWN_COPIES = ("Elephants_3840x2160.jpg", "Elephants_5640x3172.jpg")
+# mate-backgrounds' artwork folders: one design in several colourways (copies, in effect)
+SKIP_DIRS = ("mate/abstract", "mate/desktop")
+# a real-world copy: mate-backgrounds ships this picture at three sizes
+REAL_COPIES = ("/usr/share/backgrounds/mate/abstract/Elephants.jpg",
+               "/usr/share/backgrounds/mate/abstract/Elephants_3840x2160.jpg",
+               "/usr/share/backgrounds/mate/abstract/Elephants_5640x3172.jpg")
+DIGITS_EVAL = 300  # the digits demo freezes 300 eval images
 
 
 def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
@@ -102,7 +110,8 @@ def find_photos(folders: list[str]) -> list[Path]:
         root = Path(folder)
         if root.is_dir():
             paths += sorted(p for p in root.rglob("*") if p.suffix.lower() in
-                            (".jpg", ".jpeg", ".png", ".webp") and p.name not in KNOWN_COPIES)
+                            (".jpg", ".jpeg", ".png", ".webp")
+                            and not any(d in str(p) for d in SKIP_DIRS))
     return paths
 
 
@@ -125,68 +134,143 @@ def load_originals(paths: list[Path], max_side: int) -> list[tuple[str, Image.Im
 
 
 def tiles(pictures: list[tuple[str, Image.Image]], k: int) -> list[tuple[str, Image.Image]]:
+    """Non-overlapping k x k tiles of each picture that are not nearly flat (luma std >= 8
+    levels: a patch of clear sky is the same image as any other)."""
     out = []
     for name, img in pictures:
         w, h = img.width // k, img.height // k
-        out += [(f"{name}[{i},{j}]", img.crop((j * w, i * h, (j + 1) * w, (i + 1) * h)))
-                for i in range(k) for j in range(k)]
+        for i in range(k):
+            for j in range(k):
+                t = img.crop((j * w, i * h, (j + 1) * w, (i + 1) * h))
+                if np.asarray(t.convert("L"), dtype=np.float64).std() >= 8:
+                    out.append((f"{name}[{i},{j}]", t))
     return out
 
 
-def best_pairwise(fps: np.ndarray) -> tuple[float, tuple[int, int]]:
-    """Highest similarity between two different rows, mirrored or not, and the pair."""
-    sim = np.maximum(fps @ fps.T, fps @ images.mirror(fps).T)
-    np.fill_diagonal(sim, -1.0)
-    i, j = np.unravel_index(np.argmax(sim), sim.shape)
-    return float(sim[i, j]), (int(i), int(j))
+def measure(method: dict, originals, tile_set, digits, threshold: float | None) -> dict:
+    mirrored = method.get("mirrored", True)
+    opts = {k: v for k, v in method.items() if k != "mirrored"}
 
+    def fp(data: bytes) -> np.ndarray:
+        return neardup.fingerprint(data, **opts)
 
-def pair_sim(a: np.ndarray, b: np.ndarray) -> float:
-    return float(max(a @ b, a @ images.mirror(b[None])[0]))
+    def sim(a: np.ndarray, b: np.ndarray) -> float:
+        return float(neardup.nearest_similarity(a[None], b[None], mirrored=mirrored)[0][0])
 
-
-def measure(method: dict, originals, tile_set, digits) -> dict:
-    fp = lambda data: images.fingerprint(data, **method)  # noqa: E731
-    base = [encode(img, quality=95) for _, img in originals]
-    base_fps = np.stack([fp(b) for b in base])
+    t = time.perf_counter()
+    base = np.stack([fp(encode(img, quality=95)) for _, img in originals])
+    ms = (time.perf_counter() - t) / len(originals) * 1000
+    auto_photos = neardup.auto_threshold(base) if mirrored and len(opts.get("crops", "x")) > 1 \
+        else None
+    thr = threshold if threshold is not None else (auto_photos or neardup.AUTO_FLOOR)
     copies = {}
     for kind, make in {**COPIES, **INFORMATIVE}.items():
-        copies[kind] = min(pair_sim(base_fps[i], fp(make(img)))
-                           for i, (_, img) in enumerate(originals))
-    photos, (pi, pj) = best_pairwise(base_fps)
-    tile_fps = np.stack([fp(encode(img, quality=95)) for _, img in tile_set])
-    tile_best, (ti, tj) = best_pairwise(tile_fps)
-    digit_best, _ = best_pairwise(np.stack([fp(d) for d in digits]))
-    return {"copies": copies, "photos": photos,
-            "photos_pair": (originals[pi][0], originals[pj][0]), "tiles": tile_best,
-            "tiles_pair": (tile_set[ti][0], tile_set[tj][0]), "digits": digit_best}
+        copies[kind] = np.array([sim(base[i], fp(make(img)))
+                                 for i, (_, img) in enumerate(originals)])
+    photos = neardup.self_similarity(base, mirrored=mirrored)
+    tile_near = neardup.self_similarity(np.stack([fp(encode(img, quality=95))
+                                                 for _, img in tile_set]), mirrored=mirrored)
+    dfps = np.stack([fp(d) for d in digits])
+    ev, rest = dfps[:DIGITS_EVAL], dfps[DIGITS_EVAL:]
+    digit_thr = neardup.auto_threshold(ev) if threshold is None else threshold
+    digit_near, _ = neardup.nearest_similarity(rest, ev, mirrored=mirrored)
+    digit_copies = {}
+    for kind in ("jpeg q50", "resized 50%", "resized 25%", "crop 5% centred", "crop 10% one corner",
+                 "brighter x1.25", "mirrored"):
+        digit_copies[kind] = min(
+            sim(dfps[i], fp(COPIES[kind](Image.open(io.BytesIO(digits[i])).convert("RGB"))))
+            for i in range(0, len(digits), max(1, len(digits) // 60)))
+    real = {}
+    for p in map(Path, REAL_COPIES):
+        try:
+            real[p.name] = fp(p.read_bytes()) if p.exists() else None
+        except images.BadImage:  # the 5640 px release is over images.MAX_PIXELS
+            real[p.name] = None
+    first = real.get(Path(REAL_COPIES[0]).name)
+    real_sims = {n: sim(first, f) for n, f in real.items()
+                 if f is not None and first is not None and n != Path(REAL_COPIES[0]).name}
+    return {"ms": ms, "thr": thr, "auto_photos": auto_photos, "copies": copies,
+            "photos": photos, "tiles": tile_near, "digit_thr": digit_thr,
+            "digit_near": digit_near, "digit_copies": digit_copies, "real": real_sims}
 
 
-def decode_times(originals_paths: list[Path]) -> tuple[float, float, str] | None:
-    """ms per image for the biggest JPEG: preprocess to 224 x 224 with and without the reduced
-    JPEG decode (the fingerprint uses the same draft)."""
-    jpegs = [p for p in originals_paths if p.suffix.lower() in (".jpg", ".jpeg")]
-    if not jpegs:
-        return None
-    p = max(jpegs, key=lambda q: Image.open(q).width * Image.open(q).height)
-    data = p.read_bytes()
-    if Image.open(io.BytesIO(data)).width * Image.open(io.BytesIO(data)).height \
-            > images.MAX_PIXELS:
-        return None
+def emoji_section(threshold: float | None, *, eval_n: int = 480) -> list[str]:
+    """The colour demo's Twemoji set (pipelines.datasets "emoji": real artwork, 72 px palette
+    PNGs on white): how alike distinct emoji are, whether its byte-identical flags are caught,
+    and copies of a sample. Empty when the package is not installed."""
+    from pipelines import datasets
+    try:
+        items = datasets.get("emoji").items()
+    except datasets.DatasetError:
+        return []
+    white = (255, 255, 255)
+    fps = np.stack([neardup.fingerprint(it.data, background=white) for it in items])
+    rng = np.random.default_rng(0)
+    ev = rng.choice(len(items), size=min(eval_n, len(items)), replace=False)
+    thr = neardup.auto_threshold(fps[ev]) if threshold is None else threshold
+    near = neardup.self_similarity(fps)
+    same_bytes = {}
+    for k, it in enumerate(items):
+        same_bytes.setdefault(it.data, []).append(k)
+    twins = [ks for ks in same_bytes.values() if len(ks) > 1]
+    rest = np.setdiff1d(np.arange(len(items)), ev)
+    best, _ = neardup.nearest_similarity(fps[rest], fps[ev])
+    lines = [f"\n## the colour demo's emoji ({len(items)} Twemoji, on white)",
+             f"threshold {thr:.4f} ({'auto from ' + str(len(ev)) + ' eval emoji' if threshold is None else 'given'}); "
+             f"distinct emoji: highest {max(near[k] for k in range(len(items)) if not any(k in t for t in twins)):.4f}, "
+             f"{(best >= thr).mean():.1%} of the other {len(rest)} have an eval neighbour at or "
+             f"above it; byte-identical pairs ({len(twins)}) score "
+             + ", ".join(f"{near[t[0]]:.4f}" for t in twins)]
+    sample = items[::40]
+    sample_fps = fps[::40]
+    caught = {}
+    for kind in ("jpeg q75", "resized 50%", "crop 5% one corner", "brighter x1.25", "mirrored"):
+        sims = []
+        for it, f in zip(sample, sample_fps):
+            img = images.convert(images.decode(it.data), channels=3, background=white)
+            c = neardup.fingerprint(COPIES[kind](img), background=white)
+            sims.append(float(neardup.nearest_similarity(f[None], c[None])[0][0]))
+        caught[kind] = (min(sims), float(np.mean(np.array(sims) >= thr)))
+    lines.append("emoji copies (lowest, caught): " + ", ".join(
+        f"{k} {lo:.4f} {c:.0%}" for k, (lo, c) in caught.items()))
+    return lines
+
+
+def decode_times(paths: list[Path], *, each: int = 3) -> list[tuple[str, float, float]]:
+    """(what, ms full decode, ms as inputspec.preprocess does it) to a 224 x 224 centre crop,
+    for the `each` largest baseline and progressive JPEGs within the pixel budget: the reduced
+    (DCT-scaled) decode skips most of the work for baseline files; progressive ones must still
+    gather every coefficient first."""
+    kinds: dict[str, list] = {"baseline": [], "progressive": []}
+    for p in paths:
+        if p.suffix.lower() in (".jpg", ".jpeg"):
+            with Image.open(p) as im:
+                if im.width * im.height <= images.MAX_PIXELS:
+                    kind = "progressive" if im.info.get("progressive") else "baseline"
+                    kinds[kind].append((im.width * im.height, p, im.size, kind))
     spec = inputspec.InputSpec(channels=3, height=224, width=224, resize="crop",
                                background=(0, 0, 0))
 
     def full(d):
-        return images.convert(images.decode(d), channels=3).resize((224, 224))
-    timings = []
-    for fn in (full, lambda d: inputspec.preprocess(d, spec)):
-        fn(data)
-        t = time.perf_counter()
-        for _ in range(3):
-            fn(data)
-        timings.append((time.perf_counter() - t) / 3 * 1000)
-    size = Image.open(io.BytesIO(data)).size
-    return timings[0], timings[1], f"{p.name} ({size[0]} x {size[1]})"
+        return images.convert(images.decode(d), channels=3).resize((224, 224),
+                                                                   Image.Resampling.BILINEAR)
+    out = []
+    for found in kinds.values():
+        for _, p, size, kind in sorted(found, reverse=True)[:each]:
+            data = p.read_bytes()
+            timings = []
+            for fn in (full, lambda d: inputspec.preprocess(d, spec)):
+                fn(data)
+                t = time.perf_counter()
+                for _ in range(3):
+                    fn(data)
+                timings.append((time.perf_counter() - t) / 3 * 1000)
+            out.append((f"{p.name} ({size[0]} x {size[1]}, {kind})", *timings))
+    return out
+
+
+def share(values: np.ndarray, thr: float) -> str:
+    return f"{(values >= thr).mean():.1%}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,16 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--photos", nargs="*", default=list(DEFAULT_FOLDERS))
     ap.add_argument("--max-side", type=int, default=768)
     ap.add_argument("--tiles", type=int, default=3)
-    ap.add_argument("--digits", type=int, default=1797, help="distinct demo digits to compare")
+    ap.add_argument("--digits", type=int, default=1797, help="demo digits (the first 300 are "
+                    "the eval set, the rest stand for training images)")
     ap.add_argument("--threshold", type=float, default=None,
-                    help="default: params.yaml prepare.near_duplicate_similarity")
+                    help="judge at this similarity (default: what `null` picks per data set)")
     ap.add_argument("--alternatives", action="store_true",
-                    help="also measure other thumbnail sides and chroma weights")
+                    help="also the whole picture only, and the former 16 px gray fingerprint")
     args = ap.parse_args(argv)
-    if args.threshold is None:
-        from pipelines import settings
-        args.threshold = settings.load(Path(__file__).resolve().parent.parent / "params.yaml") \
-            .prepare.near_duplicate_similarity
     from tests import factories
     paths = find_photos(args.photos)
     originals = load_originals(paths, args.max_side)
@@ -212,34 +293,50 @@ def main(argv: list[str] | None = None) -> int:
         print("fewer than two colour photos found; pass --photos DIR", file=sys.stderr)
         return 1
     tile_set = tiles(originals, args.tiles)
-    digits = [factories.digit_png(i) for i in range(min(args.digits, factories.digit_count()))]
+    n_digits = max(DIGITS_EVAL + 1, min(args.digits, factories.digit_count()))
+    digits = [factories.digit_png(i) for i in range(n_digits)]
     print(f"{len(originals)} colour photos (long side <= {args.max_side} px), "
-          f"{len(tile_set)} tiles, {len(digits)} demo digits; threshold {args.threshold}")
-    methods = {"shipped": {}}
+          f"{len(tile_set)} tiles of them, {len(digits)} demo digits "
+          f"({DIGITS_EVAL} as the eval set)")
+    methods = {"shipped: colour, 19 crops, mirrored": {}}
     if args.alternatives:
-        methods |= {f"side {s}, chroma {c}": {"side": s, "chroma": c}
-                    for s in (8, 16, 32) for c in (0.0, 0.5, 1.0)}
+        methods["whole picture only, mirrored"] = {"crops": neardup.CROPS[:1]}
+        methods["former: 16 px gray, whole picture, not mirrored"] = {
+            "crops": neardup.CROPS[:1], "chroma": 0.0, "mirrored": False}
     for name, method in methods.items():
-        r = measure(method, originals, tile_set, digits)
-        worst_copy = min(v for k, v in r["copies"].items() if k not in INFORMATIVE)
-        print(f"\n## {name} {method or images.FINGERPRINT_DEFAULTS}")
-        print("| copy kind | lowest similarity to its original |\n|---|---|")
+        r = measure(method, originals, tile_set, digits, args.threshold)
+        thr = r["thr"]
+        print(f"\n## {name}: {r['ms']:.1f} ms per fingerprint; photos judged at {thr:.4f}"
+              + (f" (auto: {r['auto_photos']:.4f})" if r["auto_photos"] else ""))
+        print("| copy of a photo | lowest similarity | photos whose copy is caught |\n|---|---|---|")
         for kind, v in r["copies"].items():
-            mark = " (informative)" if kind in INFORMATIVE else \
-                (" MISSED" if v < args.threshold else "")
-            print(f"| {kind} | {v:.4f}{mark} |")
-        print(f"lowest copy: {worst_copy:.4f}  "
-              f"highest distinct photos: {r['photos']:.4f} {r['photos_pair']}  "
-              f"highest distinct tiles: {r['tiles']:.4f} {r['tiles_pair']}  "
-              f"highest distinct digits: {r['digits']:.4f}")
-        print(f"margins at {args.threshold}: copies +{worst_copy - args.threshold:.4f}, "
-              f"photos -{args.threshold - r['photos']:.4f}, "
-              f"tiles -{args.threshold - r['tiles']:.4f}, "
-              f"digits -{args.threshold - r['digits']:.4f}")
-    timing = decode_times(paths)
-    if timing:
-        print(f"\npreprocess to 224 x 224 of {timing[2]}: full decode {timing[0]:.0f} ms, "
-              f"reduced JPEG decode {timing[1]:.0f} ms")
+            note = " (informative)" if kind in INFORMATIVE else ""
+            print(f"| {kind}{note} | {v.min():.4f} | {share(v, thr)} |")
+        main_kinds = [v for k, v in r["copies"].items() if k not in INFORMATIVE]
+        print(f"every kind: lowest {min(v.min() for v in main_kinds):.4f}, "
+              f"caught {np.mean([(v >= thr).mean() for v in main_kinds]):.1%} on average, "
+              f"worst kind {min((v >= thr).mean() for v in main_kinds):.1%}")
+        print(f"distinct photos: highest {r['photos'].max():.4f}, "
+              f"with a neighbour >= threshold {share(r['photos'], thr)}")
+        print(f"distinct tiles of one photo: highest {r['tiles'].max():.4f}, "
+              f"with a neighbour >= threshold {share(r['tiles'], thr)}")
+        if r["real"]:
+            print("a real copy, Elephants.jpg (mate-backgrounds) vs "
+                  + ", ".join(f"{n}: {v:.4f}" for n, v in r["real"].items()))
+        dt = r["digit_thr"]
+        print(f"digits: threshold {dt:.4f} ({'auto, ' if args.threshold is None else ''}from "
+              f"{DIGITS_EVAL} eval digits); {len(r['digit_near'])} other digits: highest "
+              f"{r['digit_near'].max():.4f}, excluded at the threshold "
+              f"{share(r['digit_near'], dt)}")
+        print("digit copies, lowest: " + ", ".join(
+            f"{k} {v:.4f}{'' if v >= dt else ' (missed)'}" for k, v in r["digit_copies"].items()))
+    for line in emoji_section(args.threshold):
+        print(line)
+    timings = decode_times(paths)
+    if timings:
+        print("\n| JPEG to 224 x 224 | full decode, ms | inputspec.preprocess, ms |\n|---|---|---|")
+        for what, full_ms, reduced_ms in timings:
+            print(f"| {what} | {full_ms:.0f} | {reduced_ms:.0f} |")
     return 0
 
 

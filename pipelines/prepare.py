@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import evalset, images, inputspec, packed, rawstore
+from pipelines import evalset, inputspec, neardup, packed, rawstore
 from pipelines.files import atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipelines.settings import Params
 
@@ -82,15 +82,15 @@ def _exclude_near_duplicates(rows: list[dict], state: rawstore.RawState, eval_fp
                              eval_tasks: list[int], threshold: float, *,
                              background: tuple[int, int, int]) -> None:
     """Leakage is blocking: a training or validation image that is a near-duplicate of an eval
-    image (images.nearest_similarity >= threshold: re-encoded, resized, cropped by up to
+    image (neardup.nearest_similarity >= threshold: re-encoded, resized, cropped by up to
     ~10 %, brightened or mirrored) is excluded, naming the eval task."""
     if not rows or len(eval_fps) == 0:
         return
     for i in range(0, len(rows), FINGERPRINT_CHUNK):  # bounded memory, however many rows
         chunk = rows[i:i + FINGERPRINT_CHUNK]
-        fps = np.stack([images.fingerprint(state.image_bytes(r["image_sha256"]),
+        fps = np.stack([neardup.fingerprint(state.image_bytes(r["image_sha256"]),
                                            background=background) for r in chunk])
-        best, where = images.nearest_similarity(fps, eval_fps)
+        best, where = neardup.nearest_similarity(fps, eval_fps)
         for row, sim, j in zip(chunk, best, where):
             if sim >= threshold:
                 row["split"] = f"{EXCLUDED_NEAR} {eval_tasks[j]} (similarity {sim:.4f})"
@@ -113,7 +113,7 @@ def run(manifest: str | Path, raw_dir: str | Path, eval_dir: str | Path, out_dir
     eval_fps, eval_tasks = evalset.fingerprints(eval_dir, background=spec.background)
     threshold = params.prepare.near_duplicate_similarity
     if threshold is None:  # from how alike this project's distinct eval images are
-        threshold = images.auto_threshold(eval_fps)
+        threshold = neardup.auto_threshold(eval_fps)
     state = rawstore.load(raw_dir)
     resolved, disputed = [], []
     for row in read_jsonl(manifest):

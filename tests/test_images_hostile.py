@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipelines import images, inputspec
+from pipelines import images, inputspec, neardup
 from pipelines.images import BadImage
 from pipelines.inputspec import InputSpec
 from tests import factories
@@ -299,7 +299,7 @@ def test_every_public_function_ends_in_pixels_or_a_reason(corpus):
         info = outcome(images.inspect, data)
         arr = outcome(lambda d: to_array(d, SIZE), data)
         rgb = outcome(lambda d: inputspec.preprocess(d, COLOUR), data)
-        fp = outcome(images.fingerprint, data)
+        fp = outcome(neardup.fingerprint, data)
         st = outcome(lambda d: inputspec.stack([d], SPEC), data)
         assert outcome(images.inspect, data) == info, name  # deterministic, reason and all
         if info[0] == "ok":
@@ -311,7 +311,7 @@ def test_every_public_function_ends_in_pixels_or_a_reason(corpus):
             assert np.array_equal(arr[1], to_array(data, SIZE)), name
             assert st[1].shape == (1, SIZE, SIZE, 1) and np.array_equal(st[1][0, ..., 0], arr[1])
             assert rgb[1].shape == (24, 40, 3) and rgb[1].dtype == np.uint8, name
-            assert fp[1].shape == images.no_fingerprints().shape[1:], name
+            assert fp[1].shape == neardup.no_fingerprints().shape[1:], name
             assert fp[1].dtype == np.float32 and np.isfinite(fp[1]).all(), name
         else:
             assert rgb[0] == fp[0] == st[0] == "bad", name
@@ -461,10 +461,10 @@ def test_16bit_png_bomb_stays_within_memory(tmp_path):
     # size of the forking pytest process (1.2 GB late in a full run), not this decode's
     code = (
         "import sys\n"
-        "from pipelines import images, inputspec\n"
+        "from pipelines import images, inputspec, neardup\n"
         "data = open(sys.argv[1], 'rb').read()\n"
         "spec = inputspec.InputSpec.legacy_gray(28)\n"
-        "for fn in (images.inspect, lambda d: inputspec.preprocess(d, spec), images.fingerprint):\n"
+        "for fn in (images.inspect, lambda d: inputspec.preprocess(d, spec), neardup.fingerprint):\n"
         "    try:\n"
         "        fn(data)\n"
         "        print('decoded')\n"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import images, inputspec, packed, prepare
+from pipelines import inputspec, neardup, packed, prepare
 from pipelines.files import read_json, read_jsonl, sha256_bytes, tar_bytes
 from pipelines.prepare import in_val, resolve
 from tests import factories
@@ -341,7 +341,7 @@ def test_colour_project_packs_its_spec_and_excludes_a_cropped_copy(tmp_path):
                                        "input.width": 32, "input.resize": "crop",
                                        "base.classes": ["0", "1"], "validate.min_per_class": 1})
     assert summary["near_duplicate_threshold_from"] == "eval set"
-    assert summary["near_duplicate_threshold"] == images.AUTO_FLOOR  # two distinct eval images
+    assert summary["near_duplicate_threshold"] == neardup.AUTO_FLOOR  # two distinct eval images
     resolved = {r["task_id"]: r for r in read_jsonl(tmp_path / "prepared" / "resolved.jsonl")}
     assert resolved[7]["split"].startswith("excluded: near-duplicate of eval task 9001")
     assert [t for t, r in resolved.items() if r["split"].startswith("excluded")] == [7]
