@@ -582,3 +582,72 @@ def test_input_spec_reads_float_lists_and_pairs_mean_with_std(tmp_path):
 def test_base_image_size_names_where_the_size_lives_now(tmp_path):
     with pytest.raises(ParamsError, match="input.height: N and input.width: N"):
         load_with(tmp_path, {"base.image_size": 28})
+
+
+# --- issue 11: the train section's model, init, recipe, augmentation and residency keys -------
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.arch", "resnet-50", "one of auto, smallcnn"),
+    ("train.arch", "convnet-32-64-128", "one of auto"),       # the legacy net is load-only
+    ("train.init", "imagenet", "one of scratch, weights, production"),
+    ("train.init_sha256", "ABC", "64 lowercase hex digits"),
+    ("train.init_sha256", "A" * 64, "64 lowercase hex digits"),
+    ("train.init_weights", " w.safetensors", "path to a local .safetensors file"),
+    ("train.optimizer", "adam", "one of adamw, sgd"),
+    ("train.schedule", "step", "one of onecycle, cosine"),
+    ("train.label_smoothing", 0.6, "between 0 and 0.5"),
+    ("train.warmup", 0.9, "between 0 and 0.5"),
+    ("train.backbone_lr_scale", 2.0, "between 0 and 1"),
+    ("train.color_jitter", 1.0, "between 0 and 0.9"),
+    ("train.resident_max_mb", -1.0, "between 0 and"),
+    ("train.weight_decay", 1.5, "between 0 and 1"),
+    ("train.hflip", "yes", "true or false"),
+])
+def test_train_recipe_keys_are_checked(tmp_path, key, value, expected):
+    with pytest.raises(ParamsError) as err:
+        load_with(tmp_path, {key: value})
+    assert key in str(err.value) and expected in str(err.value), str(err.value)
+
+
+def test_train_recipe_keys_repo_values(tmp_path):
+    t = load_with(tmp_path, {}).train
+    assert not t.hflip                      # digits: a mirrored 2 is no 2
+    assert t.init == "scratch" and t.init_weights == "" and t.init_sha256 == ""
+    assert t.schedule in ("onecycle", "cosine") and 0 < t.label_smoothing < 0.5
+    ok = load_with(tmp_path, {"train.init": "weights", "train.init_weights": "w/b.safetensors",
+                              "train.init_sha256": "0123456789abcdef" * 4,
+                              "train.resident_max_mb": 0}).train
+    assert ok.init_sha256 == "0123456789abcdef" * 4 and ok.resident_max_mb == 0.0
+
+
+def test_near_duplicate_similarity_is_null_or_a_similarity(tmp_path):
+    """null: prepare sets the threshold from the eval set (neardup.auto_threshold); a number
+    fixes it; 0 and above 1 are refused by name."""
+    assert load_with(tmp_path, {}).prepare.near_duplicate_similarity is None
+    assert load_with(tmp_path, {"prepare.near_duplicate_similarity": 0.98}) \
+        .prepare.near_duplicate_similarity == 0.98
+    for bad in (0, 1.5, "high"):
+        with pytest.raises(ParamsError, match="prepare.near_duplicate_similarity must be"):
+            load_with(tmp_path, {"prepare.near_duplicate_similarity": bad})
+
+
+def test_default_modes_are_the_ones_preprocess_handles():
+    """Every mode validate admits by default turns into gray and RGB pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines import images
+    modes = settings.load(factories.PARAMS_YAML).validate.allowed_modes
+    assert "CMYK" in modes and "I;16" in modes and "F" not in modes
+    base = Image.fromarray(np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1)))
+    for mode in modes:
+        if mode.startswith("I;16"):
+            img = Image.frombytes(mode, base.size, (np.asarray(base).astype(
+                ">u2" if mode == "I;16B" else "<u2") * 257).tobytes())
+        else:
+            img = base.convert("RGB").convert(mode) if mode != "LAB" else \
+                base.convert("RGB").convert("LAB")
+        for channels in (1, 3):
+            out = images.convert(img, channels=channels)
+            assert out.mode == ("L" if channels == 1 else "RGB"), (mode, channels)
+            assert np.ptp(np.asarray(out)) > 0, (mode, channels)
