@@ -174,7 +174,9 @@ def convert(img: Image.Image, *, channels: int,
             return _sixteen_to_eight(img).convert(target)
         if img.mode == "LAB":
             return img.getchannel("L") if channels == 1 else _lab_to_rgb(img)
-        if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        if img.mode == "La":
+            img = img.convert("LA")  # premultiplied: Pillow converts it to LA only
+        if img.mode in ("RGBA", "LA", "PA", "RGBa") or (
                 img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             under = Image.new("RGBA", rgba.size, (*background, 255))
