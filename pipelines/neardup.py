@@ -81,22 +81,28 @@ def mirror(fps: np.ndarray) -> np.ndarray:
 
 
 def _similarities(fps: np.ndarray, against: np.ndarray, *, mirrored: bool):
-    """Yield (row offset, (p, M) similarities) for consecutive chunks of `fps`."""
-    n, m = len(fps), len(against)
-    k, d = against.shape[1:]
-    whole = against[:, 0]                                              # (M, D)
-    crops = against.reshape(m * k, d)                                  # (M K, D)
-    if mirrored:
-        whole = np.concatenate([whole, mirror(whole)])
-        crops = np.concatenate([crops, mirror(crops)])
-    step = max(1, 2**22 // (len(crops) + k * len(whole)))  # ~16 M similarities (64 MB) a time
-    for i in range(0, n, step):
+    """Yield (row offset, (p, M) similarities) for consecutive chunks of `fps`. Mirroring is a
+    symmetric permutation P of the values (a . P b = P a . b), so the queries are mirrored, never
+    `against`: no copy of the (M, K, D) eval fingerprints (29 KB per image) is made."""
+    m, k, d = against.shape
+    whole = np.ascontiguousarray(against[:, 0])                        # (M, D)
+    crops = against.reshape(m * k, d)                                  # (M K, D), a view
+    step = max(1, 2**22 // (m * k * (2 if mirrored else 1)))  # ~16 M similarities (64 MB) a time
+    for i in range(0, len(fps), step):
         part = fps[i:i + step]
-        p = len(part)
-        mine_whole = (part[:, 0] @ crops.T).reshape(p, -1, k).max(2)   # (p, [2] M)
-        mine_crops = (part.reshape(p * k, d) @ whole.T).reshape(p, k, -1).max(1)
-        sim = np.maximum(mine_whole, mine_crops)
-        yield i, (sim.reshape(p, -1, m).max(1) if mirrored else sim)  # (p, M)
+        sim = _pair_max(part, whole, crops, k)
+        if mirrored:
+            sim = np.maximum(sim, _pair_max(mirror(part), whole, crops, k))
+        yield i, sim
+
+
+def _pair_max(part: np.ndarray, whole: np.ndarray, crops: np.ndarray, k: int) -> np.ndarray:
+    """(p, M): best of part's whole picture vs against's crops, and part's crops vs against's
+    whole picture."""
+    p, m = len(part), len(whole)
+    mine_whole = (part[:, 0] @ crops.T).reshape(p, m, k).max(2)
+    mine_crops = (part.reshape(p * k, -1) @ whole.T).reshape(p, k, m).max(1)
+    return np.maximum(mine_whole, mine_crops)
 
 
 def nearest_similarity(fps: np.ndarray, against: np.ndarray, *,
