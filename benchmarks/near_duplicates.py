@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                     "the eval set, the rest stand for training images)")
     ap.add_argument("--threshold", type=float, default=None,
                     help="judge at this similarity (default: what `null` picks per data set)")
+    ap.add_argument("--emoji", action=argparse.BooleanOptionalAction, default=True,
+                    help="the colour demo's emoji too, when its package is installed (~1 min)")
     ap.add_argument("--alternatives", action="store_true",
                     help="also the whole picture only, and the former 16 px gray fingerprint")
     args = ap.parse_args(argv)
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{share(r['digit_near'], dt)}")
         print("digit copies, lowest: " + ", ".join(
             f"{k} {v:.4f}{'' if v >= dt else ' (missed)'}" for k, v in r["digit_copies"].items()))
-    for line in emoji_section(args.threshold):
+    for line in (emoji_section(args.threshold) if args.emoji else []):
         print(line)
     timings = decode_times(paths)
     if timings:

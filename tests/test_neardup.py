@@ -5,6 +5,9 @@ automatic threshold keeps distinct digits and catches a copy."""
 from __future__ import annotations
 
 import io
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +126,18 @@ def test_nearest_similarity_of_nothing():
     assert neardup.nearest_similarity(none, one)[0].shape == (0,)
     assert neardup.self_similarity(one).tolist() == [-1.0]
     assert neardup.auto_threshold(one) == neardup.AUTO_FLOOR
+
+
+@pytest.mark.slow
+def test_the_benchmark_prints_its_measurements():
+    """benchmarks/near_duplicates.py on the two photos every install has (numbers not asserted:
+    they are the benchmark's to print)."""
+    proc = subprocess.run(
+        [sys.executable, str(factories.REPO / "benchmarks" / "near_duplicates.py"), "--photos",
+         "sklearn", "--tiles", "2", "--digits", "320", "--no-emoji"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert re.search(r"^\| crop 10% one corner \| [\d.]+ \| [\d.]+% \|$", out, flags=re.M), out
+    assert re.search(r"^every kind: lowest [\d.]+, caught [\d.]+% on average", out, flags=re.M)
+    assert re.search(r"^digits: threshold 0\.9\d+ \(auto, from 300 eval digits\)", out, flags=re.M)
