@@ -19,6 +19,7 @@ import yaml
 
 from pipelines import codestamp, dvcrepo, gitrepo, paramsfile, settings
 from pipelines.labelconfig import LabelingConfig, UnsupportedConfig
+from pipelines.layout import Layout
 from pipelines.lstransport import Connection, ImageFetchError, LabelStudioError
 
 SAMPLE_IMAGES = 8              # task images looked at to suggest the input spec (seconds at most)
@@ -160,7 +161,7 @@ def suggest_input(blobs: list[bytes], *, failed: int = 0) -> Suggestion | None:
 # -- the workspace ----------------------------------------------------------------------------
 
 def params_text(project: Project, suggestion: Suggestion | None,
-                overrides: dict[str, object] | None = None) -> str:
+                overrides: dict[str, object] | None = None, *, unread: str = "") -> str:
     """labelgate's params.yaml with the project's values, the suggestion and `overrides`
     (dotted keys) filled in; checked by the settings loader (InitError names the key)."""
     values: dict[str, object] = {"base.classes": list(project.config.classes),
@@ -170,8 +171,9 @@ def params_text(project: Project, suggestion: Suggestion | None,
         values.update(suggestion.as_values())
         notes["input"] = suggestion.why
     else:
-        notes["input"] = ("labelgate init could not read any task image: the input spec is "
-                          "labelgate's default; set it before the first `labelgate run`")
+        notes["input"] = (f"labelgate init sampled no task image ({unread or 'no tasks yet'}):"
+                          "\nthis is labelgate's default input spec; set it before the first "
+                          "`labelgate run`")
     values.update(overrides or {})
     try:
         text = paramsfile.set_values(_template("params.yaml"), values, notes=notes)
@@ -208,7 +210,8 @@ def init(dest: Path, *, connection: Connection, project: int | str,
     finally:
         studio.close()
     suggestion = suggest_input(blobs, failed=len(failed))
-    text = params_text(found, suggestion, overrides)
+    text = params_text(found, suggestion, overrides, unread=(
+        f"{len(failed)} unreadable, e.g. {failed[0][:120]}" if failed else ""))
     dvc_yaml = codestamp.workspace_dvc_yaml(_template("dvc.yaml"))
     dest.mkdir(parents=True, exist_ok=True)
     files = {"params.yaml": text, "dvc.yaml": dvc_yaml, ".gitignore": _template("gitignore"),
@@ -218,7 +221,14 @@ def init(dest: Path, *, connection: Connection, project: int | str,
     if not (dest / ".git").exists():
         gitrepo.git(dest, "init", "-q")
     dvcrepo.ensure_repo(dest)
-    paths = [*files, *(p for p in (".dvc/config", ".dvc/.gitignore") if (dest / p).exists())]
+    # data/raw versioned from the start (empty): a first pull that finds no annotation yet, and
+    # a run, then have a dataset to name instead of a DVC error about a missing folder
+    raw = Layout(dest).raw
+    if not raw.exists():
+        raw.mkdir(parents=True)
+        dvcrepo.add(dest, raw)
+    paths = [*files, *(p for p in (".dvc/config", ".dvc/.gitignore", "data/raw.dvc",
+                                   "data/.gitignore") if (dest / p).exists())]
     gitrepo.commit_only(dest, paths, f"labelgate init: Label Studio project {found.id} "
                                      f"({len(found.config.classes)} classes)")
     return dest
