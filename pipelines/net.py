@@ -129,6 +129,10 @@ def _meta_json(path: Path) -> dict:
         raise ModelFileError(f"{path}: not a labelgate model file (safetensors: {exc})") from None
     if raw is None:
         raise ModelFileError(f"{path}: not a labelgate model file (no {META_KEY!r} metadata)")
+    return _decoded(path, raw)
+
+
+def _decoded(path: Path, raw: str) -> dict:
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -177,15 +181,20 @@ def load(path: str | Path, *, device: torch.device, sha256: str | None = None) -
     CUDA). With `sha256`, the bytes read are checked against it before they are parsed;
     without, the caller has verified the file (registry.verify)."""
     path = Path(path)
-    meta = read_meta(path)
-    data = path.read_bytes()
+    data = path.read_bytes()  # read once: the metadata and tensors used are the bytes checked
     if sha256 is not None and (actual := hashlib.sha256(data).hexdigest()) != sha256:
         raise ModelFileError(f"model file {path} has sha256 {actual}, expected {sha256}: "
                              "refusing to load it")
     try:
         state = safetensors_load(data)
-    except SafetensorError as exc:
+        # safetensors layout: 8-byte little-endian header length, then the JSON header
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    except (SafetensorError, ValueError) as exc:
         raise ModelFileError(f"{path}: not a labelgate model file ({exc})") from None
+    raw = (header.get("__metadata__") or {}).get(META_KEY)
+    if raw is None:
+        raise ModelFileError(f"{path}: not a labelgate model file (no {META_KEY!r} metadata)")
+    meta = _parse_meta(path, _decoded(path, raw))
     if meta.arch == archs.LEGACY:
         state = archs.legacy_state(state)
         spec = meta.spec
