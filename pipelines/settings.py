@@ -82,7 +82,7 @@ class Prepare:
     min_annotations: int      # fewer non-skipped votes -> disputed
     min_agreement: float      # share of votes the winning label needs
     ground_truth_wins: bool
-    near_duplicate_similarity: float | None  # fingerprint similarity at which an image counts as an eval copy; None = from the eval set
+    near_duplicate_similarity: float | None  # an eval copy from here on; None = from the eval set
 
 
 @dataclass(frozen=True)
