@@ -4,7 +4,7 @@ by streaming.
 
     data/prepared/train/
         x.npy         (N, H, W, C) uint8, preprocessed by inputspec (150 KB per 224x224x3 image:
-                      20k images = 3 GB, written row by row, never held in memory)
+                      20k images = 3 GB, written image by image, never held in memory)
         y.npy         (N,) int64 class indices (base.classes order)
         task_id.npy   (N,) int64 Label Studio task ids, row-aligned with x
         sha256.npy    (N,) <U64 sha256 of each image's bytes, row-aligned with x
@@ -68,6 +68,28 @@ def _clean_stale(parent: Path) -> None:
             shutil.rmtree(entry.path, ignore_errors=True)
 
 
+def _write_x(path: Path, blobs: Iterable[bytes], *, n: int, task_id: Sequence[int],
+             spec: InputSpec) -> None:
+    """x.npy written front to back: the .npy header, then one preprocessed image at a time.
+    Not a memory map: a mapped file's dirty pages count as the writer's memory (4,000 images
+    at 224 x 224 x 3 took 728 MB RSS that way, 602 MB of pixels); this way only the page
+    cache holds them, which the kernel writes back and drops as it needs to."""
+    shape = (n, spec.height, spec.width, spec.channels)
+    with open(path, "xb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                 "shape": shape})
+        i = -1
+        for i, blob in enumerate(blobs):
+            if i >= n:
+                raise ValueError(f"more images than labels ({n})")
+            try:
+                f.write(inputspec.preprocess(blob, spec).tobytes())
+            except BadImage as exc:
+                raise BadImage(f"task {task_id[i]} (image {i + 1} of {n}): {exc}") from None
+        if i + 1 != n:
+            raise ValueError(f"{i + 1} images for {n} labels")
+
+
 def write_split(out_dir: str | Path, blobs: Iterable[bytes], *, y: Sequence[int],
                 task_id: Sequence[int], sha256: Sequence[str], spec: InputSpec) -> Path:
     """Preprocess `blobs` (an iterable, consumed one image at a time: pass a generator so the
@@ -83,20 +105,7 @@ def write_split(out_dir: str | Path, blobs: Iterable[bytes], *, y: Sequence[int]
     _clean_stale(out_dir.parent)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
-        x = np.lib.format.open_memmap(tmp / "x.npy", mode="w+", dtype=np.uint8,
-                                      shape=(n, spec.height, spec.width, spec.channels))
-        i = -1
-        for i, blob in enumerate(blobs):
-            if i >= n:
-                raise ValueError(f"more images than labels ({n})")
-            try:
-                x[i] = inputspec.preprocess(blob, spec)
-            except BadImage as exc:
-                raise BadImage(f"task {task_id[i]} (image {i + 1} of {n}): {exc}") from None
-        if i + 1 != n:
-            raise ValueError(f"{i + 1} images for {n} labels")
-        x.flush()
-        del x  # unmapped before the rename
+        _write_x(tmp / "x.npy", blobs, n=n, task_id=task_id, spec=spec)
         np.save(tmp / "y.npy", np.asarray(y, dtype=np.int64))
         np.save(tmp / "task_id.npy", np.asarray(task_id, dtype=np.int64))
         np.save(tmp / "sha256.npy", np.asarray(list(sha256), dtype="<U64"))
