@@ -364,6 +364,24 @@ def test_every_mode_converts_to_upright_gray(mode, fmt, opened):
     assert np.ptp(out) > 0
 
 
+@pytest.mark.parametrize("mode, fmt, opened", MODE_CASES,
+                         ids=[f"{m}-{f}" for m, f, _ in MODE_CASES])
+def test_every_mode_converts_to_upright_rgb_as_gray_does(mode, fmt, opened):
+    """The same picture through an RGB spec: three channels, the same picture (its luma is the
+    gray spec's pixels, within rounding), nothing moved."""
+    data = encode(mode_image(mode), fmt)
+    spec = InputSpec(channels=3, height=SIZE, width=SIZE, resize="stretch", background=(0, 0, 0))
+    out = inputspec.preprocess(data, spec)
+    assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
+    luma = np.asarray(Image.fromarray(out).convert("L"), dtype=int)
+    assert bright_quadrant(luma) == 0
+    diff = np.abs(luma - to_array(data, SIZE).astype(int))
+    if mode == "LAB":  # gray is its L* (perceptual lightness), not the luma of its RGB
+        assert diff.mean() < 12
+    else:
+        assert diff.max() <= 3, mode
+
+
 def test_lab_tiff_is_its_lightness():
     """Pillow cannot convert LAB to RGB or L (`ValueError: conversion from LAB to RGB not
     supported`, which used to escape); the L* band is the gray."""
