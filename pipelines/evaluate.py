@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines import evalset, inputspec, net, predict, registry
+from pipelines import evalset, net, noise, predict, registry
 from pipelines.device import pick_device
 from pipelines.files import atomic_write_json, sha256_file
 from pipelines.metrics import classification
@@ -87,21 +87,19 @@ def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
     """Evaluate; with `latency_file`, also time the candidate there (see LATENCY_REPEATS)."""
     out_dir = Path(out_dir)
     device = pick_device(params.train.device)
-    ev = evalset.load(eval_dir, params=params)
     classes = params.base.classes
     model = predict.load_file(model_file, device=device)
+    ev = evalset.load(eval_dir, params=params, spec=model.spec)
     if model.classes != classes:
         raise ValueError(f"candidate was trained for classes {list(model.classes)}, "
                          f"params.yaml has {list(classes)}")
-    spec = inputspec.from_params(params)  # what the eval set's ev.x was preprocessed with
 
     def inputs(m: predict.Model) -> np.ndarray:
-        """The eval images as `m` takes them: ev.x, or preprocessed again with `m`'s own spec
-        (a production model trained at another size or resize policy than params say now)."""
-        if _geometry(m.spec) == _geometry(spec):
+        """The eval images as `m` takes them: preprocessed with `m`'s own spec (a production
+        model trained at another size or resize policy than the candidate)."""
+        if _geometry(m.spec) == _geometry(model.spec):
             return ev.x
-        blobs = evalset.image_bytes(eval_dir)
-        return inputspec.stack([blobs[sha] for sha in ev.shas], m.spec)
+        return evalset.load(eval_dir, params=params, spec=m.spec).x
 
     cand_probs = predict.probabilities(model, inputs(model),
                                        batch_size=params.evaluate.batch_size)
@@ -122,12 +120,19 @@ def run(model_file: str | Path, eval_dir: str | Path, registry_dir: str | Path,
                 id=pointer.id, sha256=pointer.sha256, judged_on_eval_hash=pointer.eval_hash,
                 dataset_version=pointer.dataset_version,
                 train_class_counts=pointer.metrics.get("train_class_counts"),
+                # what the gate's relative budgets (size, compute) compare the candidate with
+                size_bytes=registry.blob_path(registry_dir, pointer.sha256).stat().st_size,
+                macs_per_image=macs_per_image(prod.module, net.example_input(prod.spec),
+                                              device=device),
                 **classification(ev.y, prod_probs.argmax(1), classes))
         else:
             note = (f"production {pointer.id} predicts other classes {list(prod.classes)}; "
                     "not comparable")
+    # the project's measured seed noise travels with the evaluation, so that the gate reads
+    # the evaluation and params alone (pipelines/noise.py)
     result = Evaluation(eval_hash=ev.hash, eval_n=len(ev.y), classes=classes,
-                        candidate=candidate, production=production, production_note=note)
+                        candidate=candidate, production=production, production_note=note,
+                        seed_noise=noise.read(registry_dir))
     # confidences rounded to 5 digits: the same decision from the same models on any machine
     # (float noise below that does not change the bytes DVC hashes)
     predictions = Predictions(
