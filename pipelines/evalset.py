@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import images, inputspec, neardup, rawstore
+from pipelines import images, inputspec, rawstore
 from pipelines.files import (atomic_write_bytes, atomic_write_json, jsonl_bytes, read_json,
                              read_jsonl, sha256_bytes, tar_bytes, utc_now)
 from pipelines.settings import Params
@@ -123,17 +123,3 @@ def shas(eval_dir: str | Path) -> set[str]:
     """sha256 of every eval image (empty if no eval set yet)."""
     path = Path(eval_dir) / "manifest.jsonl"
     return {r["image_sha256"] for r in read_jsonl(path)} if path.exists() else set()
-
-
-def fingerprints(eval_dir: str | Path, *,
-                 background: tuple[int, int, int] = (0, 0, 0)) -> tuple[np.ndarray, list[int]]:
-    """(perceptual fingerprints `(M, K, D)`, task ids) of the eval images, for near-duplicate
-    leakage checks (neardup.fingerprint, transparency on `background`); empty if no eval set
-    yet. Bytes are checked against their sha256 first."""
-    eval_dir = Path(eval_dir)
-    if not (eval_dir / "meta.json").exists():
-        return neardup.no_fingerprints(), []
-    rows = read_jsonl(eval_dir / "manifest.jsonl")
-    blobs = image_bytes(eval_dir)
-    return (np.stack([neardup.fingerprint(blobs[r["image_sha256"]], background=background)
-                      for r in rows]), [r["task_id"] for r in rows])

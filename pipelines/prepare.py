@@ -96,6 +96,19 @@ def _exclude_near_duplicates(rows: list[dict], state: rawstore.RawState, eval_fp
                 row["split"] = f"{EXCLUDED_NEAR} {eval_tasks[j]} (similarity {sim:.4f})"
 
 
+def _eval_fingerprints(eval_dir: Path, *,
+                       background: tuple[int, int, int]) -> tuple[np.ndarray, list[int]]:
+    """(fingerprints `(M, K, D)`, task ids) of the eval images (bytes checked against their
+    sha256 first); none if no eval set yet. Here, not in evalset: evaluate and report read the
+    eval set too, and need not rerun when the fingerprint changes."""
+    if not (eval_dir / "meta.json").exists():
+        return neardup.no_fingerprints(), []
+    rows = read_jsonl(eval_dir / "manifest.jsonl")
+    blobs = evalset.image_bytes(eval_dir)
+    return (np.stack([neardup.fingerprint(blobs[r["image_sha256"]], background=background)
+                      for r in rows]), [r["task_id"] for r in rows])
+
+
 def _pack(split_dir: Path, rows: list[dict], state: rawstore.RawState, params: Params,
           spec: inputspec.InputSpec) -> None:
     index = {c: i for i, c in enumerate(params.base.classes)}
@@ -110,7 +123,7 @@ def run(manifest: str | Path, raw_dir: str | Path, eval_dir: str | Path, out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = inputspec.from_params(params)
     eval_shas = evalset.shas(eval_dir)
-    eval_fps, eval_tasks = evalset.fingerprints(eval_dir, background=spec.background)
+    eval_fps, eval_tasks = _eval_fingerprints(Path(eval_dir), background=spec.background)
     threshold = params.prepare.near_duplicate_similarity
     if threshold is None:  # from how alike this project's distinct eval images are
         threshold = neardup.auto_threshold(eval_fps)
