@@ -9,7 +9,7 @@
   (c) bound: forward + backward + step on one fixed on-device batch (same settings as b)
 
     python benchmarks/train_throughput.py [--device auto|cpu|cuda] [--sizes 32,224]
-        [--images N] [--seconds S] [--workers W] [--batch B]
+        [--images N] [--seconds S] [--workers W] [--batch B] [--threads T]
 
 The images are real artwork (the Twemoji drawings of the emoji demo, pipelines/datasets.py),
 resized once to each size: (a) gets them as JPEG files at the training size (the tutorial's
@@ -196,8 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for (a)")
     ap.add_argument("--batch", type=int, default=None,
                     help="batch (default: train.batch_size / batch_size_cuda of params.yaml)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; on a busy machine 1 avoids "
+                         "oversubscription stalls)")
     ap.add_argument("--params", default=str(PARAMS))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     params = settings.load(args.params)
     device = pick_device(args.device)
     cuda = device.type == "cuda"

@@ -9,7 +9,8 @@ starts from scratch, from a sha256-pinned weights file, or from the production m
 start, only when arch, classes and input match). CUDA adds bf16 autocast and channels_last.
 
     python -m pipelines.train --prepared data/prepared --out models/candidate
-        [--init-model models/registry/blobs/<sha256>.safetensors]   # for train.init: production
+        [--init-registry models/registry]      # train.init: production warm-starts from its
+                                               # production model (sha256 from the pointer)
     torchrun --nproc_per_node N -m pipelines.train ...     # DistributedDataParallel, N processes
 """
 from __future__ import annotations
@@ -245,23 +246,32 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines import settings
+    from pipelines import registry, settings
     ap = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepared", default="data/prepared")
     ap.add_argument("--out", default="models/candidate")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--init-model", type=Path, default=None,
-                    help="the production model file, for train.init: production (absent: the "
-                         "project has none yet, train from scratch)")
+    init = ap.add_mutually_exclusive_group()
+    init.add_argument("--init-registry", type=Path, default=None,
+                      help="for train.init: production: the registry whose production model "
+                           "(pointer + sha256) warm-starts training; none yet: from scratch")
+    init.add_argument("--init-model", type=Path, default=None,
+                      help="for train.init: production: a model file to warm-start from")
     ap.add_argument("--init-model-sha256", default=None,
-                    help="its expected sha256 (the registry pointer's); default: hashed here")
+                    help="--init-model's expected sha256; default: hashed here")
     args = ap.parse_args(argv)
     try:
+        init_model, init_sha = args.init_model, args.init_model_sha256
+        if args.init_registry is not None:
+            pointer = registry.production(args.init_registry)
+            if pointer is not None:
+                init_sha = pointer.sha256
+                init_model = registry.blob_path(args.init_registry, pointer.sha256)
         metrics = run(args.prepared, args.out, params=settings.load(args.params),
-                      init_model=args.init_model, init_model_sha256=args.init_model_sha256)
+                      init_model=init_model, init_model_sha256=init_sha)
     except (TrainingError, settings.ParamsError, archs.ArchError, inputspec.SpecError,
-            net.ModelFileError) as exc:
+            net.ModelFileError, finetune.WeightsError, registry.RegistryError) as exc:
         print(f"train failed: {exc}", file=sys.stderr)
         return 1
     if metrics:

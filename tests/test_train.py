@@ -229,6 +229,26 @@ def test_cli_init_model_flag(trained, tmp_path):
     assert rc == 1
 
 
+def test_cli_init_registry_reads_the_production_pointer(trained, tmp_path):
+    """What dvc.yaml runs: --init-registry models/registry. No production yet: from scratch;
+    then the pointer's blob, checked against the pointer's sha256."""
+    import yaml
+    from pipelines import registry
+    overrides = {**BASE, "train.init": "production", "train.epochs": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(factories.params_dict(overrides)))
+    reg = tmp_path / "registry"
+    args = ["--prepared", str(trained["prepared"]), "--params", str(tmp_path / "params.yaml"),
+            "--init-registry", str(reg)]
+    assert train.main([*args, "--out", str(tmp_path / "first")]) == 0
+    assert read_json(tmp_path / "first" / "metrics.json")["init"].endswith("no production model yet")
+    sha, _ = registry.store(reg, trained["out"] / "model.safetensors")
+    registry.set_production(reg, registry.production_pointer(
+        {"id": "m0001", "sha256": sha, "dataset_version": "d", "eval_hash": "e" * 64,
+         "metrics": {}}, at="2026-01-01T00:00:00Z", via="test", previous=None))
+    assert train.main([*args, "--out", str(tmp_path / "warm")]) == 0
+    assert read_json(tmp_path / "warm" / "metrics.json")["init"].startswith("warm start")
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 def test_divergence_raises_naming_epoch_and_step(trained, tmp_path):
