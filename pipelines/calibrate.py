@@ -16,6 +16,7 @@ Also writes `out_dir`/calibration.json: the spreads and the margins they give, f
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,15 @@ def run(prepared_dir: str | Path, eval_dir: str | Path, out_dir: str | Path, *, 
     result = summary(measured, params)
     atomic_write_json(Path(out_dir) / "calibration.json", result)
     return result
+
+
+def ensure(prepared_dir: str | Path, eval_dir: str | Path, out_dir: str | Path,
+           registry_dir: str | Path, *, params: Params, eval_hash: str) -> dict | None:
+    """Calibrate when `needed` says so (the flow calls this once a project has a production
+    model, so the second candidate is judged with this project's margins); None when current."""
+    reason = needed(registry_dir, eval_hash=eval_hash, params=params)
+    if reason is None:
+        return None
+    print(f"calibrate: {reason}; training {params.gate.calibration_seeds} seeds",
+          file=sys.stderr)
+    return run(prepared_dir, eval_dir, out_dir, params=params, registry_dir=registry_dir)
