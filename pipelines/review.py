@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import inputspec, outoffold, packed, train
+from pipelines import inputspec, net, outoffold, packed, train
 from pipelines.files import (append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl,
                              utc_now)
 from pipelines.labelconfig import choice_result
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run(args.prepared, args.out, params=settings.load(args.params),
                       features_from=args.features_from)
-    except (train.TrainingError, settings.ParamsError) as exc:
+    except (train.TrainingError, settings.ParamsError, net.ModelFileError) as exc:
         print(f"review failed: {exc}", file=sys.stderr)
         return 1
     print(f"review: {summary['suspects']} suspected label errors among {summary['images']} "
