@@ -169,12 +169,13 @@ def test_a_non_empty_folder_is_refused_before_label_studio_is_asked(tmp_path):
 def leaf_project(label_studio):
     """A user's own project: control names `photo`/`disease`, data key `picture`, class names
     with spaces and a slash; 3 classes x 24 annotated tasks + 6 ground truth each."""
-    return make_leaf_project(label_studio, tasks=90)
+    return make_leaf_project(label_studio, tasks=90, unlabeled=10)
 
 
-def make_leaf_project(label_studio, *, tasks: int, classes: tuple[str, ...] = CLASSES) -> dict:
+def make_leaf_project(label_studio, *, tasks: int, classes: tuple[str, ...] = CLASSES,
+                      unlabeled: int = 0) -> dict:
     """A project with `config(classes)`; `tasks` annotated tasks cycling over the first three
-    classes, the last fifth of them ground truth."""
+    classes, the last fifth of them ground truth; `unlabeled` tasks nobody annotated yet."""
     from pipelines.labelstudio import Studio
     st = Studio(label_studio["conn"])
     title = f"Leaves {uuid.uuid4().hex[:6]}"
@@ -187,18 +188,21 @@ def make_leaf_project(label_studio, *, tasks: int, classes: tuple[str, ...] = CL
     me = st.check()
     rng = np.random.default_rng(1)
 
-    def add(n: int) -> None:
+    def add(n: int, *, annotated: bool = True) -> None:
         rows = []
         for i in range(n):
             label = i % 3
             name = f"leaf-{uuid.uuid4().hex[:8]}.png"
             (folder / name).write_bytes(png(leaf(label, rng)))
-            rows.append({"data": {"picture": f"/data/local-files/?d={folder.name}/{name}"},
-                         "annotations": [{"result": choice_result(classes[label], cfg),
-                                          "completed_by": me, "ground_truth": i >= n * 4 // 5}]})
+            rows.append({"data": {"picture": f"/data/local-files/?d={folder.name}/{name}"}})
+            if annotated:
+                rows[-1]["annotations"] = [{"result": choice_result(classes[label], cfg),
+                                            "completed_by": me, "ground_truth": i >= n * 4 // 5}]
         st.import_tasks(pid, rows)
     if tasks:
         add(tasks)
+    if unlabeled:
+        add(unlabeled, annotated=False)
     return {"id": pid, "title": title, "studio": st, "add": add}
 
 
@@ -296,7 +300,8 @@ def test_a_class_list_changed_in_label_studio_stops_the_pull_and_accept_goes_for
 
 @pytest.mark.slow
 def test_a_full_run_in_the_workspace(leaf_project, studio_env, prefect_api, tmp_path):
-    """pull, evalset freeze and run, all in the workspace with the installed labelgate."""
+    """pull, evalset freeze and run, all in the workspace with the installed labelgate. (Needs
+    dvc.yaml's deps on the packed splits, data/prepared/train and val: the lead's integration.)"""
     ws = workspace.init(tmp_path / "ws", connection=studio_env, project=leaf_project["id"],
                         overrides={"train.epochs": 3, "review.epochs": 1, "review.folds": 2,
                                    "validate.min_per_class": 5})
