@@ -20,6 +20,7 @@ import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -143,13 +144,39 @@ def write(root: str | Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     for stage, module in stamped_stages(doc).items():
         path = root / stamp_path(stage)
-        text = stamp(stage, module)
+        text = stamp(stage, module) + (_warm_start(root) if stage == WARM_STAGE else "")
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, path)
             changed.append(stage)
     return changed
+
+
+WARM_STAGE = "train"
+REGISTRY = Path("models") / "registry" / "production.json"   # registry.POINTER in models/registry
+
+
+def _warm_start(root: Path) -> str:
+    """The one input of `train` that lives outside DVC: with `train.init: production` the
+    candidate starts from the production model, so the stamp names that model's sha256 and a
+    promotion reruns train (and `dvc repro` of an old commit restores the same start, the blob
+    coming back with `labelgate checkout`). With any other init, nothing: a promotion then
+    leaves train alone."""
+    try:
+        init = ((yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {})
+                .get("train") or {}).get("init")
+    except (OSError, yaml.YAMLError):
+        return ""   # the stage itself reports an unreadable params file, with the key
+    if init != "production":
+        return ""
+    try:
+        sha = json.loads((root / REGISTRY).read_text(encoding="utf-8")).get("sha256")
+    except FileNotFoundError:
+        sha = None
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"{root / REGISTRY}: cannot read the production pointer ({exc})") from None
+    return f"# train.init: production -- warm start from {sha or 'nothing yet (from scratch)'}\n"
 
 
 # -- dvc.yaml for a workspace ------------------------------------------------------------------

@@ -1,10 +1,9 @@
-"""dvc.yaml is held to the code: each stage lists exactly the `pipelines`/`validation` files its
-command imports (transitively, as Python would load them), so `dvc repro` reruns a stage
-whenever its code changes; the flow's stage order is DVC's graph; the paths agree with Layout;
-DVC's advice to a command-line user stays out of the flow log."""
+"""dvc.yaml is held to the code: each stage depends on the stamp of the `pipelines`/`validation`
+files its command imports (transitively, as Python would load them: pipelines/codestamp.py), so
+`dvc repro` reruns a stage whenever its code changes; the flow's stage order is DVC's graph; the
+paths agree with Layout; DVC's advice to a command-line user stays out of the flow log."""
 from __future__ import annotations
 
-import ast
 import os
 import re
 import shutil
@@ -15,50 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import dvcrepo
+from pipelines import codestamp, dvcrepo
 from pipelines.layout import Layout
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipelines", "validation")
 CMD_MODULE = re.compile(r"^python -m ((?:pipelines|validation)\.\w+)(?:\s|$)")
-
-
-def module_file(name: str) -> Path | None:
-    """The file Python would load for module `name` in the repo, if it is ours."""
-    for candidate in (REPO / (name.replace(".", "/") + ".py"),
-                      REPO / name.replace(".", "/") / "__init__.py"):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def imported(path: Path) -> set[str]:
-    """Our modules `path` imports anywhere (top level or inside a function: a lazy import runs
-    too), including the parent packages Python imports on the way."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"{path}: relative import; use `from pipelines import ...`"
-            names.add(node.module)
-            # `from pipelines import audit` imports the module pipelines.audit
-            names.update(f"{node.module}.{a.name}" for a in node.names
-                         if module_file(f"{node.module}.{a.name}"))
-    ours = {n for n in names if n.split(".")[0] in PACKAGES and module_file(n)}
-    return ours | {".".join(n.split(".")[:i]) for n in ours for i in range(1, n.count(".") + 1)}
-
-
-def closure(module: str) -> set[str]:
-    """Repo-relative files of `module` and everything it imports from our packages."""
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        todo.extend(imported(module_file(name)))
-    return {module_file(n).relative_to(REPO).as_posix() for n in seen}
 
 
 def stage_module(cmd: str) -> str:
@@ -78,33 +39,57 @@ def test_package_inits_are_empty():
 
 
 @pytest.mark.parametrize("stage", list(GRAPH))
-def test_stage_lists_exactly_the_code_it_imports(stage):
+def test_each_stage_depends_on_the_stamp_of_the_code_it_runs(stage):
     spec = GRAPH[stage]
     module = stage_module(spec["cmd"])
     assert module == f"pipelines.{stage}", "one stage = one module = one command, named alike"
-    want = {f for f in closure(module) if not f.endswith("__init__.py")}
-    listed = {d for d in spec["deps"] if d.endswith(".py")}
-    missing, extra = sorted(want - listed), sorted(listed - want)
-    assert not missing and not extra, (
-        f"dvc.yaml stage {stage!r}: code deps differ from what `python -m {module}` imports.\n"
-        f"  missing (add): {missing}\n  not imported (remove): {extra}\n"
-        "  the whole list:\n" + "".join(f"      - {f}\n" for f in sorted(want)))
-    # no folder of code either: a stage reruns for what it imports, not for any edit
-    assert not [d for d in spec["deps"] if d.split("/")[0] in PACKAGES and not d.endswith(".py")]
+    # no code file as a dep: in a workspace (labelgate pip-installed) there is none to name
+    assert not [d for d in spec["deps"] if d.split("/")[0] in PACKAGES]
+    if stage == codestamp.STAGE:
+        assert spec["outs"] == [codestamp.STAMPS.as_posix()] and spec["uncached"] == spec["outs"]
+    else:
+        assert codestamp.stamp_path(stage) in spec["deps"]
+    doc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert doc["stages"][codestamp.STAGE].get("always_changed") is True
+    assert set(codestamp.stamped_stages(doc)) == set(GRAPH) - {codestamp.STAGE}
+    # a workspace gets this very file
+    assert codestamp.workspace_dvc_yaml((REPO / "dvc.yaml").read_text()) == \
+        (REPO / "dvc.yaml").read_text()
 
 
 def test_closure_follows_lazy_and_from_imports():
     """The derivation itself: gate.main's lazy `from pipelines import settings` and
     `from validation import regression` are followed, and regression's stats import too."""
-    files = closure("pipelines.gate")
+    files = set(codestamp.closure("pipelines.gate"))
     assert {"pipelines/settings.py", "validation/regression.py", "pipelines/stats.py",
             "validation/__init__.py"} <= files
     assert "pipelines/train.py" not in files
 
 
+def test_warm_start_names_the_production_model_in_the_train_stamp(tmp_path):
+    """With train.init: production the train stamp names production's sha256, so a promotion
+    reruns train (and only train); with scratch a promotion changes no stamp."""
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "train": {**params["train"], "init": "scratch"}}))
+    codestamp.write(tmp_path)
+    before = {p.name: p.read_text() for p in (tmp_path / codestamp.STAMPS).iterdir()}
+    pointer = tmp_path / codestamp.REGISTRY
+    pointer.parent.mkdir(parents=True)
+    pointer.write_text('{"sha256": "' + "ab" * 32 + '"}')
+    assert codestamp.write(tmp_path) == []
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "train": {**params["train"], "init": "production"}}))
+    assert codestamp.write(tmp_path) == ["train"]
+    assert "ab" * 32 in (tmp_path / codestamp.stamp_path("train")).read_text()
+    pointer.write_text('{"sha256": "' + "cd" * 32 + '"}')
+    assert codestamp.write(tmp_path) == ["train"]
+    after = {p.name: p.read_text() for p in (tmp_path / codestamp.STAMPS).iterdir()}
+    assert {k for k in before if before[k] != after[k]} == {"train.sha256"}
+
+
 def test_the_decision_depends_on_the_evaluation_and_gate_params_alone():
     gate = GRAPH["gate"]
-    data = [d for d in gate["deps"] if not d.endswith(".py")]
+    data = [d for d in gate["deps"] if d != codestamp.stamp_path("gate")]
     assert data == ["reports/evaluation"]
     assert gate["params"] == ["gate"]
     assert "reports/latency.json" not in gate["deps"]
