@@ -129,6 +129,8 @@ def ensure(prepared_dir: str | Path, eval_dir: str | Path, out_dir: str | Path,
            registry_dir: str | Path, *, params: Params, eval_hash: str) -> dict | None:
     """Calibrate when `needed` says so (the flow calls this once a project has a production
     model, so the second candidate is judged with this project's margins); None when current."""
+    if params.gate.calibration_seeds == 0:  # the user's choice: configured margins alone
+        return None
     reason = needed(registry_dir, eval_hash=eval_hash, params=params)
     if reason is None:
         return None

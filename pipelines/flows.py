@@ -18,7 +18,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from pipelines import dvcrepo, lineage, preannotate, promote, pull, rawstore, review
+from pipelines import (calibrate, dvcrepo, lineage, preannotate, promote, pull, rawstore,
+                       registry, review)
 from pipelines.files import (Busy, atomic_write_json, exclusive, read_json, read_jsonl, sha256_file,
                              utc_now)
 from pipelines.labelstudio import LabelStudioError, Studio
@@ -118,7 +119,20 @@ def flag_task(root: str) -> dict:
     studio = _studio(layout, params)
     project_id = studio.require_project(params.studio.project_title)
     return review.flag(studio, project_id, read_jsonl(layout.review / "suspects.jsonl"),
-                       read_jsonl(layout.prepared / "resolved.jsonl"), layout.review_ledger)
+                       read_jsonl(layout.prepared / "resolved.jsonl"), layout.review_ledger,
+                       limit=read_json(layout.review / "summary.json")["flag_limit"])
+
+
+@task(name="calibrate")
+def calibrate_task(root: str, eval_hash: str) -> dict | None:
+    """Seed-to-seed noise of this project's recipe (models/registry/noise.json), once a
+    project has a production model and again when the eval set or recipe changes: from then
+    on the gate's margins are at least noise_z x that spread (pipelines/calibrate.py)."""
+    layout, params = Layout(root), load(Path(root) / "params.yaml")
+    if registry.production(layout.registry) is None:
+        return None
+    return calibrate.ensure(layout.prepared, layout.eval, layout.state / "calibration",
+                            layout.registry, params=params, eval_hash=eval_hash)
 
 
 @flow(name="labelgate-retrain", log_prints=True)
@@ -175,6 +189,7 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
     # every run, whatever the verdict: production may have moved since the last one
     pre = preannotate_task(root)
     flags = flag_task(root)
+    calibration = calibrate_task(root, decision.eval_hash)
     summary = {"status": "done", "finished_at": utc_now(), "dataset_version": version,
                "changed": changed, "stages": stages, "dvc_lock": _lock_hash(layout),
                "pull": pulled, "validate": read_json(layout.validated / "summary.json"),
@@ -183,7 +198,7 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
                "verdict": decision.verdict, "candidate_accuracy": decision.candidate_accuracy,
                "production_accuracy": decision.production_accuracy,
                "eval_hash": decision.eval_hash, "lineage": lin, "promotion": event,
-               "preannotate": pre,
+               "preannotate": pre, "calibration": calibration,
                "review": {**read_json(layout.review / "summary.json"), **flags},
                "report": str(layout.report_html)}
     atomic_write_json(layout.last_run, summary)

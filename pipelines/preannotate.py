@@ -69,7 +69,10 @@ def _sync(studio: Studio, project_id: int, registry_dir: Path, *, params: Params
         pushed = studio.create_predictions(project_id, [
             {"task": task_id, "model_version": version, "score": round(p.certainty, 5),
              "result": choice_result(p.label, config)} for task_id, p in ready])
-    studio.set_uncertainty_queue(project_id, version)
+    # Label Studio refuses (400) a queue model_version no prediction carries: a project whose
+    # tasks are all labeled (or whose unlabeled images all failed) has no queue to order yet
+    if pushed or any(p["model_version"] == version for t in unlabeled for p in t["predictions"]):
+        studio.set_uncertainty_queue(project_id, version)
     # the same order as a Data Manager tab, for people who pick tasks from the list
     studio.ensure_view(project_id, QUEUE_VIEW, {
         "filters": {"conjunction": "and", "items": [

@@ -336,7 +336,8 @@ _RULES: dict[str, Rule] = {
     "gate.min_class_recall": ((lambda v: v is None or 0.0 <= v <= 1.0),
                               "null (above chance, 1/number of classes) or between 0 and 1"),
     "gate.noise_z": _between(0.0, 10.0),   # standard deviations of a seed-to-seed difference
-    "gate.calibration_seeds": _between(2, 20),
+    "gate.calibration_seeds": ((lambda v: v == 0 or 2 <= v <= 20),
+                               "0 (never calibrate: the configured margins alone) or 2 to 20"),
     "gate.max_compute_ratio": ((lambda v: v is None or 0.0 < v <= 1000.0),
                                "null (no budget relative to production) or above 0, e.g. 1.25"),
     "gate.max_size_ratio": ((lambda v: v is None or 0.0 < v <= 1000.0),

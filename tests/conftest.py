@@ -102,7 +102,10 @@ def write_params(path: Path, **overrides) -> None:
 
 
 def make_workspace(root: Path, **param_overrides) -> Path:
-    """A labelgate workspace as a user has it: the code, dvc.yaml, params.yaml, git + DVC."""
+    """A labelgate workspace as a user has it: the code, dvc.yaml, params.yaml, git + DVC.
+    Seed-noise calibration (k extra trainings after the first promotion) is off unless a test
+    asks for it: test_flows' gate-against-production test runs it through the flow."""
+    param_overrides.setdefault("gate.calibration_seeds", 0)
     root.mkdir(parents=True, exist_ok=True)
     for folder in ("pipelines", "validation"):
         shutil.copytree(REPO / folder, root / folder,

@@ -342,10 +342,14 @@ def test_rollback_goes_back_to_the_previous_model(fresh_world, capsys):
 
 @pytest.mark.slow
 def test_new_labels_retrain_and_gate_against_production(fresh_world):
-    world = fresh_world()
+    world = fresh_world(**{"gate.calibration_seeds": 2})
     project, layout = world["project"], world["layout"]
     st = project["studio"]
     first_prod = registry.production(layout.registry)
+    # the first promotion measured this project's seed noise, once
+    assert len(world["first"]["calibration"]["seeds"]) == 2, world["first"]["calibration"]
+    noise_file = layout.registry / "noise.json"
+    assert noise_file.exists()
     # an annotator labels five of the pre-annotated tasks
     user = st.check()
     for task in st.unlabeled_tasks(project["id"])[:5]:
@@ -362,6 +366,9 @@ def test_new_labels_retrain_and_gate_against_production(fresh_world):
     assert "accuracy vs production" in names and any(n.startswith("recall of class") for n in names)
     ledger = registry.ledger(layout.registry)
     assert [e["event"] for e in ledger].count("candidate") == 2
+    # ... and the second candidate was judged with it (no recalibration: same eval set, recipe)
+    assert read_json(layout.evaluation)["seed_noise"]["seeds"]
+    assert summary["calibration"] is None
 
 
 # -- commands that need no trained workspace ---------------------------------------------------

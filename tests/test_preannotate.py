@@ -180,3 +180,17 @@ def test_a_rollback_killed_before_its_sync_is_finished_by_its_re_run(make_projec
     assert [e["event"] for e in registry.ledger(w["reg"])].count("rolled_back") == 1
     assert set(map(tuple, unlabeled_versions(w["st"], w["pid"]).values())) == {(m2,)}
     assert w["st"].queue_settings(w["pid"])["model_version"] == m2
+
+
+def test_a_project_with_every_task_labeled_syncs_without_a_queue(make_project, tmp_path):
+    """No unlabeled task: nothing to pre-annotate and no queue to order. Label Studio refuses
+    (HTTP 400) an uncertainty queue for a model_version no prediction carries, which once
+    failed the flow right after a PASS."""
+    project = make_project(limit=20, eval_tasks=4, unlabeled_tasks=0)
+    st, pid = project["studio"], project["id"]
+    assert st.unlabeled_tasks(pid) == []
+    reg = tmp_path / "registry"
+    model_id = make_production(reg, tmp_path, seed=11)
+    params = factories.params({"train.device": "cpu", "studio.project_title": project["title"]})
+    result = preannotate.run(st, pid, reg, params=params)
+    assert result["pushed"] == 0 and result["model_version"] == model_id, result
