@@ -161,15 +161,22 @@ def cmd_reject(args, layout: Layout, params) -> int:
 
 def cmd_calibrate(args, layout: Layout, params) -> int:
     from pipelines import calibrate
-    out = layout.root / "reports" / "calibration"
-    result = calibrate.run(layout.prepared, layout.eval, out, params=params, seeds=args.seeds)
+    out = layout.state / "calibration"
+    # asked for by name, it runs even where the flow never calibrates (calibration_seeds: 0)
+    seeds = args.seeds or params.gate.calibration_seeds or 3
+    result = calibrate.run(layout.prepared, layout.eval, out, params=params, seeds=seeds,
+                           registry_dir=layout.registry)
     acc = result["accuracy"]
-    print(f"{args.seeds} seeds: fixed-eval accuracy {acc['mean']:.4f} ± {acc['std']:.4f} "
-          f"(min {acc['min']:.4f}, max {acc['max']:.4f})")
-    print("proposed gate margins (largest seed-to-seed difference, rounded up):")
+    print(f"{len(result['seeds'])} seeds: fixed-eval accuracy {acc['mean']:.4f} ± "
+          f"{acc['std']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})")
+    print(f"the gate's margins from now on (the configured ones, widened to gate.noise_z "
+          f"{params.gate.noise_z:g} x the seed spread):")
     for key, value in result["proposed"].items():
-        print(f"  {key}: {value}    # now {result['current'][key]}")
-    print(f"details: {out / 'calibration.json'}; edit params.yaml `gate` to adopt them")
+        print(f"  {key}: {value}    # configured {result['current'][key]}")
+    worst = result["widest_recall_margin"]
+    print(f"  widest class recall margin: {worst['margin']:.3f} ({worst['class']!r})")
+    print(f"stored in {layout.registry / 'noise.json'} (the flow recalibrates when the eval set "
+          f"or the recipe changes); details: {out / 'calibration.json'}")
     return 0
 
 
@@ -499,9 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--override-fail", action="store_true",
                            help="approve a candidate that FAILED the gate (recorded)")
         s.set_defaults(fn=fn)
-    s = sub.add_parser("calibrate", help="retrain with k seeds; propose gate margins from the "
-                       "measured noise")
-    s.add_argument("--seeds", type=int, default=5)
+    s = sub.add_parser("calibrate", help="retrain with k seeds; the gate's margins follow the "
+                       "measured seed noise (the flow does this once production exists)")
+    s.add_argument("--seeds", type=int, default=None,
+                   help="trainings (default: gate.calibration_seeds)")
     s.set_defaults(fn=cmd_calibrate)
     s = sub.add_parser("history", help="the ledger: every candidate and decision")
     s.add_argument("--limit", type=int, default=50)
