@@ -12,6 +12,7 @@ registry command, and re-running promote for the same candidate only finishes it
 from __future__ import annotations
 
 import argparse
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -23,15 +24,24 @@ from pipelines.records import (FAIL, INCONCLUSIVE, PASS, Candidate, Decision, Pe
 
 
 def code_version(root: str | Path = ".") -> str:
-    """git commit of the code that built the candidate (`+dirty` with uncommitted changes)."""
+    """What built the candidate: labelgate's version and the sha256 of the train stage's code
+    stamp (.labelgate/code/train.sha256: every module train imports), then the git commit of
+    `root` (`+dirty` with uncommitted changes). In labelgate's checkout that commit is the
+    code's; in a workspace made by `labelgate init` it is the user's data repository, and the
+    stamp is what names the code."""
+    from pipelines import codestamp
+    stamp = Path(root) / codestamp.stamp_path("train")
+    code = (f"labelgate {codestamp.version()} train-code "
+            f"{hashlib.sha256(stamp.read_bytes()).hexdigest()[:12]}" if stamp.exists()
+            else f"labelgate {codestamp.version()}")
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev + ("+dirty" if dirty else "")
+        return f"{code}; git unknown"
+    return f"{code}; git {rev}" + ("+dirty" if dirty else "")
 
 
 def run(model_file: str | Path, decision_path: str | Path, registry_dir: str | Path, *,

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from pipelines import cli, dvcrepo, gate, lineage, promote, registry
+from pipelines import cli, codestamp, dvcrepo, gate, lineage, promote, registry
 from pipelines.files import sha256_file
 from pipelines.labelconfig import choice_result
 from pipelines.layout import Layout
@@ -291,7 +291,11 @@ def test_two_real_candidates_and_checkout_of_the_first_from_the_remote(
     for cand, run in zip((cands[i] for i in ids), (first, second)):
         lin = cand["lineage"]
         assert lin["remote"] == "backup" and lin["commit"] == run["lineage"]["commit"]
-        assert cand["code_version"].startswith(lin["commit"])
+        # the code: labelgate's version + the train stamp's hash; then the workspace's commit
+        stamp = (root / ".labelgate" / "code" / "train.sha256").read_bytes()
+        assert cand["code_version"].startswith(
+            f"labelgate {codestamp.version()} train-code {hashlib.sha256(stamp).hexdigest()[:12]}")
+        assert f"; git {lin['commit']}" in cand["code_version"]
         lock = subprocess.run(["git", "show", f"{lin['commit']}:dvc.lock"], cwd=root,
                               capture_output=True, check=True).stdout
         assert hashlib.sha256(lock).hexdigest() == lin["dvc_lock"]
