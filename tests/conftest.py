@@ -13,6 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+# As `labelgate` sets it for every stage (pipelines/cli.py): idle OpenMP threads sleep, so the
+# suite's trainings do not spin against each other and the servers on a 2-core machine. Before
+# any test module imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
