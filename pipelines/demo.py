@@ -67,7 +67,8 @@ def seed(studio: Studio, project_id: int, files_root: Path, classes: tuple[str, 
     folder = files_root / ds.folder
     names, truth = write_dataset(folder, ds)
     names, truth = names[:limit], truth[:limit]
-    studio.add_local_storage(project_id, str(folder))
+    # Label Studio compares the path with its document root as text: no symlinks in it
+    studio.add_local_storage(project_id, str(folder.resolve()))
     users = [studio.ensure_user(name) for name in ANNOTATORS]
     reviewer = studio.check()
     rng = np.random.default_rng(seed)
