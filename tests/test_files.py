@@ -37,22 +37,24 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
 
 
-def test_prepare_never_follows_a_symlink_planted_at_its_old_temp_name(tmp_path):
-    """data/prepared/train.tmp.npz was a fixed name opened with symlinks followed: a link there
-    made prepare write the training pack wherever it pointed."""
+def test_prepare_never_writes_through_a_symlink_planted_at_a_split(tmp_path):
+    """A split is a folder written beside its target under a random temp name and renamed into
+    place (pipelines/packed.py): a link planted at data/prepared/train (once, at the fixed
+    temp name train.tmp.npz) is moved aside, never followed, and what it points at stays."""
     build_prepare_inputs(tmp_path)
-    outside = tmp_path / "outside.bin"
-    outside.write_bytes(b"precious")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.npy").write_bytes(b"precious")
     out = tmp_path / "prepared"
     out.mkdir()
-    for name in ("train.tmp.npz", "val.tmp.npz"):
-        (out / name).symlink_to(outside)
-    (out / "train.npz").symlink_to(outside)   # and one at the target itself
+    (out / "train").symlink_to(outside, target_is_directory=True)
+    (out / "val").symlink_to(outside / "x.npy")
     run_prepare(tmp_path)
-    assert outside.read_bytes() == b"precious"
-    assert not (out / "train.npz").is_symlink()
-    with np.load(out / "train.npz") as z:
-        assert len(z["y"]) > 0
+    assert (outside / "x.npy").read_bytes() == b"precious"
+    assert sorted(p.name for p in outside.iterdir()) == ["x.npy"]
+    for split in ("train", "val"):
+        assert not (out / split).is_symlink() and (out / split).is_dir()
+    assert len(np.load(out / "train" / "y.npy")) > 0
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
