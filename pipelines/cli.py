@@ -481,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the flow")
     from pipelines import datasets
     s.add_argument("--dataset", default="digits", choices=datasets.names(),
-                   help="digits: 1,797 gray digit scans, in this checkout; emoji: 1,884 colour "
-                   "Twemoji drawings in 9 Unicode groups, in its own workspace under "
+                   help="digits: 1,797 gray digit scans, in this checkout; emoji: 1,319 colour "
+                   "Twemoji drawings in 6 Unicode groups, in its own workspace under "
                    ".labelgate/demos/")
     s.set_defaults(fn=cmd_demo)
     s = sub.add_parser("pull", help="pull new/changed annotations into data/raw (dvc add)")

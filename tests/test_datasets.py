@@ -13,8 +13,7 @@ from PIL import Image
 from pipelines import datasets
 
 EMOJI_COUNTS = {"Smileys & Emotion": 168, "People & Body": 385, "Animals & Nature": 153,
-                "Food & Drink": 135, "Travel & Places": 218, "Activities": 85, "Objects": 262,
-                "Symbols": 209, "Flags": 269}
+                "Food & Drink": 135, "Symbols": 209, "Flags": 269}
 SKIN_TONES = ("1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff")
 
 
@@ -28,18 +27,17 @@ def test_emoji_is_the_twemoji_set_with_its_unicode_groups(emoji):
     ds, items = emoji
     assert ds.classes == tuple(EMOJI_COUNTS)
     counts = collections.Counter(ds.classes[i.label] for i in items)
-    assert dict(counts) == EMOJI_COUNTS and len(items) == 1884
+    assert dict(counts) == EMOJI_COUNTS and len(items) == 1319
     assert len({i.name for i in items}) == len(items)
     assert not [i.name for i in items if any(t in i.name for t in SKIN_TONES)]
     by_name = {i.name: ds.classes[i.label] for i in items}
-    # a few whose group anyone can check: grinning face, dog, red apple, airplane, soccer
-    # ball, light bulb, red heart, the Japanese flag
+    # a few whose group anyone can check: grinning face, dog, red apple, red heart, the
+    # Japanese flag, a person; an airplane, a soccer ball and a light bulb are in the groups
+    # the demo leaves out
     assert by_name["emoji-1f600.png"] == "Smileys & Emotion"
     assert by_name["emoji-1f415.png"] == "Animals & Nature"
     assert by_name["emoji-1f34e.png"] == "Food & Drink"
-    assert by_name["emoji-2708.png"] == "Travel & Places"
-    assert by_name["emoji-26bd.png"] == "Activities"
-    assert by_name["emoji-1f4a1.png"] == "Objects"
+    assert not {"emoji-2708.png", "emoji-26bd.png", "emoji-1f4a1.png"} & set(by_name)
     assert by_name["emoji-2764.png"] == "Smileys & Emotion"  # Unicode files hearts there
     assert by_name["emoji-1f1ef-1f1f5.png"] == "Flags"
     assert by_name["emoji-1f9d1.png"] == "People & Body"
@@ -91,10 +89,10 @@ def test_stratified_eval_keeps_every_class_above_the_gate_support(emoji):
     roles = datasets.eval_roles(labels, eval_tasks=ds.eval_tasks,
                                 unlabeled_tasks=ds.unlabeled_tasks, classes=len(ds.classes),
                                 stratified=True)
-    assert collections.Counter(roles) == {"eval": 480, "unlabeled": 100, "labeled": 1304}
+    assert collections.Counter(roles) == {"eval": 330, "unlabeled": 100, "labeled": 889}
     per_class = collections.Counter(label for label, r in zip(labels, roles) if r == "eval")
     for c, n in EMOJI_COUNTS.items():
-        share = 480 * n / 1884
+        share = 330 * n / 1319
         assert abs(per_class[ds.classes.index(c)] - share) < 1, c  # proportional
         assert per_class[ds.classes.index(c)] >= 20                 # gate.min_class_support
 
