@@ -224,7 +224,7 @@ class Studio(Transport):
         with self._call("creating the project"):
             project = self._client.projects.create(
                 title=title, label_config=label_config(classes),
-                description="Managed by labelgate: pick the digit you see.")
+                description="Managed by labelgate: pick the class the image shows.")
         return project.id, True
 
     def add_local_storage(self, project_id: int, path: str) -> None:
