@@ -9,7 +9,6 @@ pipelines/codestamp.py), .gitignore, .dvcignore, a README, git + DVC, and a firs
 """
 from __future__ import annotations
 
-import io
 import statistics
 from dataclasses import dataclass
 from importlib import resources
@@ -117,10 +116,11 @@ def sample_images(studio, project: Project, *, n: int = SAMPLE_IMAGES,
 def _chroma(data: bytes) -> float:
     """Mean spread between the colour channels (0 = gray), on a <= 64 px thumbnail."""
     import numpy as np
-    from PIL import Image
-    img = Image.open(io.BytesIO(data))
-    img.draft("RGB", (64, 64))   # JPEG: decode at reduced size
-    img = img.convert("RGB")
+    from pipelines import images
+    # within the decode budgets, JPEG at reduced size, transparency composited (on white, as a
+    # browser shows it) without Pillow's palette-transparency warning per image
+    img = images.convert(images.decode(data, draft=lambda w, h: (64, 64)), channels=3,
+                         background=(255, 255, 255))
     img.thumbnail((64, 64))
     x = np.asarray(img, dtype=np.int16)
     return float((x.max(axis=2) - x.min(axis=2)).mean())
