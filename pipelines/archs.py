@@ -137,23 +137,26 @@ def resnet18(spec: InputSpec) -> tuple[nn.Module, int]:
     return m, dim
 
 
-def mobilenet_v3_large(spec: InputSpec) -> tuple[nn.Module, int]:
-    """torchvision's MobileNetV3-Large; features are the 1280-wide penultimate layer."""
+def _torchvision_classifier(name: str, spec: InputSpec) -> tuple[nn.Module, int]:
+    """A torchvision net whose stem is `features[0][0]` and whose last layer is
+    `classifier[-1]` (MobileNetV3, EfficientNet): stem for `spec.channels`, features are the
+    penultimate layer."""
     from torchvision import models
-    m = models.mobilenet_v3_large(weights=None)
+    m = getattr(models, name)(weights=None)
     m.features[0][0] = _channels(m.features[0][0], spec.channels)
     dim = m.classifier[-1].in_features
     m.classifier[-1] = nn.Identity()
     return m, dim
+
+
+def mobilenet_v3_large(spec: InputSpec) -> tuple[nn.Module, int]:
+    """torchvision's MobileNetV3-Large; features are the 1280-wide penultimate layer."""
+    return _torchvision_classifier("mobilenet_v3_large", spec)
 
 
 def efficientnet_b0(spec: InputSpec) -> tuple[nn.Module, int]:
-    from torchvision import models
-    m = models.efficientnet_b0(weights=None)
-    m.features[0][0] = _channels(m.features[0][0], spec.channels)
-    dim = m.classifier[-1].in_features
-    m.classifier[-1] = nn.Identity()
-    return m, dim
+    """torchvision's EfficientNet-B0; features are the 1280-wide pooled layer."""
+    return _torchvision_classifier("efficientnet_b0", spec)
 
 
 # -- legacy ---------------------------------------------------------------------------------------

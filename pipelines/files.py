@@ -39,7 +39,8 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by path (a folder: so a rename into it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -99,7 +100,7 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -179,7 +180,7 @@ def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
         f.flush()
         os.fsync(f.fileno())
     if created:
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 class Busy(RuntimeError):

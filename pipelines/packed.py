@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import inputspec
+from pipelines.files import fsync_path
 from pipelines.images import BadImage
 from pipelines.inputspec import InputSpec
 
@@ -50,14 +51,6 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.y)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _clean_stale(parent: Path) -> None:
@@ -112,7 +105,7 @@ def write_split(out_dir: str | Path, blobs: Iterable[bytes], *, y: Sequence[int]
         (tmp / "spec.json").write_text(json.dumps(spec.to_json(), indent=2, sort_keys=True)
                                        + "\n")
         for name in FILES:
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         old = None
         if out_dir.exists() or out_dir.is_symlink():
@@ -121,7 +114,7 @@ def write_split(out_dir: str | Path, blobs: Iterable[bytes], *, y: Sequence[int]
             os.rmdir(old)
             os.replace(out_dir, old)  # a symlink at out_dir is moved, never followed
         os.replace(tmp, out_dir)
-        _fsync(out_dir.parent)
+        fsync_path(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
