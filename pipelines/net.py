@@ -241,9 +241,15 @@ def predict_proba(model: nn.Module, x: np.ndarray | torch.Tensor, *, device: tor
     """`(N, H, W, C)` uint8 -> `(N, K)` float32 class probabilities. fp32 even on CUDA: the
     gate compares rounded probabilities, and bf16 would move them by ~1e-2."""
     model.eval()
-    xs = torch.as_tensor(x)
-    out = [torch.softmax(model(as_nchw(xs[i:i + batch_size].to(device))).float(), dim=1).cpu()
-           for i in range(0, len(xs), batch_size)]
+
+    def batch(i: int) -> torch.Tensor:
+        # a batch at a time: `x` may be a read-only memory map bigger than memory (a packed
+        # split), which torch would otherwise wrap whole, warning that it is not writable
+        part = x[i:i + batch_size]
+        return (part if isinstance(part, torch.Tensor)
+                else torch.from_numpy(np.array(part, dtype=np.uint8, copy=True))).to(device)
+    out = [torch.softmax(model(as_nchw(batch(i))).float(), dim=1).cpu()
+           for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
