@@ -69,6 +69,17 @@ class Pull:
 
 
 @dataclass(frozen=True)
+class Storage:
+    """Object storage labelgate reads and writes itself, with the user's own credentials
+    (the standard AWS chain: AWS_* variables, ~/.aws files, `profile`), never Label Studio's key."""
+    buckets: tuple[str, ...]  # the only buckets read or written; () = none (images via Label Studio)
+    endpoint_url: str         # "" = AWS S3; an S3-compatible server's URL otherwise
+    region: str               # "" = from the environment / profile
+    profile: str              # "" = the default credential chain
+    workers: int              # concurrent object reads
+
+
+@dataclass(frozen=True)
 class Validate:
     allowed_modes: tuple[str, ...]
     min_side: int
@@ -109,6 +120,9 @@ class Train:
     device: str
     compile: bool          # torch.compile on CUDA
     deterministic: bool
+    pool: str              # Prefect work pool whose `labelgate-train` deployment trains; "" = here
+    exchange: str          # s3://bucket/prefix where a pool's training job and model travel
+    pool_timeout_s: float  # how long a run waits for the training pool (queue + training)
 
 
 @dataclass(frozen=True)
@@ -149,6 +163,7 @@ class Gate:
     max_size_ratio: float | None       # judged: at most this x production's file size
     critical_task_ids: tuple[int, ...]
     on_inconclusive: str
+    reviewer_wait_s: float           # ask_reviewer: how long the paused run waits for an answer
 
 
 @dataclass(frozen=True)
@@ -156,6 +171,7 @@ class Schedule:
     cron: str
     min_new_labels: int     # `labelgate serve` also runs when this many new resolved labels exist
     check_every_s: float    # how often it looks (the debounce: a burst causes one run)
+    pool: str               # Prefect work pool the retraining deployment runs on; "" = in `serve`
 
 
 @dataclass(frozen=True)
@@ -170,6 +186,7 @@ class Params:
     input: Input
     studio: Studio
     pull: Pull
+    storage: Storage
     validate: Validate
     prepare: Prepare
     train: Train
@@ -261,6 +278,27 @@ def _is_origin(value: str) -> bool:
             and value.isprintable() and " " not in value)
 
 
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _is_bucket(value: str) -> bool:
+    return _BUCKET.fullmatch(value) is not None and ".." not in value
+
+
+def _is_pool(value: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}", value) is not None
+
+
+def _is_s3_prefix(value: str) -> bool:
+    """s3://bucket/prefix with a valid bucket and a plain relative prefix (no dot segments)."""
+    if not value.startswith("s3://") or len(value) > 1024 or not value.isprintable():
+        return False
+    bucket, _, prefix = value[5:].partition("/")
+    segments = [p for p in prefix.split("/") if p]
+    return (_is_bucket(bucket) and " " not in prefix and "\\" not in prefix
+            and all(p not in (".", "..") for p in segments))
+
+
 _CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?#-]{1,60}")
 
 # train.arch's choices besides `auto`: pipelines/archs.py's trainable architectures (tests hold
@@ -299,6 +337,17 @@ _RULES: dict[str, Rule] = {
     "pull.image_hosts": ((lambda v: len(v) <= 100 and all(_is_origin(o) for o in v)),
                          "a list of origins like https://bucket.example.com (scheme and host, "
                          "optional port; no path, query or user; at most 100)"),
+    "storage.buckets": ((lambda v: len(v) <= 100 and all(_is_bucket(b) for b in v)),
+                        "a list of S3 bucket names (3-63 lower-case letters, digits, dots and "
+                        "hyphens; at most 100)"),
+    "storage.endpoint_url": ((lambda v: v == "" or _is_origin(v)),
+                             "\"\" (AWS) or an origin like http://127.0.0.1:9000 (scheme, host, "
+                             "optional port; no path, query or user)"),
+    "storage.region": ((lambda v: v == "" or re.fullmatch(r"[a-z0-9-]{2,40}", v) is not None),
+                       "\"\" or a region name such as eu-west-1"),
+    "storage.profile": ((lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9_.+-]{1,64}", v) is not None),
+                        "\"\" or an AWS profile name (letters, digits, _.+-)"),
+    "storage.workers": _between(1, 256),
     "validate.allowed_modes": ((lambda v: 1 <= len(v) <= len(PIL_MODES) and len(set(v)) == len(v)
                                 and set(v) <= set(PIL_MODES)),
                                "a non-empty list of distinct Pillow modes from " + ", ".join(PIL_MODES)),
@@ -357,6 +406,7 @@ _RULES: dict[str, Rule] = {
     "gate.critical_task_ids": ((lambda v: len(v) <= 100_000 and all(1 <= i < 2**63 for i in v)),
                                "a list of at most 100000 Label Studio task ids (positive integers)"),
     "gate.on_inconclusive": _one_of("keep_production", "ask_reviewer"),
+    "gate.reviewer_wait_s": _between(1.0, 90 * 86_400.0),  # seconds: up to 90 days
     "review.folds": _between(2, 20),
     "review.epochs": _between(1, 10_000),
     "review.method": _one_of("auto", "cnn_folds", "frozen_features"),
@@ -365,6 +415,13 @@ _RULES: dict[str, Rule] = {
     "preannotate.uncertainty": _one_of("margin", "entropy"),
     "schedule.min_new_labels": _between(1, 10_000_000),
     "schedule.check_every_s": _between(1.0, 7 * 86_400.0),  # seconds: one second to a week
+    "schedule.pool": ((lambda v: v == "" or _is_pool(v)), "\"\" or a work pool name "
+                      "(letters, digits, - and _; at most 100)"),
+    "train.pool": ((lambda v: v == "" or _is_pool(v)), "\"\" or a work pool name "
+                   "(letters, digits, - and _; at most 100)"),
+    "train.exchange": ((lambda v: v == "" or _is_s3_prefix(v)),
+                       "\"\" or s3://BUCKET/PREFIX (a bucket listed in storage.buckets)"),
+    "train.pool_timeout_s": _between(60.0, 30 * 86_400.0),  # seconds: a minute to 30 days
     "lineage.push": _one_of("auto", "always", "never"),
     "schedule.cron": ((lambda v: len(v) <= 200 and len(v.split()) == 5
                        and all(_CRON_FIELD.fullmatch(f) for f in v.split())),
@@ -469,6 +526,13 @@ def parse(raw: object, *, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source}: input.mean and input.std must both be [] (measured) or "
                           f"both given, got {len(params.input.mean)} and "
                           f"{len(params.input.std)} values")
+    if params.train.pool and not params.train.exchange:
+        raise ParamsError(f"{source}: train.pool {params.train.pool!r} needs train.exchange "
+                          "(s3://BUCKET/PREFIX): the training job and the model travel there")
+    exchange_bucket = params.train.exchange[5:].partition("/")[0]
+    if exchange_bucket and exchange_bucket not in params.storage.buckets:
+        raise ParamsError(f"{source}: train.exchange's bucket {exchange_bucket!r} is not listed "
+                          "in storage.buckets (only listed buckets are read or written)")
     if params.validate.min_side > params.validate.max_side:
         raise ParamsError(f"{source}: validate.min_side must not exceed validate.max_side "
                           f"(got {params.validate.min_side} > {params.validate.max_side})")

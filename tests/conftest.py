@@ -72,6 +72,24 @@ def prefect_api(tmp_path_factory):
     prefect.context.refresh_global_settings_context()
 
 
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 API (moto's S3 service, tests/s3server.py) on 127.0.0.1 for the session. Its
+    `env()` holds the AWS variables clients read; tests create their own buckets (uuid names)."""
+    from tests import s3server
+    server = s3server.start(log=tmp_path_factory.mktemp("s3") / "s3server.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """This test's process sees the S3 server's credentials (as a user's AWS_* variables)."""
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    return s3
+
+
 def _drain_prefect_workers() -> None:
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
