@@ -208,9 +208,17 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
 DEPLOYMENT = "labelgate-retrain/labelgate-retrain"  # flow name / deployment name
 
 
-def deployment(root: str, cron: str):
-    """The retraining flow as a Prefect deployment on `cron` (params.yaml `schedule.cron`)."""
+def deployment(root: str, cron: str, *, pool: str = "", env: dict[str, str] | None = None):
+    """The retraining flow as a Prefect deployment on `cron` (params.yaml `schedule.cron`).
+
+    `pool` "": for `labelgate serve`, which runs it in its own process. A work pool name: run
+    by that pool's workers (pipelines/workpool.py registers it), which import the flow by
+    module path (`pipelines.flows.retrain`: labelgate installed, no copy of the source) and
+    add `env` to their own environment (never secrets: those stay in the worker's)."""
+    from prefect.types.entrypoint import EntrypointType
+    pooled = (dict(work_pool_name=pool, job_variables={"env": dict(env or {})},
+                   entrypoint_type=EntrypointType.MODULE_PATH) if pool else {})
     # concurrency_limit=1: Prefect queues a second run of this deployment until the first ends
     # (the run lock then still skips one started some other way)
     return retrain.to_deployment(name="labelgate-retrain", cron=cron, concurrency_limit=1,
-                                 parameters={"root": str(Layout(root).root)})
+                                 parameters={"root": str(Layout(root).root)}, **pooled)
