@@ -123,6 +123,7 @@ class Train:
     pool: str              # Prefect work pool whose `labelgate-train` deployment trains; "" = here
     exchange: str          # s3://bucket/prefix where a pool's training job and model travel
     pool_timeout_s: float  # how long a run waits for the training pool (queue + training)
+    pool_heartbeat_s: float  # seconds between a pool job's heartbeats; 4 missed = worker gone
 
 
 @dataclass(frozen=True)
@@ -422,6 +423,7 @@ _RULES: dict[str, Rule] = {
     "train.exchange": ((lambda v: v == "" or _is_s3_prefix(v)),
                        "\"\" or s3://BUCKET/PREFIX (a bucket listed in storage.buckets)"),
     "train.pool_timeout_s": _between(60.0, 30 * 86_400.0),  # seconds: a minute to 30 days
+    "train.pool_heartbeat_s": _between(1.0, 3600.0),  # seconds: a second to an hour
     "lineage.push": _one_of("auto", "always", "never"),
     "schedule.cron": ((lambda v: len(v) <= 200 and len(v.split()) == 5
                        and all(_CRON_FIELD.fullmatch(f) for f in v.split())),
