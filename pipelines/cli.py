@@ -359,6 +359,14 @@ def cmd_checkout(args, layout: Layout, params) -> int:
     return 0
 
 
+def cmd_deploy(args, layout: Layout, params) -> int:
+    api = _prefect(layout)  # before Prefect is imported: it reads its settings then
+    from pipelines import workpool
+    done, notes = workpool.register(layout.root, params, pool=args.pool)
+    print(workpool.describe(done, notes, api_url=api, root=layout.root))
+    return 0
+
+
 def cmd_serve(args, layout: Layout, params) -> int:
     import threading
     api = _prefect(layout)  # before Prefect is imported: it reads its settings then
@@ -370,6 +378,20 @@ def cmd_serve(args, layout: Layout, params) -> int:
     print(f"Prefect UI: {ui_url(api)}")
     studio = _connect(layout, params)
     project_id = studio.require_project(params.studio.project_title)
+    if params.schedule.pool:  # the pool's workers run the flows; this process only triggers
+        from pipelines import workpool
+        print(workpool.describe(*workpool.register(layout.root, params), api_url=api,
+                                root=layout.root))
+        print(f"triggering labelgate-retrain on work pool {params.schedule.pool!r} when >= "
+              f"{params.schedule.min_new_labels} new resolved labels exist (checked every "
+              f"{params.schedule.check_every_s:g} s; cron {params.schedule.cron!r} runs are "
+              "scheduled by the Prefect server); Ctrl-C to stop")
+        try:
+            trigger.watch(layout, params, studio, project_id, stop=threading.Event(),
+                          start_run=lambda: run_deployment(DEPLOYMENT, timeout=0))
+        except KeyboardInterrupt:
+            pass
+        return 0
     stop = threading.Event()
     watcher = threading.Thread(target=trigger.watch, daemon=True, kwargs=dict(
         layout=layout, params=params, studio=studio, project_id=project_id, stop=stop,
@@ -529,8 +551,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "candidate was built from (git + DVC)")
     s.add_argument("id", help="registry id (see `labelgate history`)")
     s.set_defaults(fn=cmd_checkout)
-    sub.add_parser("serve", help="Prefect deployment: cron + the new-labels trigger (params.yaml)"
+    sub.add_parser("serve", help="Prefect deployment: cron + the new-labels trigger (params.yaml; "
+                   "with schedule.pool set, the pool's workers run the flows)"
                    ).set_defaults(fn=cmd_serve)
+    s = sub.add_parser("deploy", help="register the retraining deployment on a Prefect work "
+                       "pool (created if missing) for `prefect worker start --pool NAME`")
+    s.add_argument("--pool", default="", help="work pool name (default: schedule.pool; "
+                   "train.pool gets the training deployment)")
+    s.set_defaults(fn=cmd_deploy)
     s = sub.add_parser("backend", help="serve the production model as a Label Studio ML "
                        "backend")
     s.add_argument("--host", default="127.0.0.1")
