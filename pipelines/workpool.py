@@ -1,0 +1,132 @@
+"""Prefect work pools: `labelgate deploy` and `labelgate serve` with `schedule.pool` set.
+
+One machine runs the Prefect server; workers on any machine (`prefect worker start --pool
+NAME`) execute labelgate's deployments. `register` creates the process work pool if it is
+missing and registers the retraining deployment on it (cron `schedule.cron`, one run at a
+time, parameter `root` = this workspace's absolute path) and, when `train.pool` is set, the
+training deployment on that pool. Deployments name their flow by module path
+(`pipelines.flows.retrain`), so a worker needs labelgate installed, not a copy of the source.
+
+What a retraining worker needs: this workspace at the same path (it is a git + DVC repository;
+with a DVC remote a clone at that path works), the Label Studio variables
+(LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY), storage credentials if images live in a bucket,
+and PREFECT_API_URL. Secrets stay in the worker's environment, never in a deployment.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.prefect_server import PrefectServerError
+from pipelines.settings import Params
+
+POOL_TYPE = "process"  # a worker runs each flow run as a child process on its own machine
+
+# Added to every pooled flow run's environment: what `labelgate` sets for its own commands
+# (pipelines/cli.py `_quiet_env`) and a bare `prefect worker start` does not. OMP_WAIT_POLICY:
+# idle OpenMP threads sleep (spinning made CPU training 4-6x slower on a shared 2-core box).
+RUN_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GX_ANALYTICS_ENABLED": "false",
+           "DVC_NO_ANALYTICS": "1"}
+
+
+class WorkPoolError(PrefectServerError):
+    """A pool or deployment could not be set up; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str           # flow/deployment, e.g. "labelgate-retrain/labelgate-retrain"
+    id: str             # the deployment's id on the Prefect server
+    pool: str
+    pool_created: bool  # True if this call created the pool
+    pool_type: str      # "process" unless the user made the pool themselves
+
+
+def ensure_pool(name: str) -> tuple[bool, str]:
+    """Create the work pool `name` (type process, Prefect's default job template) unless it
+    exists; return (created, its type). Any existing pool is kept as it is: a user's own
+    docker or kubernetes pool works too when its image has labelgate installed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+    with get_client(sync_client=True) as client:
+        try:
+            return False, client.read_work_pool(name).type
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_work_pool(WorkPoolCreate(
+                name=name, type=POOL_TYPE,
+                base_job_template=ProcessWorker.get_default_base_job_template()))
+        except ObjectAlreadyExists:  # made by another `labelgate deploy` meanwhile
+            return False, client.read_work_pool(name).type
+    return True, POOL_TYPE
+
+
+def _apply(dep, pool: str) -> Registered:
+    created, kind = ensure_pool(pool)
+    try:
+        deployment_id = dep.apply(work_pool_name=pool)
+    except Exception as exc:  # the API's own errors vary (HTTP, validation): name the step
+        raise WorkPoolError(f"registering deployment {dep.flow_name}/{dep.name} on work pool "
+                            f"{pool!r} failed: {exc}") from exc
+    return Registered(name=f"{dep.flow_name}/{dep.name}", id=str(deployment_id), pool=pool,
+                      pool_created=created, pool_type=kind)
+
+
+def _train_deployment():
+    """H6's `labelgate-train` deployment (pipelines/trainpool.py), or None where this
+    labelgate has none."""
+    try:
+        from pipelines import trainpool
+    except ImportError:
+        return None
+    return trainpool.deployment()
+
+
+def register(root: str | Path, params: Params, *, pool: str = "") -> tuple[list[Registered],
+                                                                            list[str]]:
+    """Register labelgate's deployments on their pools (created if missing); return what was
+    registered and notes for the user. `pool` defaults to params.yaml `schedule.pool`."""
+    from pipelines.flows import deployment
+    pool = pool or params.schedule.pool
+    if not pool:
+        raise WorkPoolError("no work pool: pass --pool NAME or set schedule.pool in "
+                            "params.yaml (e.g. labelgate-cpu)")
+    done = [_apply(deployment(str(root), params.schedule.cron, pool=pool, env=RUN_ENV), pool)]
+    notes = []
+    if params.train.pool:
+        train = _train_deployment()
+        if train is None:
+            notes.append(f"train.pool is {params.train.pool!r}, but this labelgate has no "
+                         "training deployment (pipelines/trainpool.py): training runs in the "
+                         "retraining flow's own process")
+        else:
+            done.append(_apply(train, params.train.pool))
+    return done, notes
+
+
+def worker_command(pool: str, api_url: str) -> str:
+    """The shell line that starts a worker for `pool` against the server at `api_url`."""
+    return (f"PREFECT_API_URL={shlex.quote(api_url)} prefect worker start --pool "
+            f"{shlex.quote(pool)}")
+
+
+def describe(done: list[Registered], notes: list[str], *, api_url: str, root: str | Path) -> str:
+    """What `labelgate deploy` / `serve` print: what was registered and how to start workers."""
+    lines = []
+    for r in done:
+        made = f"created ({r.pool_type})" if r.pool_created else f"existing ({r.pool_type})"
+        lines.append(f"deployment {r.name} on work pool {r.pool!r} ({made} pool; id {r.id})")
+    lines += [f"note: {n}" for n in notes]
+    lines.append("start a worker per pool, on a machine with labelgate installed and "
+                 "LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY (and storage credentials) set; the "
+                 f"retraining pool's workers need this workspace at {Path(root).resolve()}:")
+    lines += [f"  {worker_command(pool, api_url)}"
+              for pool in dict.fromkeys(r.pool for r in done)]
+    if "://127.0.0.1" in api_url or "://localhost" in api_url:
+        lines.append("(this Prefect server listens on this machine only: for workers "
+                     "elsewhere run one they can reach and set PREFECT_API_URL to it)")
+    return "\n".join(lines)
