@@ -360,9 +360,10 @@ def cmd_checkout(args, layout: Layout, params) -> int:
 
 
 def cmd_deploy(args, layout: Layout, params) -> int:
-    api = _prefect(layout)  # before Prefect is imported: it reads its settings then
     from pipelines import workpool
-    done, notes = workpool.register(layout.root, params, pool=args.pool)
+    pool = workpool.pool_name(params, args.pool)  # no pool named: say so before any server
+    api = _prefect(layout)  # before Prefect is imported: it reads its settings then
+    done, notes = workpool.register(layout.root, params, pool=pool)
     print(workpool.describe(done, notes, api_url=api, root=layout.root))
     return 0
 

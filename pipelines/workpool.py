@@ -86,15 +86,20 @@ def _train_deployment():
     return trainpool.deployment()
 
 
+def pool_name(params: Params, pool: str = "") -> str:
+    """`pool`, else params.yaml `schedule.pool`; WorkPoolError if neither names one."""
+    if not (pool or params.schedule.pool):
+        raise WorkPoolError("no work pool: pass --pool NAME or set schedule.pool in "
+                            "params.yaml (e.g. labelgate-cpu)")
+    return pool or params.schedule.pool
+
+
 def register(root: str | Path, params: Params, *, pool: str = "") -> tuple[list[Registered],
                                                                             list[str]]:
     """Register labelgate's deployments on their pools (created if missing); return what was
     registered and notes for the user. `pool` defaults to params.yaml `schedule.pool`."""
     from pipelines.flows import deployment
-    pool = pool or params.schedule.pool
-    if not pool:
-        raise WorkPoolError("no work pool: pass --pool NAME or set schedule.pool in "
-                            "params.yaml (e.g. labelgate-cpu)")
+    pool = pool_name(params, pool)
     done = [_apply(deployment(str(root), params.schedule.cron, pool=pool, env=RUN_ENV), pool)]
     notes = []
     if params.train.pool:
