@@ -4,10 +4,10 @@ default chain: AWS_* variables, ~/.aws files, `storage.profile`). Credentials ar
 and never appear in a message or a repr.
 
 The one module that imports boto3 (STYLE 10). Reads (`get`, `get_file`) take a hot path: each
-request is signed with botocore's own SigV4 signer (credentials frozen per request, so
-refreshing ones keep working) and sent over one urllib3 connection pool with keep-alive,
-because boto3's `get_object` costs ~3 ms of client CPU per call (~340 objects/s on 2 cores)
-and a pull reads tens of thousands of small images. Writes and listings go through boto3.
+GET is signed by `s3sign.GetSigner` (SigV4, the credentials frozen per request so refreshing
+ones keep working) and sent over one urllib3 connection pool with keep-alive, because boto3's
+`get_object` costs ~3 ms of client CPU per call (~340 objects/s on 2 cores) and a pull reads
+tens of thousands of small images. Writes and listings go through boto3.
 """
 from __future__ import annotations
 
@@ -20,12 +20,11 @@ from urllib.parse import quote, urlsplit
 
 import boto3
 import urllib3
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound
 
 from pipelines import settings
+from pipelines.s3sign import GetSigner
 from pipelines.files import atomic_writer
 
 ATTEMPTS = 4          # tries per request (1 + 3 retries) for timeouts, 5xx, 429, dropped connections
@@ -123,6 +122,7 @@ class ObjectStore:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             s3={"addressing_style": "path"})
+        self._signer = GetSigner(region=self.region)
         self._client_obj = None
         self._lock = threading.Lock()
         self._http = urllib3.PoolManager(
@@ -192,11 +192,12 @@ class ObjectStore:
         """A streaming GET answer with status 200 and a Content-Length within `max_bytes`."""
         self.check(ref)
         creds = self._credentials()
-        request = AWSRequest(method="GET", url=self._url(ref))
-        S3SigV4Auth(creds, "s3", self.region).add_auth(request)
+        url = self._url(ref)
+        headers = self._signer.headers(url, access_key=creds.access_key,
+                                       secret_key=creds.secret_key, token=creds.token)
         try:
-            resp = self._http.request("GET", request.url, headers=dict(request.headers.items()),
-                                      preload_content=False, redirect=False)
+            resp = self._http.request("GET", url, headers=headers, preload_content=False,
+                                      redirect=False)
         except urllib3.exceptions.HTTPError as exc:
             raise StorageError(f"cannot reach the object store at {self.endpoint} while "
                                f"reading {ref.uri} ({type(exc).__name__})",
