@@ -68,15 +68,15 @@ class ObjectRef:
         return cls(bucket, key)
 
 
-def _status_error(ref: ObjectRef, status: int, code: str, what: str) -> StorageError:
+def _status_error(uri: str, status: int, code: str, what: str) -> StorageError:
     """An S3 error answer as a StorageError. Only the error *code* is shown: S3's error bodies
     can name the access key id (SignatureDoesNotMatch echoes the string to sign)."""
-    where = f"{what} {ref.uri}"
+    where = f"{what} {uri}"
     if status in _TRANSIENT_STATUS:
         return StorageError(f"the object store answered HTTP {status} {code} while {where}",
                             transient=True)
     if status == 404 or code in ("NoSuchKey", "NoSuchBucket"):
-        return StorageError(f"{ref.uri} does not exist ({code or 'HTTP 404'})")
+        return StorageError(f"{uri} does not exist ({code or 'HTTP 404'})")
     if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return StorageError(
             f"the object store refused {where} (HTTP {status} {code}): the credentials in use "
@@ -209,15 +209,16 @@ class ObjectStore:
             except urllib3.exceptions.HTTPError:
                 pass
             resp.release_conn()
-            raise _status_error(ref, resp.status, _code(body), "reading")
+            raise _status_error(ref.uri, resp.status, _code(body), "reading")
         declared = resp.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
             resp.close()  # the connection is dropped, not drained: the body is never read
             raise StorageError(f"{ref.uri} is larger than {max_bytes} bytes ({declared})")
         return resp
 
-    def _read(self, ref: ObjectRef, *, max_bytes: int) -> bytes:
+    def _read(self, ref: ObjectRef, *, max_bytes: int) -> tuple[bytes, str]:
         resp = self._open(ref, max_bytes=max_bytes)
+        etag = str(resp.headers.get("etag", "")).strip('"')
         try:
             data = resp.read(max_bytes + 1)  # never more than the cap + 1 byte in memory
         except urllib3.exceptions.HTTPError as exc:  # a body cut short: an error, never data
@@ -228,10 +229,15 @@ class ObjectStore:
             resp.close()
             raise StorageError(f"{ref.uri} is larger than {max_bytes} bytes")
         resp.release_conn()
-        return data
+        return data, etag
 
     def get(self, ref: ObjectRef, *, max_bytes: int) -> bytes:
         """The object's bytes (at most `max_bytes`, else StorageError); retried when transient."""
+        return self.get_tagged(ref, max_bytes=max_bytes)[0]
+
+    def get_tagged(self, ref: ObjectRef, *, max_bytes: int) -> tuple[bytes, str]:
+        """(bytes, ETag) of the object from one GET: the ETag of exactly these bytes, for
+        telling later whether the object changed (`etags`)."""
         return self._retrying(lambda: self._read(ref, max_bytes=max_bytes))
 
     def get_file(self, ref: ObjectRef, path: Path, *, max_bytes: int) -> None:
@@ -254,17 +260,18 @@ class ObjectStore:
         self._retrying(once)
 
     # -- writes and listings: boto3 -----------------------------------------------------------
-    def _boto(self, ref: ObjectRef, what: str, fn):
+    def _boto(self, ref: ObjectRef, what: str, fn, *, uri: str | None = None):
         self.check(ref)
+        uri = uri or ref.uri
         try:
             return fn(self._client())
         except ClientError as exc:
             err = exc.response.get("Error", {})
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-            raise _status_error(ref, int(status), str(err.get("Code", ""))[:64], what) from None
+            raise _status_error(uri, int(status), str(err.get("Code", ""))[:64], what) from None
         except BotoCoreError as exc:  # connection refused, timeouts (boto3 retried them)
             raise StorageError(f"cannot reach the object store at {self.endpoint} while {what} "
-                               f"{ref.uri} ({type(exc).__name__}; retried {self._attempts} "
+                               f"{uri} ({type(exc).__name__}; retried {self._attempts} "
                                "times)", transient=True) from None
 
     def put_bytes(self, ref: ObjectRef, data: bytes) -> None:
@@ -300,7 +307,13 @@ class ObjectStore:
                 token = page.get("NextContinuationToken")
             raise StorageError(f"s3://{bucket}/{prefix} holds more than "
                                f"{MAX_LIST_PAGES * 1000} objects; list a narrower prefix")
-        return self._boto(ref, "listing", listing)
+        return self._boto(ref, "listing", listing, uri=f"s3://{bucket}/{prefix}")
+
+    def probe(self, bucket: str) -> None:
+        """StorageError (transient when unreachable) unless the bucket answers a one-key
+        listing: tells one object that keeps failing from an object store that is down."""
+        self._boto(ObjectRef(bucket, "-"), "listing",
+                   lambda c: c.list_objects_v2(Bucket=bucket, MaxKeys=1), uri=f"s3://{bucket}/")
 
     def close(self) -> None:
         self._http.clear()
