@@ -300,3 +300,60 @@ def decision(candidate_sha256: str, *, verdict: str = "PASS", failed: Iterable[s
                             candidate_accuracy=candidate_accuracy, production_id=production_id,
                             production_accuracy=production_accuracy, eval_hash=eval_hash,
                             on_inconclusive=on_inconclusive)
+
+
+# -- object storage and Label Studio's S3 import storage (issue 12) -------------------------------
+
+def distinct_png(i: int) -> bytes:
+    """Scan `i % 1797` with `i` written into the first 17 pixels of its top row (255 = bit set),
+    as benchmarks/sync.py --distinct does: a different file for every i < 131,072."""
+    pixels = np.array(Image.open(io.BytesIO(digit_png(i % digit_count()))).convert("L"))
+    for bit in range(17):
+        pixels[0, bit] = 255 if (i >> bit) & 1 else 0
+    return png_bytes(pixels)
+
+
+def put_objects(client, bucket: str, objects: Mapping[str, bytes], *,
+                content_type: str = "image/png") -> None:
+    """Upload `{key: bytes}` to `bucket` (created if missing) with a boto3 S3 client, as a
+    team's upload job does."""
+    if bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket=bucket)
+    for key, data in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+
+
+def s3_import_storage(studio, project_id: int, *, bucket: str, prefix: str, endpoint: str,
+                      access_key: str, secret_key: str, region: str = "us-east-1",
+                      regex_filter: str = r".*\.(png|jpe?g)$", presign: bool = True) -> int:
+    """Connect Label Studio's S3 import storage to a project as teams set it up (Cloud Storage ->
+    Amazon S3): every object under `prefix` matching `regex_filter` becomes a task whose data is
+    `s3://bucket/key` ("Treat every bucket object as a source file" = use_blob_urls). The
+    credentials are Label Studio's own (stored in its database; never labelgate's). Label
+    Studio's serializer lists the prefix once before saving: a wrong endpoint, bucket or empty
+    prefix is refused here. Returns the storage id."""
+    created = studio._client.import_storage.s3.create(
+        project=project_id, title=f"bucket {bucket}", bucket=bucket, prefix=prefix,
+        regex_filter=regex_filter, use_blob_urls=True, presign=presign,
+        presign_ttl=15,                      # minutes a presigned link from Label Studio lives
+        s3endpoint=endpoint, region_name=region,
+        aws_access_key_id=access_key, aws_secret_access_key=secret_key)
+    return created.id
+
+
+def sync_s3_storage(studio, storage_id: int, *, timeout_s: float = 600.0) -> int:
+    """Run the storage's sync (the "Sync Storage" button) and wait for it to finish; returns the
+    number of tasks it created. Without Redis, Label Studio syncs inside the request; with a
+    queue the status moves through queued/in_progress, hence the wait (0.5 s polls)."""
+    import time
+    storage = studio._client.import_storage.s3.sync(id=storage_id)
+    deadline = time.monotonic() + timeout_s
+    while storage.status not in ("completed", "failed"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"S3 storage {storage_id} sync still {storage.status} after "
+                               f"{timeout_s:.0f} s")
+        time.sleep(0.5)
+        storage = studio._client.import_storage.s3.get(id=storage_id)
+    if storage.status == "failed":
+        raise RuntimeError(f"S3 storage {storage_id} sync failed: {storage.traceback}")
+    return int(storage.last_sync_count or 0)
