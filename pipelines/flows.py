@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from pipelines import (calibrate, dvcrepo, lineage, preannotate, promote, pull, rawstore,
-                       registry, review)
+                       registry, review, reviewer)
 from pipelines.files import (Busy, atomic_write_json, exclusive, read_json, read_jsonl, sha256_file,
                              utc_now)
 from pipelines.labelstudio import LabelStudioError, Studio
@@ -186,6 +186,10 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
     # before promote: the commit it names must exist, holding this candidate's dvc.lock
     lin = lineage_task(root, version)
     event = promote_task(root, version, {k: v for k, v in lin.items() if k != "seconds"})
+    # INCONCLUSIVE + gate.on_inconclusive ask_reviewer: the run pauses here for the reviewer's
+    # answer in the Prefect UI (or `labelgate approve/reject`), before Label Studio follows
+    asked = reviewer.ask(layout.registry, event, decision,
+                         wait_s=load(layout.params).gate.reviewer_wait_s)
     # every run, whatever the verdict: production may have moved since the last one
     pre = preannotate_task(root)
     flags = flag_task(root)
@@ -198,7 +202,7 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
                "verdict": decision.verdict, "candidate_accuracy": decision.candidate_accuracy,
                "production_accuracy": decision.production_accuracy,
                "eval_hash": decision.eval_hash, "lineage": lin, "promotion": event,
-               "preannotate": pre, "calibration": calibration,
+               "reviewer": asked, "preannotate": pre, "calibration": calibration,
                "review": {**read_json(layout.review / "summary.json"), **flags},
                "report": str(layout.report_html)}
     atomic_write_json(layout.last_run, summary)
