@@ -1,0 +1,230 @@
+"""The train stage on its own Prefect work pool: a real Prefect server (`prefect_api`), a real
+S3 API (`s3`), real `prefect worker start --pool ...` processes, each in its own empty working
+dir and PREFECT_HOME -- nothing shared with the workspace but the S3 server. CPU training is
+deterministic, so the candidate trained on the pool must be the very file `dvc repro train`
+makes here.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipelines import dvcrepo, packed, trainpool
+from pipelines.files import sha256_file
+from pipelines.inputspec import InputSpec
+from pipelines.layout import Layout
+from tests.conftest import make_workspace
+
+pytestmark = pytest.mark.slow
+
+HEARTBEAT_S = 2.0   # so a killed worker is noticed within 4 x 2 s
+
+
+def _digit_like(k: int, rng: np.random.Generator) -> bytes:
+    """28 x 28 gray PNG: class k is a bright bar at column 2 + 2.4 k, with noise (learnable in
+    two epochs, so train's chance floor passes)."""
+    img = rng.integers(0, 60, size=(28, 28), dtype=np.uint8)
+    col = int(2 + 2.4 * k)
+    img[4:24, col:col + 2] = 230
+    buf = io.BytesIO()
+    Image.fromarray(img, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _prepared(layout: Layout, spec: InputSpec) -> None:
+    """data/prepared/{train,val} as prepare writes them (packed splits), without Label Studio."""
+    rng = np.random.default_rng(7)
+    for split, n in (("train", 300), ("val", 100)):
+        y = [i % 10 for i in range(n)]
+        packed.write_split(layout.prepared / split, (_digit_like(k, rng) for k in y), y=y,
+                           task_id=list(range(1, n + 1)), sha256=[f"{i:064x}" for i in range(n)],
+                           spec=spec)
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+class Worker:
+    """`prefect worker start --pool POOL` in its own empty dir and PREFECT_HOME."""
+
+    def __init__(self, home: Path, pool: str, s3) -> None:
+        home.mkdir(parents=True)
+        env = {**os.environ, **s3.env(), "PREFECT_HOME": str(home / ".prefect"),
+               "PREFECT_WORKER_QUERY_SECONDS": "1", "PYTHONUNBUFFERED": "1"}
+        self.log = home / "worker.log"
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool,
+             "--type", "process"], cwd=home, env=env, stdout=open(self.log, "wb"),
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill_all(self) -> None:
+        """The machine is lost: the worker and every process under it, SIGKILL."""
+        for pid in _tree(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill_all()
+
+
+@pytest.fixture(scope="module")
+def rig(prefect_api, s3, tmp_path_factory):
+    """A bucket, a process work pool with the labelgate-train deployment, and a template
+    workspace (git + DVC, prepared splits, code stamps) the tests copy."""
+    bucket = f"labelgate-pool-{uuid.uuid4().hex[:8]}"
+    s3.client().create_bucket(Bucket=bucket)
+    pool = f"labelgate-gpu-{uuid.uuid4().hex[:6]}"
+    subprocess.run([str(Path(sys.executable).parent / "prefect"), "work-pool", "create", pool,
+                    "--type", "process"], check=True, capture_output=True)
+    trainpool.deployment(pool).apply()
+    root = make_workspace(tmp_path_factory.mktemp("pool") / "ws", **{
+        "train.pool": pool, "train.exchange": f"s3://{bucket}/exchange",
+        "train.pool_timeout_s": 300, "train.pool_heartbeat_s": HEARTBEAT_S,
+        "train.epochs": 2, "storage.buckets": [bucket], "storage.endpoint_url": s3.endpoint})
+    dvcrepo.ensure_repo(root)
+    layout = Layout(root)
+    from pipelines import inputspec, settings
+    _prepared(layout, inputspec.from_params(settings.load(layout.params)))
+    dvcrepo.refresh_stamps(root)
+    return {"root": root, "pool": pool, "bucket": bucket, "s3": s3}
+
+
+def _copy(rig, tmp_path, name: str) -> Layout:
+    dest = tmp_path / name
+    shutil.copytree(rig["root"], dest, symlinks=True)
+    return Layout(dest)
+
+
+def _lock_train(layout: Layout) -> dict:
+    return yaml.safe_load(layout.dvc_lock.read_text())["stages"]["train"]
+
+
+def _on_pool(layout: Layout, **kw) -> dict:
+    """The stage as flows.py runs it: a task inside a flow run (the pool run is its subflow)."""
+    from prefect import flow
+
+    @flow(name="labelgate-test-pool-parent")
+    def parent() -> dict:
+        return trainpool.run_stage(layout.root, **kw)
+    return parent()
+
+
+def test_candidate_trained_on_the_pool_is_the_one_trained_here(rig, s3_env, tmp_path):
+    here, there = _copy(rig, tmp_path, "here"), _copy(rig, tmp_path, "there")
+    worker = Worker(tmp_path / "gpu-box", rig["pool"], rig["s3"])
+    try:
+        assert dvcrepo.repro_stage(here.root, "train") != ""
+        record = _on_pool(there)
+    finally:
+        worker.stop()
+    assert record["status"] == "ran", record
+    # the same bytes: same data, params and code, trained on another "machine"
+    assert sha256_file(there.candidate_model) == sha256_file(here.candidate_model)
+    for name in ("metrics.json", "history.csv"):
+        assert (there.candidate_model.parent / name).is_file()
+    # dvc.lock records the stage as `dvc repro train` does: same deps, params, model hash
+    local, pooled = _lock_train(here), _lock_train(there)
+    assert pooled["cmd"] == local["cmd"]
+    assert pooled["deps"] == local["deps"] and pooled["params"] == local["params"]
+    model = "models/candidate/model.safetensors"
+    assert [o for o in pooled["outs"] if o["path"] == model] == \
+           [o for o in local["outs"] if o["path"] == model]
+    # ... so DVC finds train up to date: evaluate and the rest follow, `dvc repro` skips it
+    assert "train" not in dvcrepo.stale(there.root)
+    assert "didn't change, skipping" in dvcrepo.repro_stage(there.root, "train")
+    assert record["upload_bytes"] > 300 * 28 * 28 and record["host"]
+    # and nothing changed: the next run does not go to the pool at all
+    assert _on_pool(there)["status"] == "skipped"
+
+
+def test_worker_killed_mid_training_fails_the_run_clearly_and_the_next_run_completes(
+        rig, s3_env, tmp_path):
+    from prefect.client.orchestration import get_client
+    layout = _copy(rig, tmp_path, "ws")
+    raw = yaml.safe_load(layout.params.read_text())
+    raw["train"]["epochs"] = 400   # long enough to be killed in the middle
+    layout.params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    worker = Worker(tmp_path / "box1", rig["pool"], rig["s3"])
+    client = rig["s3"].client()
+    killed = threading.Event()
+
+    def kill_when_training() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed.is_set():
+            keys = [o["Key"] for o in client.list_objects_v2(
+                Bucket=rig["bucket"], Prefix="exchange/jobs/").get("Contents", [])]
+            for key in keys:
+                if key.endswith("/beat.json") and b'"train"' in client.get_object(Bucket=rig["bucket"],
+                                                        Key=key)["Body"].read():
+                    time.sleep(1.0)   # in the middle of an epoch
+                    worker.kill_all()
+                    killed.set()
+                    return
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_when_training, daemon=True)
+    killer.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(trainpool.PoolError, match="no heartbeat from the worker") as err:
+            _on_pool(layout)
+        failed_after = time.monotonic() - t0
+    finally:
+        killed.set()
+        killer.join()
+        worker.stop()
+    assert "marked Crashed" in str(err.value) and "next run trains again" in str(err.value)
+    assert failed_after < 240
+    assert not layout.candidate_model.exists()           # nothing half-placed
+    with get_client(sync_client=True) as c:
+        runs = [r for r in c.read_flow_runs() if r.name.startswith("train ")
+                and r.parameters.get("job_id", "") in str(err.value)]
+    assert len(runs) == 1 and runs[0].state.is_crashed(), runs
+    # the next run, with a worker back on the pool, completes
+    raw["train"]["epochs"] = 2
+    layout.params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    worker = Worker(tmp_path / "box2", rig["pool"], rig["s3"])
+    try:
+        record = _on_pool(layout)
+    finally:
+        worker.stop()
+    assert record["status"] == "ran", record
+    assert layout.candidate_model.is_file()
+    assert "train" not in dvcrepo.stale(layout.root)
