@@ -76,14 +76,14 @@ def _apply(dep, pool: str) -> Registered:
                       pool_created=created, pool_type=kind)
 
 
-def _train_deployment():
-    """H6's `labelgate-train` deployment (pipelines/trainpool.py), or None where this
-    labelgate has none."""
+def _train_deployment(pool: str):
+    """The `labelgate-train` deployment (pipelines/trainpool.py) on `pool`, or None where
+    this labelgate has none."""
     try:
         from pipelines import trainpool
     except ImportError:
         return None
-    return trainpool.deployment()
+    return trainpool.deployment(pool)
 
 
 def pool_name(params: Params, pool: str = "") -> str:
@@ -103,7 +103,7 @@ def register(root: str | Path, params: Params, *, pool: str = "") -> tuple[list[
     done = [_apply(deployment(str(root), params.schedule.cron, pool=pool, env=RUN_ENV), pool)]
     notes = []
     if params.train.pool:
-        train = _train_deployment()
+        train = _train_deployment(params.train.pool)
         if train is None:
             notes.append(f"train.pool is {params.train.pool!r}, but this labelgate has no "
                          "training deployment (pipelines/trainpool.py): training runs in the "
