@@ -13,100 +13,82 @@ import os
 import sys
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from tqdm import tqdm
-
 from pipelines import rawstore
+from pipelines.bucketfetch import (BucketFetcher, BucketUnreachable, bucket_ref, changed_objects,
+                                   unlisted_reason)
 from pipelines.files import atomic_write_json, atomic_write_jsonl, exclusive, read_json, utc_now
-from pipelines.labelstudio import (EXPORT_IDS_PER_CALL, ImageFetchError, LabelStudioError, Studio,
+from pipelines.imagefetch import (FETCH_WORKERS, IMAGE_SIGNATURES, StudioFetcher, bar,
+                                  looks_like_image)
+from pipelines.labelstudio import (EXPORT_IDS_PER_CALL, LabelStudioError, Studio,
                                    connection_from_env)
 from pipelines.labelconfig import DEFAULT, UnsupportedConfig, class_change
+from pipelines.objectstore import ObjectRef, ObjectStore, StorageError
 from pipelines.staging import Staging
 from pipelines.settings import Params, brief
 
-FETCH_WORKERS = 2  # concurrent image downloads: Label Studio's server peaks at 2 (~100 images/s)
+__all__ = ["FETCH_WORKERS", "IMAGE_SIGNATURES", "looks_like_image", "run", "describe", "main"]
+
 OVERLAP_S = 5     # re-list tasks updated this long before the last watermark: a save whose
                   # timestamp was taken just before its commit landed (seconds at most)
-
-# What the versioned store may hold: bytes that start like an image in a format validate
-# accepts (images.ALLOWED_FORMATS; tests/test_pull.py holds the two lists together). Anything
-# else -- an HTML error page, a JSON answer, a token -- is refused at the door and never stored.
-IMAGE_SIGNATURES = {
-    "PNG": (b"\x89PNG\r\n\x1a\n",), "JPEG": (b"\xff\xd8\xff",), "GIF": (b"GIF87a", b"GIF89a"),
-    "BMP": (b"BM",), "TIFF": (b"II*\x00", b"MM\x00*"), "WEBP": (b"RIFF",),
-}
 
 
 class PullError(RuntimeError):
     pass
 
 
-def looks_like_image(data: bytes) -> bool:
-    if data[:4] == b"RIFF":
-        return data[8:12] == b"WEBP"
-    return any(data.startswith(sig) for sigs in IMAGE_SIGNATURES.values() for sig in sigs)
+class _Images:
+    """Routes each task image URL to its reader: objects of the buckets listed in
+    storage.buckets straight from the bucket (`storage.workers` at once), everything else
+    through Label Studio (FETCH_WORKERS). An s3:// URI of a bucket not listed is refused with
+    a reason naming the bucket; Label Studio's links to such a bucket go through Label Studio."""
 
+    def __init__(self, studio: Studio, stage: Staging, *, params: Params,
+                 store: ObjectStore | None) -> None:
+        max_bytes = params.pull.max_image_bytes
+        self.studio = StudioFetcher(studio, stage, max_bytes=max_bytes)
+        self.bucket = (BucketFetcher(store, stage, max_bytes=max_bytes,
+                                     workers=params.storage.workers) if store else None)
+        self.listed = frozenset(params.storage.buckets if store else ())
+        self.refused: dict[str, str] = {}  # url -> reason, decided without a request
+        self.unlisted: set[str] = set()    # buckets named by s3:// URIs but not listed
 
-class _Fetcher:
-    """Image downloads into the staging folder, running beside the export: each export call's
-    new image URLs are queued at once (Label Studio serves an export and images in parallel),
-    and finished downloads are staged between export calls, so a kill loses at most those in
-    flight. One image that keeps failing -- even with HTTP 500, as Label Studio answers a
-    path-traversal URL -- is that task's quarantine reason; only a Label Studio that stops
-    answering altogether stops the pull."""
-
-    def __init__(self, studio: Studio, stage: Staging, *, max_bytes: int) -> None:
-        self.studio, self.stage, self.max_bytes = studio, stage, max_bytes
-        self.failed: dict[str, str] = {}  # url -> reason
-        self._pool = ThreadPoolExecutor(max_workers=FETCH_WORKERS)
-        self._pending: dict[str, Future] = {}
-        self._queued: set[str] = set()
-
-    def _one(self, url: str) -> bytes | str:
-        try:
-            data = self.studio.fetch_image(url, max_bytes=self.max_bytes)
-        except ImageFetchError as exc:
-            return str(exc)
-        except LabelStudioError as exc:
-            if not self.studio.alive():
-                raise
-            return f"this image kept failing while Label Studio answered: {exc}"
-        if not looks_like_image(data):
-            return (f"not an image: the {len(data)} bytes served do not start like any "
-                    "accepted image format (an error page or API answer?); not stored")
-        return data
+    @property
+    def failed(self) -> dict[str, str]:
+        return {**self.studio.failed, **(self.bucket.failed if self.bucket else {}),
+                **self.refused}
 
     def queue(self, urls: list[str]) -> None:
+        through_studio, objects = [], {}
         for url in urls:
-            if url not in self._queued and url not in self.stage.images():
-                self._queued.add(url)
-                self._pending[url] = self._pool.submit(self._one, url)
+            try:
+                ref = bucket_ref(url)
+            except ValueError as exc:
+                self.refused[url] = f"malformed s3:// image URL: {exc}"
+                continue
+            if ref is None:
+                through_studio.append(url)
+            elif ref.bucket in self.listed:
+                objects[url] = ref
+            elif url.startswith("s3://"):
+                self.refused[url] = unlisted_reason(ref.bucket)
+                self.unlisted.add(ref.bucket)
+            else:
+                through_studio.append(url)
+        self.studio.queue(through_studio)
+        if objects:
+            self.bucket.queue(objects)
 
     def drain(self, *, wait: bool = False) -> None:
-        """Stage what has finished (all of it with `wait`); raises what a download raised."""
-        urls = list(self._pending)
-        for url in _bar(urls, desc="images", unit="img") if wait else urls:
-            future = self._pending[url]
-            if not wait and not future.done():
-                continue
-            got = future.result()
-            del self._pending[url]
-            if isinstance(got, bytes):
-                self.stage.save_image(url, got)  # main thread only: the staging index is not shared
-            else:
-                self.failed[url] = got
+        self.studio.drain(wait=wait)
+        if self.bucket:
+            self.bucket.drain(wait=wait)
 
     def close(self) -> None:
-        for future in self._pending.values():
-            future.cancel()
-        self._pool.shutdown(wait=True)
-
-
-def _bar(iterable=None, **kw) -> tqdm:
-    # on a terminal only (disable=None): logs and CI stay clean
-    return tqdm(iterable, disable=None, leave=False, file=sys.stderr, **kw)
+        self.studio.close()
+        if self.bucket:
+            self.bucket.close()
 
 
 def connect(studio_dir: str | Path, params: Params) -> Studio:
@@ -148,12 +130,12 @@ def _plan(studio: Studio, project_id: int, base: dict | None, seen: dict[str, st
 
 
 def _export(studio: Studio, project_id: int, ids: list[int], stage: Staging,
-            fetcher: _Fetcher, image_key: str, known: dict[str, str]) -> tuple[list[dict], int]:
+            fetcher: _Images, image_key: str, known: dict[str, str]) -> tuple[list[dict], int]:
     """(exported tasks, export calls reused from an earlier attempt): one bounded call per
     EXPORT_IDS_PER_CALL ids, each staged as soon as it arrives; the new image URLs of its
     annotated tasks (not in `known`) go to the fetcher right away."""
     out, reused = [], 0
-    with _bar(total=len(ids), desc="tasks", unit="task") as bar:
+    with bar(total=len(ids), desc="tasks", unit="task") as progress:
         for index, start in enumerate(range(0, len(ids), EXPORT_IDS_PER_CALL)):
             chunk = ids[start:start + EXPORT_IDS_PER_CALL]
             tasks = stage.chunk(index)
@@ -167,7 +149,7 @@ def _export(studio: Studio, project_id: int, ids: list[int], stage: Staging,
                                   and isinstance((t.get("data") or {}).get(image_key), str)
                                   and t["data"][image_key] not in known}))
             fetcher.drain()
-            bar.update(len(chunk))
+            progress.update(len(chunk))
     return out, reused
 
 
@@ -189,16 +171,61 @@ def _minus(iso: str, seconds: float) -> str:
 
 
 def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
-        full: bool = False) -> dict:
+        full: bool = False, store: ObjectStore | None = None) -> dict:
     """Write `data/raw/pulls/NNNNNN/` with the tasks that changed; return a summary. Pulls into
-    one data directory take turns (the label trigger's and a flow's may meet)."""
+    one data directory take turns (the label trigger's and a flow's may meet). Images in the
+    buckets of params.yaml `storage.buckets` are read from the bucket (`store`, else one made
+    from params with the pull's timeouts)."""
     raw_dir = Path(raw_dir)
-    with exclusive(raw_dir.parent / f".{raw_dir.name}.lock", wait=True):
-        return _run(raw_dir, studio=studio, project_id=project_id, params=params, full=full)
+    own = store is None and bool(params.storage.buckets)
+    if own:
+        store = ObjectStore(params.storage, connect_timeout_s=params.pull.connect_timeout_s,
+                            read_timeout_s=params.pull.read_timeout_s)
+    try:
+        with exclusive(raw_dir.parent / f".{raw_dir.name}.lock", wait=True):
+            return _run(raw_dir, studio=studio, project_id=project_id, params=params,
+                        full=full, store=store)
+    finally:
+        if own:
+            store.close()
+
+
+def _image_changes(raw_dir: Path, moved: dict[str, ObjectRef], url_sha: dict[str, str],
+                   url_etag: dict[str, str], staged: dict[str, str],
+                   staged_etags: dict[str, str], failed: dict[str, str], *,
+                   skip: set[str]) -> list[dict]:
+    """The bucket objects read again because their ETag changed since an earlier pull whose
+    bytes differ now (or can no longer be read): one change record each, with every task
+    showing it (`other_tasks`: those this snapshot does not carry already). Updates url_sha
+    and url_etag; a failed re-read drops the url's sha (its tasks are quarantined with the
+    reason) and keeps the old ETag, so the next pull tries again."""
+    if not moved:
+        return []
+    tasks_of: dict[str, list[int]] = {}
+    for task_id, row in rawstore.load(raw_dir).images.items():
+        if row.get("url") in moved:
+            tasks_of.setdefault(row["url"], []).append(task_id)
+    out = []
+    for url in sorted(moved):
+        old, new, error = url_sha.get(url), staged.get(url), None
+        if url in failed or new is None:
+            new, error = None, ("the image changed in the bucket after an earlier pull and "
+                                f"reading it again failed: {failed.get(url, 'not read')}")
+            url_sha.pop(url, None)
+        else:
+            url_etag[url] = staged_etags.get(url, url_etag[url])
+            if new == old:
+                continue  # a new ETag, the same bytes (re-uploaded)
+            url_sha[url] = new
+        ids = sorted(tasks_of.get(url, []))
+        out.append({"url": url, "change": "image changed", "old_sha256": old,
+                    "new_sha256": new, "error": error, "etag": url_etag.get(url),
+                    "task_ids": ids, "other_tasks": [i for i in ids if str(i) not in skip]})
+    return out
 
 
 def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
-         full: bool) -> dict:
+         full: bool, store: ObjectStore | None) -> dict:
     """The pull itself (see `run`): `{"snapshot": None, ...}` and nothing written when nothing
     changed. The first pull, and any with `full=True`, compares every annotated task (a
     reconciliation: it also catches changes Label Studio makes without touching timestamps,
@@ -248,12 +275,22 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
     images_reused = len(stage.images()) if resumed else 0
     if plan is None:
         plan = stage.save_plan(_plan(studio, project_id, base, seen, full=full))
-    fetcher = _Fetcher(studio, stage, max_bytes=params.pull.max_image_bytes)
+    url_etag: dict[str, str] = dict(prev.get("url_etag") or {}) if prev else {}
+    fetcher = _Images(studio, stage, params=params, store=store)
     t0 = time.monotonic()
     try:
+        # objects read in an earlier pull whose ETag changed since: read again, beside the export
+        moved, vanished = changed_objects(store, url_etag) if store and url_etag else ({}, [])
+        if moved:
+            fetcher.bucket.queue(moved, again=True)
         exported, reused = _export(studio, project_id, plan["ids"], stage, fetcher,
                                    config.image_key, url_sha)
         fetcher.drain(wait=True)
+    except StorageError as exc:  # the ETag listing
+        raise PullError(f"cannot list the ETags of earlier pulled bucket images, needed to "
+                        f"find changed ones: {exc}") from None
+    except BucketUnreachable as exc:
+        raise PullError(str(exc)) from None
     finally:
         fetcher.close()
     current = {str(t["id"]): t for t in exported if t.get("annotations")}
@@ -278,22 +315,32 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
                "removed": len(removed)}
     if resumed:
         summary["resumed"] = {"export_calls": reused, "images": images_reused}
-    if not changed and not removed:
+    key = config.image_key
+    failed = fetcher.failed
+    staged_etags = fetcher.bucket.etags if fetcher.bucket else {}
+    image_changes = _image_changes(raw_dir, moved, url_sha, url_etag, stage.images(),
+                                   staged_etags, failed,
+                                   skip={str(t["id"]) for t in changed} | gone)
+    if vanished:
+        summary["images_gone"] = len(vanished)  # stored copies kept: what annotators saw
+    if fetcher.unlisted:
+        summary["unlisted_buckets"] = sorted(fetcher.unlisted)
+    if not changed and not removed and not image_changes:
         if prev:
             _save_sync_state(state_path, seq=prev["seq"], watermark=watermark,
                              task_count=task_count, seen=seen)
         stage.discard()
         return {"snapshot": None, **summary, "seconds": round(time.monotonic() - started, 2)}
 
-    key = config.image_key
     urls = sorted({t["data"][key] for t in changed
                    if isinstance(t.get("data", {}).get(key), str) and t["data"][key] not in url_sha})
-    failed = fetcher.failed
-    new_shas = set()
+    new_shas = {c["new_sha256"] for c in image_changes if c["new_sha256"]}
     for url in urls:
         if url in stage.images():
             url_sha[url] = stage.images()[url]
             new_shas.add(url_sha[url])
+            if url in staged_etags:
+                url_etag[url] = staged_etags[url]
 
     image_rows = []
     for task in changed:
@@ -307,6 +354,9 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
         else:
             row["error"] = failed[url]
         image_rows.append(row)
+    # tasks whose image changed in the bucket while the task did not: a row with the new bytes
+    image_rows += [{"task_id": tid, "url": c["url"], "sha256": c["new_sha256"],
+                    "error": c["error"]} for c in image_changes for tid in c["other_tasks"]]
 
     seq = int(prev["seq"]) + 1 if prev else 1
     root = raw_dir / rawstore.PULLS
@@ -317,6 +367,9 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
     atomic_write_json(tmp / "removed.json", removed)
     changes = rawstore.change_set(cursor, new_cursor,
                                   [str(t["id"]) for t in changed] + [str(r) for r in removed])
+    if image_changes:
+        changes["images_changed"] = [{k: v for k, v in c.items() if k != "other_tasks"}
+                                     for c in image_changes]
     atomic_write_json(tmp / "changes.json", changes)
     if new_shas:
         stage.write_tar(new_shas, tmp / "images.tar")
@@ -328,8 +381,9 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
         atomic_write_jsonl(tmp / "predictions.jsonl",
                            sorted(studio.predictions(project_id, ids=parents),
                                   key=lambda r: r["id"]))
-    summary.update(annotations={k: len(v) for k, v in changes.items()},
+    summary.update(annotations={k: len(changes[k]) for k in ("added", "changed", "removed")},
                    images_fetched=len(new_shas),
+                   images_changed=len(image_changes),
                    image_errors=sum(1 for r in image_rows if r["error"]),
                    fetch_seconds=round(time.monotonic() - t0, 2))
     atomic_write_json(tmp / "meta.json", {
@@ -337,7 +391,7 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
         "label_studio_url": studio.conn.url, "project_id": project_id,
         "classes": list(live_classes), "label_config_sha256": config.sha256,
         "controls": config.as_meta(), "counts": summary,
-        "cursor": new_cursor, "url_sha": url_sha, "watermark": watermark,
+        "cursor": new_cursor, "url_sha": url_sha, "url_etag": url_etag, "watermark": watermark,
         "task_count": task_count})
     os.rename(tmp, root / f"{seq:06d}")  # the commit point: all of the snapshot or none of it
     _save_sync_state(state_path, seq=seq, watermark=watermark, task_count=task_count, seen=seen)
@@ -353,12 +407,29 @@ def describe(result: dict) -> str:
         head += (f" (resumed: {result['resumed']['export_calls']} export call(s) and "
                  f"{result['resumed']['images']} image(s) from the interrupted pull)")
     if not result["snapshot"]:
-        return f"{head}; nothing new in Label Studio"
+        return f"{head}; nothing new in Label Studio" + _bucket_notes(result)
     ann = result.get("annotations", {})
-    return (f"{head}; snapshot {result['snapshot']}: {result['changed']} task(s) new/changed, "
+    text = (f"{head}; snapshot {result['snapshot']}: {result['changed']} task(s) new/changed, "
             f"{result['removed']} removed; annotations +{ann.get('added', 0)} "
             f"~{ann.get('changed', 0)} -{ann.get('removed', 0)}; {result['images_fetched']} "
             f"image(s) fetched, {result['image_errors']} failed (quarantined at validation)")
+    if result.get("images_changed"):
+        text += (f"; {result['images_changed']} image(s) changed in the bucket since an earlier "
+                 "pull (recorded in changes.json; their tasks now use the new bytes)")
+    return text + _bucket_notes(result)
+
+
+def _bucket_notes(result: dict) -> str:
+    """Bucket facts said once per pull, however many tasks they concern."""
+    text = ""
+    if result.get("unlisted_buckets"):
+        names = ", ".join(result["unlisted_buckets"])
+        text += (f"; images in bucket(s) not listed in params.yaml storage.buckets: {names} "
+                 "(their tasks are quarantined: list the bucket(s) there to read them)")
+    if result.get("images_gone"):
+        text += (f"; {result['images_gone']} image(s) pulled earlier are gone from the bucket "
+                 "(the stored copies are kept)")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         studio = connect(args.studio_dir, params)
         result = run(args.raw, studio=studio, project_id=studio.require_project(params.studio.project_title),
                      params=params, full=args.full)
-    except (LabelStudioError, PullError, settings.ParamsError) as exc:
+    except (LabelStudioError, PullError, StorageError, settings.ParamsError) as exc:
         print(f"pull failed: {exc}", file=sys.stderr)
         return 2
     print(describe(result))
