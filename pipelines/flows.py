@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from pipelines import (calibrate, dvcrepo, lineage, preannotate, promote, pull, rawstore,
-                       registry, review, reviewer)
+                       registry, review, reviewer, trainpool)
 from pipelines.files import (Busy, atomic_write_json, exclusive, read_json, read_jsonl, sha256_file,
                              utc_now)
 from pipelines.labelstudio import LabelStudioError, Studio
@@ -179,7 +179,11 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
         f"{stage}: {', '.join(why)}" for stage, why in changed.items())
         or "the last run did not finish"))
     version = version_task(root)
-    stages = {stage: stage_task(root, stage, force) for stage in dvcrepo.stages(root)}
+    # train.pool: the train stage runs on that Prefect work pool (pipelines/trainpool.py)
+    on_pool = load(layout.params).train.pool
+    stages = {stage: (trainpool.stage_task if on_pool and stage == trainpool.STAGE
+                      else stage_task)(root, stage, force)
+              for stage in dvcrepo.stages(root)}
     decision = Decision.read(layout.decision)
     create_markdown_artifact(markdown=layout.report.read_text(), key="gate-report",
                              description=f"gate verdict {decision.verdict}")
