@@ -223,10 +223,17 @@ def deployment(root: str, cron: str, *, pool: str = "", env: dict[str, str] | No
     by that pool's workers (pipelines/workpool.py registers it), which import the flow by
     module path (`pipelines.flows.retrain`: labelgate installed, no copy of the source) and
     add `env` to their own environment (never secrets: those stay in the worker's)."""
+    from prefect.runner.storage import LocalStorage
     from prefect.types.entrypoint import EntrypointType
+    root = str(Layout(root).root)
     pooled = (dict(work_pool_name=pool, job_variables={"env": dict(env or {})},
                    entrypoint_type=EntrypointType.MODULE_PATH) if pool else {})
     # concurrency_limit=1: Prefect queues a second run of this deployment until the first ends
     # (the run lock then still skips one started some other way)
-    return retrain.to_deployment(name="labelgate-retrain", cron=cron, concurrency_limit=1,
-                                 parameters={"root": str(Layout(root).root)}, **pooled)
+    dep = retrain.to_deployment(name="labelgate-retrain", cron=cron, concurrency_limit=1,
+                                parameters={"root": root}, **pooled)
+    if pool:
+        # the pull step `set_working_directory(root)`: without one, a worker copies the folder
+        # it was started in (a home directory, say) into a temporary folder for every run
+        dep.storage = LocalStorage(root)
+    return dep

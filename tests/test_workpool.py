@@ -35,6 +35,9 @@ def test_pooled_deployment_names_the_flow_by_module_path(tmp_path):
     assert dep.job_variables == {"env": workpool.RUN_ENV}
     assert dep.parameters == {"root": str(Layout(tmp_path).root)}
     assert dep.concurrency_limit == 1
+    # the worker's flow run works in the workspace itself (no copy of the worker's folder)
+    assert dep.storage.to_pull_step() == {"prefect.deployments.steps.set_working_directory": {
+        "directory": str(Layout(tmp_path).root)}}
     assert [s.schedule.cron for s in dep.schedules] == ["15 4 * * 1"]
     served = deployment(str(tmp_path), "15 4 * * 1")   # `labelgate serve` without a pool
     assert served.work_pool_name is None and served.job_variables == {}
@@ -100,6 +103,8 @@ def test_a_worker_runs_the_triggered_and_the_scheduled_retraining_run(
         assert (dep.work_pool_name, dep.entrypoint) == (pool, "pipelines.flows.retrain")
         assert dep.parameters == {"root": str(Layout(root).root)}
         assert dep.job_variables == {"env": workpool.RUN_ENV}
+        assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
+            "directory": str(Layout(root).root)}}]
         # a worker as a user starts it: its own process and folder, no source copy (the flow
         # is imported from installed labelgate); the Prefect and Label Studio variables of
         # this test's environment are the user's shell
@@ -117,6 +122,7 @@ def test_a_worker_runs_the_triggered_and_the_scheduled_retraining_run(
         finally:
             stop_group(worker.pid, timeout_s=20)
         ran = {r.id: r for r in runs}
+        assert "Downloading flow code" not in log.read_text()   # no copy of the worker's cwd
         for r in runs:
             assert r.state.type.value == "COMPLETED", (r.name, r.state, _tail(log))
             assert r.work_pool_name == pool
