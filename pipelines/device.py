@@ -21,6 +21,17 @@ def pick_device(choice: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_threads(*, processes: int = 1) -> int:
+    """CPU threads for one of `processes` processes sharing this machine: the cores this process
+    may run on (its affinity mask: a container's or `taskset`'s share, not the host's count),
+    split evenly, at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity mask
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, processes))
+
+
 def seed_everything(seed: int, *, deterministic: bool = True) -> None:
     """Seed Python, NumPy and torch; on CPU the same seed and data give identical weights."""
     random.seed(seed)

@@ -12,6 +12,9 @@ start, only when arch, classes and input match). CUDA adds bf16 autocast and cha
         [--init-registry models/registry]      # train.init: production warm-starts from its
                                                # production model (sha256 from the pointer)
     torchrun --nproc_per_node N -m pipelines.train ...     # DistributedDataParallel, N processes
+    torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST0:29400
+        --rdzv_id RUN -m pipelines.train ...               # on each of M nodes: M x N processes;
+                                                           # the outputs land on node 0 (rank 0)
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -33,9 +38,9 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
-from pipelines import archs, augment, finetune, inputspec, net, packed, recipe, residency  # noqa: E402
+from pipelines import (archs, augment, finetune, inputspec, net, packed, recipe,  # noqa: E402
+                       residency, world)
 from pipelines.device import pick_device, seed_everything  # noqa: E402
 from pipelines.files import atomic_write_json, sha256_file  # noqa: E402
 from pipelines.inputspec import InputSpec  # noqa: E402
@@ -151,20 +156,30 @@ def train_model(x: np.ndarray, y: np.ndarray, *, arch: str, spec: InputSpec, cla
     return out.module, out.history
 
 
-def _dist_init(choice: str) -> tuple[torch.device, int, int]:
-    """(device, rank, world) — from torchrun's environment when present."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(choice)
-    if world == 1:
-        torch.set_num_threads(os.cpu_count() or 1)  # CPU: use every core
-        return device, 0, 1
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device, dist.get_rank(), world
+# What every node must have alike for a multi-node run, and how to get there (README "Scaling
+# out"): one commit and params.yaml, and the prepared data from the DVC remote.
+SAME_EVERYWHERE = ("run every node from the same git commit and params.yaml, with the same "
+                   "labelgate and torch, and the same data: `dvc push prepare` on node 0, "
+                   "`dvc pull prepare` on the others (`dvc status prepare` shows what differs)")
+
+
+def _facts(params: Params, splits: dict[str, packed.Split]) -> dict[str, str]:
+    """What this rank will train on, as digests the ranks compare (world.agree): the sections
+    the train stage reads, the software, and each split's rows (image sha256s, labels, task
+    ids, shape and input spec; not the pixels, which are a function of those and would cost a
+    read of the whole split)."""
+    try:
+        version = importlib.metadata.version("labelgate")
+    except importlib.metadata.PackageNotFoundError:  # a checkout run with `python -m`
+        version = "not installed"
+    facts = {"params (base, input, train)": world.digest(repr((params.base, params.input,
+                                                               params.train))),
+             "labelgate and torch versions": world.digest(version, torch.__version__)}
+    for name, s in splits.items():
+        facts[f"{name} split"] = world.digest(
+            json.dumps(s.spec.to_json(), sort_keys=True), repr(s.x.shape), s.y.tobytes(),
+            s.task_id.tobytes(), "\n".join(s.sha256.tolist()))
+    return facts
 
 
 def _spec_for(params: Params, split: packed.Split, where: Path) -> InputSpec:
@@ -185,14 +200,21 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params,
     (used when train.init is production)."""
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     t = params.train
-    device, rank, world = _dist_init(t.device)
+    w = world.init(t.device)
+    device, rank = w.device, w.rank
     classes = params.base.classes
     out = None
     try:
+        facts, problem = None, None
         try:
             tr = packed.read_split(prepared_dir / "train")
             va = packed.read_split(prepared_dir / "val")
+            facts = _facts(params, {"train": tr, "val": va})
         except packed.PackedError as exc:
+            problem = str(exc)
+        try:  # every rank, also one that cannot read its data, so that all stop together
+            world.agree(w, facts, problem=problem, remedy=SAME_EVERYWHERE)
+        except world.WorldError as exc:
             raise TrainingError(str(exc)) from None
         if not len(tr) or not len(va):
             raise TrainingError(f"the {'training' if not len(tr) else 'validation'} split "
@@ -204,14 +226,14 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params,
         out = _train(tr.x, tr.y, arch=t.arch, spec=spec, classes=classes, params=params,
                      epochs=t.epochs, seed=params.base.seed, x_val=va.x, y_val=va.y,
                      init_model=init_model, init_model_sha256=init_model_sha256,
-                     device=device, rank=rank, world=world, progress=True)
+                     device=device, rank=rank, world=w.size, progress=True)
     except torch.OutOfMemoryError:
         raise TrainingError("out of GPU memory: lower train.batch_size_cuda, or "
                             "train.resident_max_mb to stream the data, in params.yaml") from None
     finally:
-        if world > 1 and rank != 0:
-            dist.destroy_process_group()
-    if rank != 0:
+        if rank != 0:
+            world.close(w)
+    if rank != 0:  # one writer: rank 0, on node 0; every rank holds the same model (loop.fit)
         return {}
     history, lp = out.history, out.plan
     print(f"train: {out.arch}, {out.init}; {out.placement.note}"
@@ -235,10 +257,11 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params,
     net.save(out.module, out_dir / "model.safetensors", arch=out.arch, classes=classes,
              spec=out.spec)
     with open(out_dir / "history.csv", "w", newline="") as f:  # for `dvc plots`
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-    metrics = {"device": device.type, "processes": world, "arch": out.arch, "init": out.init,
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    metrics = {"device": device.type, "processes": w.size, "nodes": w.nodes,
+               "arch": out.arch, "init": out.init,
                "resident": out.placement.resident, "epochs": t.epochs,
                "batch_size": lp.batch_size, "lr": round(lp.lr, 6), "train_images": len(tr),
                "val_images": len(va), "val_acc": history[-1]["val_acc"],
@@ -247,8 +270,7 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params,
                "peak_gpu_mem_mb": (round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
                                    if device.type == "cuda" else None)}
     atomic_write_json(out_dir / "metrics.json", metrics)
-    if world > 1:
-        dist.destroy_process_group()
+    world.close(w)
     return metrics
 
 
