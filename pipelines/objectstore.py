@@ -4,13 +4,14 @@ default chain: AWS_* variables, ~/.aws files, `storage.profile`). Credentials ar
 and never appear in a message or a repr.
 
 The one module that imports boto3 (STYLE 10). Reads (`get`, `get_file`) take a hot path: each
-GET is signed by `s3sign.GetSigner` (SigV4, the credentials frozen per request so refreshing
-ones keep working) and sent over one urllib3 connection pool with keep-alive, because boto3's
+GET is signed by `s3get.GetSigner` (SigV4, the credentials frozen per request so refreshing
+ones keep working) and sent over one keep-alive connection per reader thread, because boto3's
 `get_object` costs ~3 ms of client CPU per call (~340 objects/s on 2 cores) and a pull reads
 tens of thousands of small images. Writes and listings go through boto3.
 """
 from __future__ import annotations
 
+import http.client
 import re
 import threading
 import time
@@ -19,12 +20,11 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import boto3
-import urllib3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ProfileNotFound
 
 from pipelines import settings
-from pipelines.s3sign import GetSigner
+from pipelines.s3get import Connections, GetSigner
 from pipelines.files import atomic_writer
 
 ATTEMPTS = 4          # tries per request (1 + 3 retries) for timeouts, 5xx, 429, dropped connections
@@ -125,9 +125,8 @@ class ObjectStore:
         self._signer = GetSigner(region=self.region)
         self._client_obj = None
         self._lock = threading.Lock()
-        self._http = urllib3.PoolManager(
-            maxsize=pool, block=False, retries=False,
-            timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s))
+        self._http = Connections(self.endpoint, connect_timeout_s=connect_timeout_s,
+                                 read_timeout_s=read_timeout_s)
 
     def __repr__(self) -> str:  # no credentials: the endpoint and the bucket names only
         return f"ObjectStore(endpoint={self.endpoint!r}, buckets={sorted(self._buckets)!r})"
@@ -189,16 +188,16 @@ class ObjectStore:
 
     # -- reads: the hot path ------------------------------------------------------------------
     def _open(self, ref: ObjectRef, *, max_bytes: int):
-        """A streaming GET answer with status 200 and a Content-Length within `max_bytes`."""
+        """(connection, answer) of a GET answered 200 with a Content-Length, if any, within
+        `max_bytes`; the body is still to be read."""
         self.check(ref)
         creds = self._credentials()
         url = self._url(ref)
         headers = self._signer.headers(url, access_key=creds.access_key,
                                        secret_key=creds.secret_key, token=creds.token)
         try:
-            resp = self._http.request("GET", url, headers=headers, preload_content=False,
-                                      redirect=False)
-        except urllib3.exceptions.HTTPError as exc:
+            conn, resp = self._http.get(urlsplit(url).path, headers)
+        except (OSError, http.client.HTTPException) as exc:
             raise StorageError(f"cannot reach the object store at {self.endpoint} while "
                                f"reading {ref.uri} ({type(exc).__name__})",
                                transient=True) from None
@@ -206,29 +205,31 @@ class ObjectStore:
             body = b""
             try:
                 body = resp.read(4096)
-            except urllib3.exceptions.HTTPError:
+            except (OSError, http.client.HTTPException):
                 pass
-            resp.release_conn()
+            self._http.done(conn, resp)
             raise _status_error(ref.uri, resp.status, _code(body), "reading")
-        declared = resp.headers.get("content-length")
+        declared = resp.getheader("content-length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
-            resp.close()  # the connection is dropped, not drained: the body is never read
+            conn.close()  # the connection is dropped, not drained: the body is never read
             raise StorageError(f"{ref.uri} is larger than {max_bytes} bytes ({declared})")
-        return resp
+        return conn, resp
 
-    def _read(self, ref: ObjectRef, *, max_bytes: int) -> tuple[bytes, str]:
-        resp = self._open(ref, max_bytes=max_bytes)
-        etag = str(resp.headers.get("etag", "")).strip('"')
+    def _body(self, ref: ObjectRef, conn, resp, amount: int) -> bytes:
         try:
-            data = resp.read(max_bytes + 1)  # never more than the cap + 1 byte in memory
-        except urllib3.exceptions.HTTPError as exc:  # a body cut short: an error, never data
-            resp.close()
+            return resp.read(amount)
+        except (OSError, http.client.HTTPException) as exc:  # cut short: an error, never data
+            conn.close()
             raise StorageError(f"reading {ref.uri} broke off ({type(exc).__name__})",
                                transient=True) from None
+
+    def _read(self, ref: ObjectRef, *, max_bytes: int) -> tuple[bytes, str]:
+        conn, resp = self._open(ref, max_bytes=max_bytes)
+        etag = str(resp.getheader("etag", "")).strip('"')
+        data = self._body(ref, conn, resp, max_bytes + 1)  # never more than cap + 1 in memory
+        self._http.done(conn, resp)
         if len(data) > max_bytes:
-            resp.close()
             raise StorageError(f"{ref.uri} is larger than {max_bytes} bytes")
-        resp.release_conn()
         return data, etag
 
     def get(self, ref: ObjectRef, *, max_bytes: int) -> bytes:
@@ -243,20 +244,17 @@ class ObjectStore:
     def get_file(self, ref: ObjectRef, path: Path, *, max_bytes: int) -> None:
         """Download to `path` atomically (temp file + fsync + rename), streamed, capped."""
         def once() -> None:
-            resp = self._open(ref, max_bytes=max_bytes)
+            conn, resp = self._open(ref, max_bytes=max_bytes)
             size = 0
             try:
                 with atomic_writer(path) as f:
-                    for chunk in resp.stream(_READ_CHUNK):
+                    while chunk := self._body(ref, conn, resp, _READ_CHUNK):
                         size += len(chunk)
                         if size > max_bytes:
                             raise StorageError(f"{ref.uri} is larger than {max_bytes} bytes")
                         f.write(chunk)
-            except urllib3.exceptions.HTTPError as exc:
-                raise StorageError(f"reading {ref.uri} broke off ({type(exc).__name__})",
-                                   transient=True) from None
             finally:
-                resp.close()
+                self._http.done(conn, resp)
         self._retrying(once)
 
     # -- writes and listings: boto3 -----------------------------------------------------------
@@ -316,7 +314,7 @@ class ObjectStore:
                    lambda c: c.list_objects_v2(Bucket=bucket, MaxKeys=1), uri=f"s3://{bucket}/")
 
     def close(self) -> None:
-        self._http.clear()
+        self._http.close()
         if self._client_obj is not None:
             self._client_obj.close()
 

@@ -39,7 +39,7 @@ def test_signer_makes_botocores_headers(monkeypatch):
     import botocore.auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
-    from pipelines.s3sign import GetSigner
+    from pipelines.s3get import GetSigner
     now = datetime.datetime(2026, 11, 30, 23, 59, 59, tzinfo=datetime.timezone.utc)
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: now.replace(tzinfo=None))
     for url, token in [("http://127.0.0.1:9000/b-1/a/x%20y%2Bz%C3%A9.png", None),
