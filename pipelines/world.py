@@ -131,6 +131,6 @@ def agree(w: World, facts: Mapping[str, str] | None, *, problem: str | None = No
         differ = [name for name in first["facts"] if r["facts"].get(name) != first["facts"][name]]
         differ += [name for name in r["facts"] if name not in first["facts"]]
         if differ:
-            raise WorldError(f"{', '.join(differ)} on {where(r)} differ from {where(first)}'s: "
-                             f"every rank must train on the same data with the same settings; "
-                             f"{remedy}")
+            raise WorldError(f"{where(r)} has another {' and another '.join(differ)} than "
+                             f"{where(first)}: every rank must train on the same data with the "
+                             f"same settings; {remedy}")

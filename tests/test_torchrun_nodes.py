@@ -1,0 +1,158 @@
+"""Multi-node training as a cluster runs it: two `torchrun` launchers, each a "node" with its own
+working directory and its own copy of the prepared data, meeting through torchrun's c10d
+rendezvous on 127.0.0.1 (gloo on CPU), each running `python -m pipelines.train`.
+
+Each node is pinned to one core (taskset) so that a process has the threads it would have as
+one of two processes on one 2-core machine: the same world, the same threads, the same model
+file byte for byte as `torchrun --nproc_per_node 2` (CPU kernels pick their reduction order by
+thread count, so unpinned runs differ in the last bits)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipelines import net
+from pipelines.files import read_json, sha256_file
+from tests import factories
+from tests.test_train import BASE, write_prepared
+
+pytestmark = pytest.mark.slow   # ~15-45 s each on 2 cores (torchrun start-up, rendezvous)
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+OVERRIDES = {**BASE, "train.epochs": 3}
+TIMEOUT_S = 240   # a launcher that outlives this is a hang (rendezvous join timeout is 600 s)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cores() -> list[int]:
+    """Two cores to pin the two nodes to (the same one twice on a 1-core machine)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return [cores[0], cores[1 % len(cores)]]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nodes")
+    sizes = write_prepared(root / "prepared")
+    (root / "params.yaml").write_text(yaml.safe_dump(factories.params_dict(OVERRIDES)))
+    return {"root": root, "sizes": sizes}
+
+
+def _node_dir(prepared, where, name: str):
+    """A node's own working directory: params.yaml and data/prepared copied in (as `git clone`
+    + `dvc pull prepare` would put them there); no file shared with the other node."""
+    node = where / name
+    shutil.copytree(prepared["root"] / "prepared", node / "data" / "prepared")
+    shutil.copy(prepared["root"] / "params.yaml", node / "params.yaml")
+    return node
+
+
+def _launch(nodes, *, port: int) -> list[tuple[int, str]]:
+    """Start one torchrun launcher per node directory (as on each machine of a cluster), wait
+    for all; (exit code, output) per node."""
+    run_id = f"labelgate-{uuid.uuid4().hex[:8]}"
+    procs = []
+    for node, core in zip(nodes, _cores()):
+        log = open(node / "torchrun.log", "w")
+        procs.append((subprocess.Popen(
+            ["taskset", "-c", str(core), TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1",
+             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+             "--rdzv_id", run_id, "-m", "pipelines.train", "--prepared", "data/prepared",
+             "--out", "models/candidate", "--params", "params.yaml"],
+            cwd=node, stdout=log, stderr=subprocess.STDOUT), log, node))
+    results = []
+    try:
+        for proc, log, node in procs:
+            rc = proc.wait(timeout=TIMEOUT_S)
+            log.close()
+            results.append((rc, (node / "torchrun.log").read_text()))
+    finally:
+        for proc, log, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    return results
+
+
+def test_two_nodes_train_one_model_equal_to_two_processes_on_one_node(prepared, tmp_path):
+    nodes = [_node_dir(prepared, tmp_path, "node-a"), _node_dir(prepared, tmp_path, "node-b")]
+    results = _launch(nodes, port=_free_port())
+    for rc, out in results:
+        assert rc == 0, out[-3000:]
+    # One writer: global rank 0, on whichever launcher the rendezvous made node 0.
+    written = [n for n in nodes if (n / "models" / "candidate").exists()]
+    assert len(written) == 1, written
+    out = written[0] / "models" / "candidate"
+    assert sorted(p.name for p in out.iterdir()) == ["history.csv", "metrics.json",
+                                                     "model.safetensors"]
+    metrics = read_json(out / "metrics.json")
+    assert metrics["processes"] == 2 and metrics["nodes"] == 2
+    assert metrics["train_images"] == prepared["sizes"]["train"]
+    assert metrics["epochs"] == OVERRIDES["train.epochs"] and metrics["device"] == "cpu"
+    loaded = net.load(out / "model.safetensors", device=torch.device("cpu"))
+    assert loaded.arch == "smallcnn"
+
+    # The same world on one machine: two processes, one launcher, the same two cores.
+    single = tmp_path / "single"
+    proc = subprocess.run(
+        ["taskset", "-c", ",".join(map(str, sorted(set(_cores())))), TORCHRUN,
+         "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "pipelines.train",
+         "--prepared", str(prepared["root"] / "prepared"), "--out", str(single),
+         "--params", str(prepared["root"] / "params.yaml")],
+        capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    one_node = read_json(single / "metrics.json")
+    assert one_node["processes"] == 2 and one_node["nodes"] == 1
+    # Same ranks, same threads (1 per process either way): the same bytes.
+    assert sha256_file(out / "model.safetensors") == sha256_file(single / "model.safetensors")
+    assert (out / "history.csv").read_bytes() == (single / "history.csv").read_bytes()
+    assert metrics["val_acc"] == one_node["val_acc"]
+
+
+def _change_one_label(node):
+    y_path = node / "data" / "prepared" / "train" / "y.npy"
+    y = np.load(y_path)
+    y[0] = (y[0] + 1) % 10
+    np.save(y_path, y)
+
+
+def _remove_split(node):
+    shutil.rmtree(node / "data" / "prepared" / "val")
+
+
+@pytest.mark.parametrize("spoil, expected", [
+    (_change_one_label, r"node 1 \(host .*, rank 1\) has another train split than node 0 "),
+    (_remove_split, r"node [01] \(host .*, rank [01]\) cannot train: .*val: not a prepared split"),
+])
+def test_a_node_with_other_data_stops_every_node_with_a_clear_error(prepared, tmp_path, spoil,
+                                                                    expected):
+    """A node that pulled another data version (or none) would otherwise train on other rows
+    under the same indices, silently; now no rank trains and every node says which one differs
+    and what to run."""
+    nodes = [_node_dir(prepared, tmp_path, "node-a"), _node_dir(prepared, tmp_path, "node-b")]
+    spoil(nodes[1])
+    results = _launch(nodes, port=_free_port())
+    for rc, out in results:
+        assert rc != 0, out[-3000:]
+        assert "train failed: " in out, out[-3000:]
+        msg = out[out.index("train failed: "):].splitlines()[0]
+        assert re.search(expected, msg), msg
+        assert "dvc pull prepare" in msg and "same git commit" in msg
+    for node in nodes:
+        assert not (node / "models" / "candidate" / "model.safetensors").exists()
