@@ -340,10 +340,11 @@ def cmd_rollback(args, layout: Layout, params) -> int:
 
 
 def cmd_checkout(args, layout: Layout, params) -> int:
-    from pipelines import lineage, registry
+    from pipelines import lineage
     r = lineage.checkout(layout, args.id)
-    latest = list(registry.candidates(layout.registry))[-1]
-    print(f"restored {r.model_id} as built from commit {r.commit[:12]}:")
+    latest = r.latest
+    print(f"restored {r.model_id} as built from commit {r.commit[:12]}"
+          + ("" if r.ledger == "local" else f" (its ledger line read from {r.ledger})") + ":")
     for path, md5 in r.data.items():
         print(f"  {path:36} DVC md5 {md5}")
     print(f"  {r.model:36} sha256 {r.sha256[:16]}… (verified against the ledger)")
@@ -357,6 +358,31 @@ def cmd_checkout(args, layout: Layout, params) -> int:
           + (f"; `labelgate checkout {latest}` returns to the latest candidate."
              if latest != r.model_id else "."))
     return 0
+
+
+def cmd_remote(args, layout: Layout, params) -> int:
+    from pipelines import remote
+    if args.action == "add":
+        if not args.url:
+            raise remote.RemoteError("`labelgate remote add` needs the URL: s3://BUCKET/PREFIX")
+        endpoint = params.storage.endpoint_url if args.endpoint is None else args.endpoint
+        info, rev, notes = remote.add(layout, args.url, endpoint=endpoint,
+                                      region=params.storage.region,
+                                      profile=params.storage.profile, name=args.name)
+        print(f"DVC remote {info.name!r} (default) -> {info.url}"
+              + (f" at {info.endpoint}" if info.endpoint else " (AWS S3)")
+              + (f"; .dvc/config committed ({rev[:12]})" if rev else ""))
+        for note in notes:
+            print(f"- {note}")
+        print("Credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+              " or a profile). Next: `labelgate remote push`, then every run pushes.")
+        return 0
+    if args.action == "push":
+        print(remote.describe_push(remote.push_all(layout)))
+        return 0
+    report = remote.status(layout)
+    print(remote.describe_status(report))
+    return 0 if report.reachable else 1
 
 
 def cmd_deploy(args, layout: Layout, params) -> int:
@@ -548,6 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reason", default="", help="recorded in the ledger")
     s.add_argument("--reviewer", help="recorded in the ledger (default: your user name)")
     s.set_defaults(fn=cmd_rollback)
+    s = sub.add_parser("remote", help="the DVC remote (S3): add URL [--endpoint] | status | "
+                       "push (data, eval set, models and the registry)")
+    s.add_argument("action", choices=("add", "status", "push"))
+    s.add_argument("url", nargs="?", help="add: s3://BUCKET/PREFIX (no credentials in it)")
+    s.add_argument("--endpoint", help="add: an S3-compatible server's URL (default: "
+                   "storage.endpoint_url; \"\" = AWS)")
+    s.add_argument("--name", default="storage", help="add: the DVC remote's name")
+    s.set_defaults(fn=cmd_remote)
     s = sub.add_parser("checkout", help="restore the raw data, eval set and model file a "
                        "candidate was built from (git + DVC)")
     s.add_argument("id", help="registry id (see `labelgate history`)")

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -15,7 +16,27 @@ from pipelines import codestamp
 
 
 class DvcError(RuntimeError):
-    pass
+    """A DVC command failed; `transient`: its output names a network fault worth retrying."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+# What DVC (boto/s3fs, requests, ssh) prints when a remote did not answer, or answered "try
+# again": connection refused or reset, timeouts, throttling, 5xx. Missing objects (NoSuchKey)
+# and refused credentials are not transient: retrying cannot fix them.
+_TRANSIENT = re.compile(
+    r"Could not connect to the endpoint URL|Connect timeout|Read timeout|timed out"
+    r"|Connection (?:refused|reset|aborted)|ConnectionError|ServiceUnavailable|SlowDown"
+    r"|InternalError|RequestTimeout|Temporary failure|\(50[0234]\)", re.I)
+ATTEMPTS = 3          # a transient fault: the command is run up to 3 times
+BACKOFF_S = 2.0       # seconds before the 2nd attempt, doubled before each later one
+
+
+def transient(text: str) -> bool:
+    """DVC's output says the remote could not be reached or asked to try again."""
+    return bool(_TRANSIENT.search(text))
 
 
 # DVC ends `add`/`repro` with advice for someone typing commands: "To track the changes with
@@ -48,8 +69,26 @@ def _run(root: str | Path, args: tuple[str, ...]) -> subprocess.CompletedProcess
                           capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(quiet_hints(proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise DvcError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n{tail}")
+        raise DvcError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n{tail}",
+                       transient=transient(proc.stdout + proc.stderr))
     return proc
+
+
+def _retried(root: str | Path, *args: str) -> str:
+    """`dvc ARGS`, run again after a transient fault (ATTEMPTS in all, BACKOFF_S doubling);
+    the last error says how many attempts were made."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return dvc(root, *args)
+        except DvcError as exc:
+            if not exc.transient or attempt == ATTEMPTS:
+                if exc.transient:
+                    raise DvcError(f"{exc}\n(the remote did not answer {ATTEMPTS} attempts in "
+                                   "a row: check the network, the endpoint and that the "
+                                   "server is up)", transient=True) from exc
+                raise
+            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
 
 
 def dvc(root: str | Path, *args: str) -> str:
@@ -203,6 +242,16 @@ def _describe(what: object) -> str:
 # the model ("2 files pushed", the model's md5 absent from the remote); the stage name
 # (`train`) pushes, fetches and checks out its outputs every time.
 
+def remote_config(root: str | Path) -> dict[str, dict[str, str]]:
+    """{remote name: {option: value}} as DVC sees it (every config level merged), e.g.
+    {"storage": {"url": "s3://b/p", "endpointurl": "http://..."}}."""
+    out: dict[str, dict[str, str]] = {}
+    for line in dvc(root, "config", "--list").splitlines():
+        if m := re.fullmatch(r"remote\.([^.]+)\.([^=]+)=(.*)", line):
+            out.setdefault(m.group(1), {})[m.group(2)] = m.group(3)
+    return out
+
+
 def remotes(root: str | Path) -> tuple[list[str], str | None]:
     """The DVC remotes `root` sees (every config level: repo, local, global, system) and the
     default one (None when unset)."""
@@ -238,19 +287,13 @@ def outs_status(root: str | Path, targets: list[str]) -> dict[str, str]:
 
 
 def push(root: str | Path, targets: list[str], *, remote: str) -> str:
-    """Send the cached data of `targets` (.dvc files, stage names) to `remote`."""
-    return dvc(root, "push", "--remote", remote, *targets)
+    """Send the cached data of `targets` (.dvc files, stage names) to `remote` (retried after
+    a transient fault)."""
+    return _retried(root, "push", "--remote", remote, *targets)
 
 
 def fetch(root: str | Path, targets: list[str], *, remote: str) -> str:
     """Bring the cached data of `targets` from `remote` into the local cache (what is there
-    already is not downloaded again)."""
-    return dvc(root, "fetch", "--remote", remote, *targets)
+    already is not downloaded again; retried after a transient fault)."""
+    return _retried(root, "fetch", "--remote", remote, *targets)
 
-
-def checkout(root: str | Path, targets: list[str]) -> str:
-    """Make the workspace copies of `targets`' outputs what their metadata records, from the
-    local cache. `--force`: the caller has checked that nothing it replaces is lost (without
-    it DVC asks before replacing a workspace copy it has not cached, e.g. after the cache was
-    lost, and with no terminal to ask on it refuses)."""
-    return dvc(root, "checkout", "--force", *targets)

@@ -13,7 +13,9 @@ The registry's blob (models/registry/blobs/<sha256>.safetensors) is a second cop
 bytes, named by sha256. So nothing more is `dvc add`ed: `checkout` brings the model back from
 the cache or the remote, checks it against the ledger's sha256, and puts a lost registry blob
 back from it. The ledger and the production pointer stay outside git and DVC: they are the
-history that approve/reject/rollback append to between runs, not a version of anything.
+history that approve/reject/rollback append to between runs, not a version of anything. With
+a remote, they are mirrored beside DVC's objects (pipelines/mirror.py): `checkout` in a fresh
+clone, whose registry is empty, reads the candidate's line from there.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import dataclasses
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from pipelines.files import Busy, atomic_write_bytes, exclusive, sha256_bytes, s
 from pipelines.layout import Layout
 
 # Options of .dvc/config that carry credentials: such a config is never committed by labelgate.
-_SECRET = re.compile(r"^\s*(password|secret_access_key|session_token|access_key_id|"
+SECRET = re.compile(r"^\s*(password|secret_access_key|session_token|access_key_id|"
                      r"client_secret|gdrive_client_secret|account_key|sas_token|"
                      r"connection_string|token|key_secret)\s*=", re.M | re.I)
 
@@ -87,7 +90,7 @@ def commit(layout: Layout, *, message: str) -> tuple[str | None, list[str]]:
     notes = []
     paths = _metadata(layout)
     config = root / ".dvc" / "config"
-    if ".dvc/config" in paths and _SECRET.search(config.read_text(errors="replace")):
+    if ".dvc/config" in paths and SECRET.search(config.read_text(errors="replace")):
         paths.remove(".dvc/config")
         notes.append(".dvc/config holds remote credentials: not committed (keep them in "
                      ".dvc/config.local: `dvc remote modify --local REMOTE OPTION VALUE`)")
@@ -158,7 +161,8 @@ def hashes(layout: Layout) -> dict:
 
 # -- push -----------------------------------------------------------------------------------------
 
-def _remote(layout: Layout) -> str | None:
+def remote_name(layout: Layout) -> str | None:
+    """The DVC remote labelgate pushes to and fetches from: the default one, or the only one."""
     names, default = dvcrepo.remotes(layout.root)
     if default or not names:
         return default
@@ -173,7 +177,7 @@ def push(layout: Layout, *, mode: str) -> tuple[str | None, list[str]]:
     is configured; always: a missing remote is an error; never). (remote or None, notes)."""
     if mode == "never":
         return None, []
-    remote = _remote(layout)
+    remote = remote_name(layout)
     if remote is None:
         if mode == "always":
             raise LineageError("lineage.push is `always` but DVC has no remote: add one with "
@@ -226,7 +230,9 @@ class Restored:
     model: str                     # workspace path of the model file (sha256-verified)
     sha256: str
     fetched_from: str | None       # the DVC remote that supplied missing data, if any
-    registry_blob: str             # "present" | "restored"
+    registry_blob: str             # "present" | "restored" | "not kept here" (a clone's)
+    ledger: str = "local"          # where the candidate's line was read: local | DVC remote 'x'
+    latest: str | None = None      # the latest candidate in that ledger
 
 
 def _recoverable(root: Path, path: Path, new: bytes) -> bool:
@@ -253,9 +259,7 @@ def checkout(layout: Layout, model_id: str) -> Restored:
 
 def _checkout(layout: Layout, model_id: str) -> Restored:
     root = layout.root
-    record = registry.candidates(layout.registry).get(model_id)
-    if record is None:
-        raise LineageError(f"no candidate {model_id!r} in the ledger; see `labelgate history`")
+    record, ledger_from, latest = _record(layout, model_id)
     lin = record.get("lineage") or {}
     rev = lin.get("commit")
     if not rev:
@@ -306,16 +310,12 @@ def _checkout(layout: Layout, model_id: str) -> Restored:
             atomic_write_bytes(root / path, text)
         if any(s == "not in cache" for p, s in dvcrepo.outs_status(root, targets).items()
                if p in data_paths):
-            fetched_from = _remote(layout)
+            fetched_from = remote_name(layout)
             if fetched_from is None:
                 raise LineageError(f"{model_id}'s data or model is not in the local DVC cache "
                                    "and no DVC remote is configured to fetch it from")
-            dvcrepo.fetch(root, targets, remote=fetched_from)
-            missing = [p for p, s in dvcrepo.outs_status(root, targets).items()
-                       if p in data_paths and s == "not in cache"]
-            if missing:
-                raise LineageError(f"DVC remote {fetched_from!r} lacks {', '.join(missing)} of "
-                                   f"{model_id}: it was never pushed there")
+            _fetch(layout, model_id, targets, fetched_from,
+                   outs={**lin["data"], model: lin["model"]["md5"]})
         touched = True
         dvcrepo.checkout(root, targets)
         left = {p: s for p, s in dvcrepo.outs_status(root, targets).items() if p in data_paths}
@@ -325,6 +325,11 @@ def _checkout(layout: Layout, model_id: str) -> Restored:
     except (LineageError, dvcrepo.DvcError, registry.RegistryError) as exc:
         _undo(root, before, targets if touched else [], exc)
         raise LineageError(f"{exc} (the workspace is as it was)") from exc
+    if ledger_from != "local":   # a clone: its registry is not this candidate's; left alone
+        return Restored(model_id=model_id, commit=rev, files=tuple(files),
+                        data=dict(lin["data"]), model=model, sha256=record["sha256"],
+                        fetched_from=fetched_from, registry_blob="not kept here",
+                        ledger=ledger_from, latest=latest)
     blob = registry.blob_path(layout.registry, record["sha256"])
     state = "present"
     with registry.lock(layout.registry):
@@ -334,7 +339,51 @@ def _checkout(layout: Layout, model_id: str) -> Restored:
             state = "restored"
     return Restored(model_id=model_id, commit=rev, files=tuple(files), data=dict(lin["data"]),
                     model=model, sha256=record["sha256"], fetched_from=fetched_from,
-                    registry_blob=state)
+                    registry_blob=state, ledger=ledger_from, latest=latest)
+
+
+def _record(layout: Layout, model_id: str) -> tuple[Mapping, str, str | None]:
+    """(model_id's candidate line, where it was read: "local" or "DVC remote NAME", the latest
+    candidate's id there). The workspace's own ledger first; a fresh clone's is empty, so then
+    the registry mirrored on the DVC remote (pipelines/mirror.py)."""
+    local = registry.candidates(layout.registry)
+    if model_id in local:
+        return local[model_id], "local", list(local)[-1]
+    from pipelines import mirror  # imports this module
+    mirrored = mirror.read(layout) if remote_name(layout) else None
+    record = mirrored.candidate(model_id) if mirrored else None
+    if record is None:
+        where = (f"in the ledger or in the registry mirrored on DVC remote {mirrored.remote!r}"
+                 if mirrored else "in the ledger" + ("" if local or remote_name(layout) else
+                                                     " (a fresh clone? add the DVC remote the "
+                                                     "registry is published to)"))
+        raise LineageError(f"no candidate {model_id!r} {where}; see `labelgate history`")
+    ids = [e.id for e in mirrored.events if e.event == "candidate"]
+    return record, f"DVC remote {mirrored.remote!r}", ids[-1]
+
+
+def _fetch(layout: Layout, model_id: str, targets: list[str], remote: str, *,
+           outs: dict[str, str]) -> None:
+    """`dvc fetch` the targets' data from `remote` (retried when the remote did not answer);
+    when objects are missing there, name each: its path and DVC md5."""
+    from pipelines import mirror  # imports this module
+    try:
+        dvcrepo.fetch(layout.root, targets, remote=remote)
+        return
+    except dvcrepo.DvcError as exc:
+        if exc.transient:
+            raise LineageError(f"DVC remote {remote!r} is unreachable: {exc}") from exc
+        failed = exc
+    missing = mirror.missing_objects(layout, remote, outs)
+    if not missing:
+        raise LineageError(str(failed)) from failed
+    named = ", ".join(f"{path} (md5 {md5})" for path, md5 in missing[:10])
+    more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    raise LineageError(f"DVC remote {remote!r} lacks {len(missing)} file(s) of {model_id}: "
+                       f"{named}{more}. They were never pushed there or were deleted; push "
+                       "them again from a workspace whose DVC cache has them: `labelgate remote "
+                       "push` there (plain `dvc push` skips a folder whose listing is on the "
+                       "remote)") from failed
 
 
 def _undo(root: Path, before: dict[str, bytes | None], targets: list[str],
