@@ -81,13 +81,13 @@ def test_a_worker_runs_the_triggered_and_the_scheduled_retraining_run(
                                                 DeploymentFilter, DeploymentFilterId,
                                                 FlowRunFilter, FlowRunFilterId)
     from prefect.deployments import run_deployment
-    project = make_project(limit=120, eval_tasks=30, unlabeled_tasks=5)
+    project = make_project(limit=200, eval_tasks=40, unlabeled_tasks=5)
     pool = f"labelgate-test-{uuid.uuid4().hex[:8]}"
     # every minute: the first cron run comes due while the test runs (a real cron entry)
     root = make_workspace(tmp_path / "ws", **{
         "studio.project_title": project["title"], "schedule.pool": pool,
-        "schedule.cron": "* * * * *", "train.epochs": 2, "review.epochs": 1,
-        "review.folds": 2, "validate.min_per_class": 3, "gate.min_accuracy": 0.3})
+        "schedule.cron": "* * * * *", "train.epochs": 4, "review.epochs": 2,
+        "review.folds": 2, "validate.min_per_class": 3, "gate.min_accuracy": 0.5})
     assert cli.main(["--root", str(root), "pull"]) == 0
     assert cli.main(["--root", str(root), "evalset", "freeze"]) == 0
     capsys.readouterr()
