@@ -76,15 +76,20 @@ def _tree(pid: int) -> list[int]:
 class Worker:
     """`prefect worker start --pool POOL` in its own empty dir and PREFECT_HOME."""
 
-    def __init__(self, home: Path, pool: str, s3) -> None:
+    def __init__(self, home: Path, pool: str, s3, *, drop: tuple[str, ...] = ()) -> None:
         home.mkdir(parents=True)
-        env = {**os.environ, **s3.env(), "PREFECT_HOME": str(home / ".prefect"),
-               "PREFECT_WORKER_QUERY_SECONDS": "1", "PYTHONUNBUFFERED": "1"}
+        # polls every second (Prefect's default: 10 s): the tests wait less
+        env = {**{k: v for k, v in os.environ.items() if k not in drop}, **s3.env(),
+               "PREFECT_HOME": str(home / ".prefect"), "PREFECT_WORKER_QUERY_SECONDS": "1",
+               "PYTHONUNBUFFERED": "1"}
         self.log = home / "worker.log"
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool,
              "--type", "process"], cwd=home, env=env, stdout=open(self.log, "wb"),
             stderr=subprocess.STDOUT, start_new_session=True)
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def kill_all(self) -> None:
         """The machine is lost: the worker and every process under it, SIGKILL."""
@@ -113,7 +118,6 @@ def rig(prefect_api, s3, tmp_path_factory):
     pool = f"labelgate-gpu-{uuid.uuid4().hex[:6]}"
     subprocess.run([str(Path(sys.executable).parent / "prefect"), "work-pool", "create", pool,
                     "--type", "process"], check=True, capture_output=True)
-    trainpool.deployment(pool).apply()
     root = make_workspace(tmp_path_factory.mktemp("pool") / "ws", **{
         "train.pool": pool, "train.exchange": f"s3://{bucket}/exchange",
         "train.pool_timeout_s": 300, "train.pool_heartbeat_s": HEARTBEAT_S,
@@ -136,42 +140,17 @@ def _lock_train(layout: Layout) -> dict:
     return yaml.safe_load(layout.dvc_lock.read_text())["stages"]["train"]
 
 
-def _on_pool(layout: Layout, **kw) -> dict:
-    """The stage as flows.py runs it: a task inside a flow run (the pool run is its subflow)."""
+def _on_pool(layout: Layout, pool: str, **kw) -> dict:
+    """The stage as flows.py runs it: a task inside a flow run (the pool run is its subflow).
+    The deployment is (re)registered on `pool` first: another test's `labelgate deploy` may
+    have put it on its own pool."""
     from prefect import flow
+    trainpool.deployment(pool).apply()
 
     @flow(name="labelgate-test-pool-parent")
     def parent() -> dict:
         return trainpool.run_stage(layout.root, **kw)
     return parent()
-
-
-def test_candidate_trained_on_the_pool_is_the_one_trained_here(rig, s3_env, tmp_path):
-    here, there = _copy(rig, tmp_path, "here"), _copy(rig, tmp_path, "there")
-    worker = Worker(tmp_path / "gpu-box", rig["pool"], rig["s3"])
-    try:
-        assert dvcrepo.repro_stage(here.root, "train") != ""
-        record = _on_pool(there)
-    finally:
-        worker.stop()
-    assert record["status"] == "ran", record
-    # the same bytes: same data, params and code, trained on another "machine"
-    assert sha256_file(there.candidate_model) == sha256_file(here.candidate_model)
-    for name in ("metrics.json", "history.csv"):
-        assert (there.candidate_model.parent / name).is_file()
-    # dvc.lock records the stage as `dvc repro train` does: same deps, params, model hash
-    local, pooled = _lock_train(here), _lock_train(there)
-    assert pooled["cmd"] == local["cmd"]
-    assert pooled["deps"] == local["deps"] and pooled["params"] == local["params"]
-    model = "models/candidate/model.safetensors"
-    assert [o for o in pooled["outs"] if o["path"] == model] == \
-           [o for o in local["outs"] if o["path"] == model]
-    # ... so DVC finds train up to date: evaluate and the rest follow, `dvc repro` skips it
-    assert "train" not in dvcrepo.stale(there.root)
-    assert "didn't change, skipping" in dvcrepo.repro_stage(there.root, "train")
-    assert record["upload_bytes"] > 300 * 28 * 28 and record["host"]
-    # and nothing changed: the next run does not go to the pool at all
-    assert _on_pool(there)["status"] == "skipped"
 
 
 def test_worker_killed_mid_training_fails_the_run_clearly_and_the_next_run_completes(
@@ -204,7 +183,7 @@ def test_worker_killed_mid_training_fails_the_run_clearly_and_the_next_run_compl
     try:
         t0 = time.monotonic()
         with pytest.raises(trainpool.PoolError, match="no heartbeat from the worker") as err:
-            _on_pool(layout)
+            _on_pool(layout, rig["pool"])
         failed_after = time.monotonic() - t0
     finally:
         killed.set()
@@ -222,9 +201,79 @@ def test_worker_killed_mid_training_fails_the_run_clearly_and_the_next_run_compl
     layout.params.write_text(yaml.safe_dump(raw, sort_keys=False))
     worker = Worker(tmp_path / "box2", rig["pool"], rig["s3"])
     try:
-        record = _on_pool(layout)
+        record = _on_pool(layout, rig["pool"])
     finally:
         worker.stop()
     assert record["status"] == "ran", record
     assert layout.candidate_model.is_file()
     assert "train" not in dvcrepo.stale(layout.root)
+
+
+def test_retraining_run_on_one_pool_trains_on_the_other(
+        make_project, prefect_api, studio_env, s3, tmp_path, capsys):
+    """Two pools, two workers, as on two machines: the retraining deployment's worker (Label
+    Studio's variables, the workspace) and the training pool's worker (S3 credentials only,
+    an empty folder). `labelgate deploy` registers both deployments."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from pipelines import cli
+    from pipelines.files import read_json
+    from pipelines.flows import DEPLOYMENT
+    project = make_project(limit=120, eval_tasks=30, unlabeled_tasks=5)
+    bucket = f"labelgate-pool-{uuid.uuid4().hex[:8]}"
+    s3.client().create_bucket(Bucket=bucket)
+    flows_pool, gpu_pool = (f"labelgate-{kind}-{uuid.uuid4().hex[:6]}" for kind in ("cpu", "gpu"))
+    root = make_workspace(tmp_path / "ws", **{
+        "studio.project_title": project["title"], "schedule.pool": flows_pool,
+        "train.pool": gpu_pool, "train.exchange": f"s3://{bucket}/exchange",
+        "train.pool_heartbeat_s": 5, "storage.buckets": [bucket],
+        "storage.endpoint_url": s3.endpoint, "train.epochs": 2, "review.epochs": 1,
+        "review.folds": 2, "validate.min_per_class": 3, "gate.min_accuracy": 0.3})
+    layout = Layout(root)
+    assert cli.main(["--root", str(root), "pull"]) == 0
+    assert cli.main(["--root", str(root), "evalset", "freeze"]) == 0
+    assert cli.main(["--root", str(root), "deploy"]) == 0
+    capsys.readouterr()
+    flows_box = Worker(tmp_path / "flows-box", flows_pool, s3)   # env: this test's (Label Studio)
+    gpu_box = Worker(tmp_path / "gpu-box", gpu_pool, s3,
+                     drop=("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"))
+    client = get_client(sync_client=True)
+    client.__enter__()
+    try:
+        run = run_deployment(DEPLOYMENT, timeout=0)
+        deadline = time.monotonic() + 600
+        while not (run := client.read_flow_run(run.id)).state.is_final():
+            assert time.monotonic() < deadline, (run.state, flows_box.tail(), gpu_box.tail())
+            assert flows_box.proc.poll() is None and gpu_box.proc.poll() is None
+            time.sleep(2)
+        assert run.state.is_completed(), (run.state, flows_box.tail(), gpu_box.tail())
+        assert run.work_pool_name == flows_pool and run.infrastructure_pid
+        trained = [r for r in client.read_flow_runs() if r.name.startswith("train ")
+                   and r.work_pool_name == gpu_pool]
+        assert len(trained) == 1 and trained[0].state.is_completed(), trained
+        assert trained[0].infrastructure_pid    # the training worker's process ran it
+    finally:
+        flows_box.stop()
+        gpu_box.stop()
+        for name in (DEPLOYMENT, trainpool.TRAIN_DEPLOYMENT):
+            client.delete_deployment(client.read_deployment_by_name(name).id)
+        client.__exit__(None, None, None)
+    summary = read_json(layout.last_run)
+    assert summary["status"] == "done" and summary["stages"]["train"] == "ran", summary
+    assert summary["stages"]["evaluate"] == "ran" and summary["verdict"] in (
+        "PASS", "FAIL", "INCONCLUSIVE")
+    assert summary["train"]["epochs"] == 2        # the pool's metrics.json, placed here
+    # dvc.lock holds the pool's candidate: `dvc repro` finds train up to date
+    assert "didn't change, skipping" in dvcrepo.repro_stage(root, "train")
+    # the same data, params and code trained here (CPU: deterministic) give the same bytes,
+    # and `dvc repro train` records the stage as the pool run did
+    here = Layout(shutil.copytree(root, tmp_path / "here", symlinks=True))
+    dvcrepo.repro_stage(here.root, "train", force=True)
+    assert sha256_file(here.candidate_model) == sha256_file(layout.candidate_model)
+    local, pooled = _lock_train(here), _lock_train(layout)
+    assert (pooled["cmd"], pooled["deps"], pooled["params"]) == \
+           (local["cmd"], local["deps"], local["params"])
+    model = "models/candidate/model.safetensors"
+    assert [o for o in pooled["outs"] if o["path"] == model] == \
+           [o for o in local["outs"] if o["path"] == model]
