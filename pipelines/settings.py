@@ -12,6 +12,7 @@ import reprlib
 import stat
 import typing
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -484,6 +485,67 @@ def _name(key: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _template_span(section: str, key: str | None, lines: list[str],
+                   top: dict) -> range | None:
+    """Line numbers of `section.key` in the template (with the comment block just above it and
+    its continuation lines), or of the whole `section` when `key` is None."""
+    if section not in top:
+        return None
+    knode, vnode = top[section]
+    if key is None:
+        first = knode.start_mark.line
+        last = min((k.start_mark.line for k, _ in top.values() if k.start_mark.line > first),
+                   default=len(lines)) - 1
+        while last > first and (not lines[last].strip() or lines[last].startswith("#")):
+            last -= 1
+        return range(first, last + 1)
+    pairs = [(k, v) for k, v in getattr(vnode, "value", ()) if getattr(k, "value", None) == key]
+    if not isinstance(vnode, yaml.MappingNode) or not pairs:
+        return None
+    k, v = pairs[0]
+    col, first, last = k.start_mark.column, k.start_mark.line, v.end_mark.line
+
+    def comment(i: int, deeper: bool) -> bool:
+        indent = len(lines[i]) - len(lines[i].lstrip())
+        return lines[i].lstrip().startswith("#") and (indent > col if deeper else indent == col)
+
+    while first > 0 and comment(first - 1, deeper=False):
+        first -= 1
+    while last + 1 < len(lines) and comment(last + 1, deeper=True):
+        last += 1
+    return range(first, last + 1)
+
+
+def _missing(source: str, missing: list[tuple[str, str | None]]) -> str:
+    """One message for every (section, key) a params file lacks (key None: the whole section),
+    quoting labelgate's template params.yaml (package data: pipelines/templates/params.yaml, the
+    repo's own; the one place defaults live) so that the lines can be pasted: a params.yaml from
+    `labelgate init` of an older release lacks the keys added since."""
+    names = [f"key {sec}.{key}" if key else f"section '{sec}'" for sec, key in missing]
+    plain = f"{source}: missing {', '.join(names)}"
+    try:
+        text = resources.files("pipelines").joinpath("templates", "params.yaml") \
+            .read_text(encoding="utf-8")
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return plain
+    lines = text.splitlines()
+    top = ({k.value: (k, v) for k, v in root.value} if isinstance(root, yaml.MappingNode)
+           else {})
+    groups: dict[str, set[int]] = {}   # where to paste -> template line numbers
+    for sec, key in missing:
+        span = _template_span(sec, key, lines, top)
+        if span is None:
+            return plain
+        groups.setdefault(f"under `{sec}:`" if key else "at the end of the file",
+                          set()).update(span)
+    parts = [f"{where}:\n" + "\n".join(lines[i] for i in sorted(numbers))
+             for where, numbers in groups.items()]
+    return (f"{plain} (a params.yaml written by an older labelgate lacks what was added since); "
+            "paste these lines of labelgate's template params.yaml, comments included:\n"
+            + "\n".join(parts))
+
+
 def _section(name: str, cls: type, raw: object, source: str) -> object:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: section '{name}' must be a mapping, got {show(raw)}")
@@ -518,11 +580,19 @@ def parse(raw: object, *, source: str = "params.yaml") -> Params:
     if unknown:
         raise ParamsError(f"{source}: unknown section '{_name(unknown[0])}' "
                           f"(known: {', '.join(hints)})")
-    sections = {}
+    sections, missing = {}, []
     for name, cls in hints.items():
         if name not in raw:
-            raise ParamsError(f"{source}: missing section '{name}'")
+            missing.append((name, None))
+            continue
+        known = [f.name for f in dataclasses.fields(cls)]
+        absent = [f for f in known if f not in raw[name]] if isinstance(raw[name], dict) else []
+        if absent and all(k in known for k in raw[name]):
+            missing += [(name, f) for f in absent]   # all told at once, after other errors
+            continue
         sections[name] = _section(name, cls, raw[name], source)
+    if missing:
+        raise ParamsError(_missing(source, missing))
     params = Params(**sections)
     if len(params.input.mean) != len(params.input.std):
         raise ParamsError(f"{source}: input.mean and input.std must both be [] (measured) or "

@@ -651,3 +651,78 @@ def test_default_modes_are_the_ones_preprocess_handles():
             out = images.convert(img, channels=channels)
             assert out.mode == ("L" if channels == 1 else "RGB"), (mode, channels)
             assert np.ptp(np.asarray(out)) > 0, (mode, channels)
+
+
+# -- upgrades: a params.yaml written by an older labelgate ---------------------------------------
+
+ADDED_KEYS = ("train.pool", "train.exchange", "train.pool_timeout_s", "train.pool_heartbeat_s",
+              "gate.reviewer_wait_s", "schedule.pool")   # and the storage section
+
+
+def _blocks(message: str) -> dict[str, str]:
+    """The message's quoted blocks by where they go: "at the end of the file", "train", ..."""
+    import re
+    pieces = re.split(r"^(?:at the end of the file|under `(\w+):`):$",
+                      message.split("comments included:\n", 1)[1], flags=re.M)
+    assert pieces[0] == "", pieces[0]
+    return {where or "at the end of the file": block.strip("\n")
+            for where, block in zip(pieces[1::2], pieces[2::2])}
+
+
+def _do_what_it_says(text: str, message: str) -> str:
+    """The message's instructions carried out on `text`: each quoted block pasted where it
+    says (right below the `section:` line, or at the end of the file)."""
+    import re
+    for where, block in _blocks(message).items():
+        if where == "at the end of the file":
+            text = text.rstrip("\n") + "\n" + block + "\n"
+        else:
+            at = re.search(rf"^{where}:\n", text, flags=re.M).end()
+            text = text[:at] + block + "\n" + text[at:]
+    return text
+
+
+def test_an_older_params_yaml_gets_every_missing_key_with_the_template_lines_to_paste(tmp_path):
+    """A params.yaml from the last release's `labelgate init` lacks the keys added since: one
+    error names all of them and quotes the shipped template's lines, comments included;
+    pasted as told, the file loads and equals the template."""
+    old = factories.params_dict({"storage": factories.DELETE,
+                                 **{key: factories.DELETE for key in ADDED_KEYS}})
+    path = write(tmp_path, old)
+    with pytest.raises(ParamsError) as err:
+        settings.load(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: missing ")
+    assert "section 'storage'" in msg and all(f"key {key}" in msg for key in ADDED_KEYS), msg
+    for key in ADDED_KEYS:      # each key's own line, with the comment that says what it is
+        section, field = key.split(".")
+        block = _blocks(msg)[section]
+        line = next(ln for ln in block.splitlines() if ln.startswith(f"  {field}:"))
+        assert "#" in line, (key, line)
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text(_do_what_it_says(path.read_text(), msg))
+    assert settings.load(fixed) == settings.load(REPO_PARAMS)
+
+
+def test_the_quoted_template_is_the_shipped_package_data():
+    from importlib import resources
+    shipped = resources.files("pipelines").joinpath("templates", "params.yaml")
+    assert shipped.read_text(encoding="utf-8") == REPO_PARAMS.read_text(encoding="utf-8")
+
+
+def test_one_missing_key_quotes_its_lines_and_other_errors_come_first(tmp_path):
+    with pytest.raises(ParamsError) as err:
+        load_with(tmp_path, {"gate.reviewer_wait_s": factories.DELETE})
+    msg = str(err.value)
+    assert "missing key gate.reviewer_wait_s (" in msg and "under `gate:`:\n  reviewer_wait_s:" in msg
+    assert "section" not in msg.split("(")[0]
+    # a typo next to a missing key: the unknown key is what to fix first
+    with pytest.raises(ParamsError, match=r"unknown key train\.pol\b"):
+        load_with(tmp_path, {"train.pool": factories.DELETE, "train.pol": ""})
+
+
+def test_a_model_files_input_spec_gets_no_params_template_advice():
+    from pipelines import inputspec
+    with pytest.raises(inputspec.SpecError) as err:
+        inputspec.InputSpec.from_json({"channels": 1}, source="model.safetensors")
+    assert str(err.value) == "model.safetensors: missing key input.height"
