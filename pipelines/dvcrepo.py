@@ -297,3 +297,10 @@ def fetch(root: str | Path, targets: list[str], *, remote: str) -> str:
     already is not downloaded again; retried after a transient fault)."""
     return _retried(root, "fetch", "--remote", remote, *targets)
 
+
+def checkout(root: str | Path, targets: list[str]) -> str:
+    """Make the workspace copies of `targets`' outputs what their metadata records, from the
+    local cache. `--force`: the caller has checked that nothing it replaces is lost (without
+    it DVC asks before replacing a workspace copy it has not cached, e.g. after the cache was
+    lost, and with no terminal to ask on it refuses)."""
+    return dvc(root, "checkout", "--force", *targets)
