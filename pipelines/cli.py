@@ -395,18 +395,19 @@ def cmd_deploy(args, layout: Layout, params) -> int:
 
 
 def cmd_serve(args, layout: Layout, params) -> int:
+    import functools
     import threading
     api = _prefect(layout)  # before Prefect is imported: it reads its settings then
     from prefect import serve
-    from prefect.deployments import run_deployment
-    from pipelines import trigger
+    from pipelines import trigger, workpool
     from pipelines.flows import DEPLOYMENT, deployment
     from pipelines.prefect_server import ui_url
     print(f"Prefect UI: {ui_url(api)}")
     studio = _connect(layout, params)
     project_id = studio.require_project(params.studio.project_title)
+    # a trigger while a run is due, waiting or running starts none (a burst is one run)
+    start_run = functools.partial(workpool.start_run, DEPLOYMENT)
     if params.schedule.pool:  # the pool's workers run the flows; this process only triggers
-        from pipelines import workpool
         print(workpool.describe(*workpool.register(layout.root, params), api_url=api,
                                 root=layout.root))
         print(f"triggering labelgate-retrain on work pool {params.schedule.pool!r} when >= "
@@ -415,14 +416,14 @@ def cmd_serve(args, layout: Layout, params) -> int:
               "scheduled by the Prefect server); Ctrl-C to stop")
         try:
             trigger.watch(layout, params, studio, project_id, stop=threading.Event(),
-                          start_run=lambda: run_deployment(DEPLOYMENT, timeout=0))
+                          start_run=start_run)
         except KeyboardInterrupt:
             pass
         return 0
     stop = threading.Event()
     watcher = threading.Thread(target=trigger.watch, daemon=True, kwargs=dict(
         layout=layout, params=params, studio=studio, project_id=project_id, stop=stop,
-        start_run=lambda: run_deployment(DEPLOYMENT, timeout=0)))
+        start_run=start_run))
     print(f"serving labelgate-retrain on cron {params.schedule.cron!r} and when "
           f">= {params.schedule.min_new_labels} new resolved labels exist (checked every "
           f"{params.schedule.check_every_s:g} s); Ctrl-C to stop")

@@ -135,3 +135,28 @@ def describe(done: list[Registered], notes: list[str], *, api_url: str, root: st
         lines.append("(this Prefect server listens on this machine only: for workers "
                      "elsewhere run one they can reach and set PREFECT_API_URL to it)")
     return "\n".join(lines)
+
+
+def start_run(deployment_name: str, *, say=print) -> str | None:
+    """Start one run of `deployment_name` (the label trigger's action), unless one is already
+    due, waiting for its slot or running: a burst of labels is one run, not a queue of them
+    (cron runs still in the future do not count). The new flow run's id, or None."""
+    import datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterDeploymentId,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.deployments import run_deployment
+    now = datetime.datetime.now(datetime.timezone.utc)
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(deployment_name)
+        active = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=["SCHEDULED", "PENDING", "RUNNING"]))))
+            if r.state.type.value != "SCHEDULED" or r.expected_start_time <= now]
+    if active:
+        say(f"a {deployment_name} run is already {active[0].state.name.lower()} "
+            f"({active[0].name}): not starting another")
+        return None
+    return str(run_deployment(deployment_name, timeout=0).id)

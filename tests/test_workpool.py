@@ -116,12 +116,19 @@ def test_a_worker_runs_the_triggered_and_the_scheduled_retraining_run(
                                       start_new_session=True)
         try:
             online = _wait_online(client, pool, worker, log)
-            triggered = run_deployment(DEPLOYMENT, timeout=0)   # what `serve`'s trigger does
+            triggered = run_deployment(DEPLOYMENT, timeout=0)
+            # `serve`'s label trigger meanwhile: a run is due or running, so it starts none
+            said = []
+            assert workpool.start_run(DEPLOYMENT, say=said.append) is None
+            assert "not starting another" in said[0]
             runs = _wait_for_both(client, dep.id, triggered.id, worker, log, DeploymentFilter,
                                   DeploymentFilterId)
         finally:
             stop_group(worker.pid, timeout_s=20)
         ran = {r.id: r for r in runs}
+        manual = [r.id for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
+            id=DeploymentFilterId(any_=[dep.id]))) if not r.auto_scheduled]
+        assert manual == [triggered.id]
         assert "Downloading flow code" not in log.read_text()   # no copy of the worker's cwd
         for r in runs:
             assert r.state.type.value == "COMPLETED", (r.name, r.state, _tail(log))
