@@ -97,20 +97,32 @@ def is_open(registry_dir: str | Path, model_id: str) -> bool:
 
 
 def describe(decision: Decision, model_id: str, *, wait_s: float) -> str:
-    """The markdown above the Resume form. Only labelgate's own words and numbers: test
-    details can hold annotators' class names, which are not rendered into a page."""
-    prod = (f"production {decision.production_id} {decision.production_accuracy:.4f}"
+    """The markdown above the Resume form. Test names can hold annotators' class names
+    ("recall of class '3'"): they go in code spans, where markdown is shown, not rendered."""
+    prod = (f"production `{decision.production_id}` {decision.production_accuracy:.4f}"
             if decision.production_id else "no production model yet")
-    open_tests = ", ".join(t.name for t in decision.tests if t.result != "pass") or "none"
+    names = [t.name for t in decision.tests if t.result in ("fail", "inconclusive")]
+    shown = ", ".join(_code(n) for n in names[:_NAMES_SHOWN])
+    more = f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
     return (f"### Gate verdict INCONCLUSIVE for candidate `{model_id}`\n\n"
             f"Eval accuracy: candidate {decision.candidate_accuracy:.4f}, {prod} "
-            f"(eval set `{decision.eval_hash[:12]}`). Not passed: {open_tests}.\n\n"
+            f"(eval set `{decision.eval_hash[:12]}`). Not passed ({len(names)}): "
+            f"{shown or 'none'}{more}.\n\n"
             "The review report is this run's `gate-report` artifact (and "
             "`reports/gate/report.html` in the workspace).\n\n"
             "**approve**: the candidate becomes the production model. **reject**: production "
             f"stays. No answer within {_duration(wait_s)} (gate.reviewer_wait_s): production "
             f"stays. The same answer from a shell: `labelgate approve {model_id} --reason ...` "
             f"or `labelgate reject {model_id} --reason ...`.")
+
+
+_NAMES_SHOWN = 8  # the report lists them all
+
+
+def _code(text: str) -> str:
+    """`text` as a markdown code span: one line, no backtick to close it early, 80 chars."""
+    flat = " ".join(text.replace("`", "'").split())
+    return f"`{flat[:77] + '...' if len(flat) > 80 else flat}`"
 
 
 def ask(registry_dir: str | Path, promotion: Mapping, decision: Decision, *, wait_s: float,
@@ -189,8 +201,8 @@ def apply(registry_dir: str | Path, model_id: str, got: ReviewerDecision, *, wai
                           f"for `labelgate approve/reject {model_id}`")
     outcome: Outcome = "approved" if got.decision == "approve" else "rejected"
     return Review(**common, outcome=outcome, reviewer=got.reviewer, reason=got.reason,
-                  via="prefect", says=f"{model_id} {outcome} by {got.reviewer} in the Prefect "
-                  f"UI after {_duration(waited_s)}: " + (
+                  via="prefect", says=f"{model_id} {outcome} by {got.reviewer} through the "
+                  f"flow run's Resume form after {_duration(waited_s)}: " + (
                       "it is the production model now" if outcome == "approved"
                       else "production unchanged"))
 

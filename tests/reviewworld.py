@@ -5,6 +5,7 @@ models are freshly built small nets, the evaluation is made by tests/factories, 
 real one. Shared by tests/test_reviewer_pause.py and tests/test_prefect_ui_browser.py."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -94,9 +95,16 @@ def run_flow(layout: Layout, *, wait_s: float, when_paused: Callable[[str], obje
     def watch() -> None:
         try:
             run_id = wait_paused(name, timeout_s=pause_timeout_s)
-            seen["value"] = when_paused(run_id)
         except Exception as exc:  # reported to the test, which asserts on it
             seen["error"] = exc
+            return
+        try:
+            seen["value"] = when_paused(run_id)
+        except Exception as exc:
+            seen["error"] = exc
+            with contextlib.suppress(Exception):  # end the run now, not after wait_s
+                resume(run_id, decision="reject", reason=f"test step failed: {exc}"[:2000],
+                       reviewer="tests")
     thread = threading.Thread(target=watch, daemon=True)
     if when_paused is not None:
         thread.start()

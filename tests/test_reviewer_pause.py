@@ -163,11 +163,21 @@ def test_the_form_refuses_an_empty_reason_or_an_unknown_decision():
     assert set(schema["required"]) == {"decision", "reason", "reviewer"}
 
 
-def test_the_form_text_names_no_class(world):
-    """Test details can hold annotators' class names; the markdown above the form shows only
-    test names and numbers."""
+def test_the_form_text_keeps_class_names_in_code_spans(world):
+    """Test names can hold annotators' class names; above the form they are code spans (shown,
+    not rendered as markdown), one line each, with no backtick that could close one early."""
+    import dataclasses
+
     from pipelines.records import Decision
     decision = Decision.read(world["layout"].decision)
-    text = reviewer.describe(decision, "m0002-abc", wait_s=86400)
+    hostile = "recall of class '`[x](http://evil)`\n# big'"
+    tests = (dataclasses.replace(decision.tests[0], name=hostile, result="inconclusive"),)
+    text = reviewer.describe(dataclasses.replace(decision, tests=tests), "m0002-abc",
+                             wait_s=86400)
     assert "INCONCLUSIVE" in text and "m0002-abc" in text and "24 h" in text
-    assert all(t.detail not in text for t in decision.tests)
+    assert "Not passed (1): `recall of class ''[x](http://evil)' # big'`." in text
+    ten = tuple(dataclasses.replace(decision.tests[0], name=f"recall of class '{c}'",
+                                    result="inconclusive") for c in range(10))
+    many = reviewer.describe(dataclasses.replace(decision, tests=ten), "m0002-abc", wait_s=5)
+    assert "Not passed (10):" in many and "`recall of class '7'` and 2 more." in many
+    assert "`recall of class '8'`" not in many and "within 5 s" in many
