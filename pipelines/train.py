@@ -28,8 +28,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import importlib.metadata  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -156,32 +154,6 @@ def train_model(x: np.ndarray, y: np.ndarray, *, arch: str, spec: InputSpec, cla
     return out.module, out.history
 
 
-# What every node must have alike for a multi-node run, and how to get there (README "Scaling
-# out"): one commit and params.yaml, and the prepared data from the DVC remote.
-SAME_EVERYWHERE = ("run every node from the same git commit and params.yaml, with the same "
-                   "labelgate and torch, and the same data: `dvc push prepare` on node 0, "
-                   "`dvc pull prepare` on the others (`dvc status prepare` shows what differs)")
-
-
-def _facts(params: Params, splits: dict[str, packed.Split]) -> dict[str, str]:
-    """What this rank will train on, as digests the ranks compare (world.agree): the sections
-    the train stage reads, the software, and each split's rows (image sha256s, labels, task
-    ids, shape and input spec; not the pixels, which are a function of those and would cost a
-    read of the whole split)."""
-    try:
-        version = importlib.metadata.version("labelgate")
-    except importlib.metadata.PackageNotFoundError:  # a checkout run with `python -m`
-        version = "not installed"
-    facts = {"params (base, input, train)": world.digest(repr((params.base, params.input,
-                                                               params.train))),
-             "labelgate and torch versions": world.digest(version, torch.__version__)}
-    for name, s in splits.items():
-        facts[f"{name} split"] = world.digest(
-            json.dumps(s.spec.to_json(), sort_keys=True), repr(s.x.shape), s.y.tobytes(),
-            s.task_id.tobytes(), "\n".join(s.sha256.tolist()))
-    return facts
-
-
 def _spec_for(params: Params, split: packed.Split, where: Path) -> InputSpec:
     """params' input spec, which must be the one the pixels were prepared with."""
     spec = inputspec.from_params(params)
@@ -209,11 +181,12 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params,
         try:
             tr = packed.read_split(prepared_dir / "train")
             va = packed.read_split(prepared_dir / "val")
-            facts = _facts(params, {"train": tr, "val": va})
+            facts = world.facts(params, {"train": tr, "val": va}, init_model=init_model,
+                                init_model_sha256=init_model_sha256)
         except packed.PackedError as exc:
             problem = str(exc)
         try:  # every rank, also one that cannot read its data, so that all stop together
-            world.agree(w, facts, problem=problem, remedy=SAME_EVERYWHERE)
+            world.agree(w, facts, problem=problem)
         except world.WorldError as exc:
             raise TrainingError(str(exc)) from None
         if not len(tr) or not len(va):

@@ -6,7 +6,7 @@ and GROUP_RANK / GROUP_WORLD_SIZE (this node's index / the node count). Without 
 is rank 0 of 1 and no process group is made.
 
     w = world.init("auto")                       # gloo on CPU, NCCL on CUDA (one GPU per rank)
-    world.agree(w, {"train split": digest}, problem=None, remedy="...")
+    world.agree(w, world.facts(params, splits, ...), problem=None)
     ...                                          # only w.rank == 0 writes outputs
     world.close(w)
 
@@ -17,16 +17,21 @@ the same indices, silently. `agree` compares a digest of each across all ranks f
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from pipelines import packed
 from pipelines.device import cpu_threads, pick_device
+from pipelines.files import sha256_file
+from pipelines.settings import Params
 
 REPORT_BYTES = 4096   # one rank's report in `agree` (JSON: host, digests or one problem line)
 PROBLEM_CHARS = 1500  # a problem line is cut to this, so that a report always fits
@@ -92,6 +97,40 @@ def digest(*parts: bytes | str) -> str:
     return h.hexdigest()
 
 
+# What every node must have alike for a multi-node run, and how to get there (README "Scaling
+# out"): one commit and params.yaml, one install, and the prepared data from the DVC remote.
+REMEDY = ("run every node from the same git commit and params.yaml, with the same labelgate "
+          "and torch, the same production model to warm-start from, and the same data: "
+          "`dvc push prepare` on node 0, `dvc pull prepare` on the others (`dvc status "
+          "prepare` shows what differs)")
+
+
+def facts(params: Params, splits: dict[str, packed.Split], *, init_model: Path | None,
+          init_model_sha256: str | None) -> dict[str, str]:
+    """What this rank will train on, as digests the ranks compare (world.agree): the sections
+    the train stage reads, the software, the warm-start model, and each split's rows (image
+    sha256s, labels, task ids, shape and input spec; not the pixels, which are a function of
+    those and would cost a read of the whole split). A node without the production model
+    would train from scratch under another recipe than node 0 (DDP copies rank 0's weights,
+    not its optimizer's parameter groups)."""
+    try:
+        version = importlib.metadata.version("labelgate")
+    except importlib.metadata.PackageNotFoundError:  # a checkout run with `python -m`
+        version = "not installed"
+    found = {"params (base, input, train)": digest(repr((params.base, params.input,
+                                                         params.train))),
+             "labelgate and torch versions": digest(version, torch.__version__)}
+    if params.train.init == "production":
+        start = init_model_sha256 or (sha256_file(init_model) if init_model is not None
+                                      and Path(init_model).is_file() else str(init_model))
+        found["production model to warm-start from"] = digest(start)
+    for name, s in splits.items():
+        found[f"{name} split"] = digest(
+            json.dumps(s.spec.to_json(), sort_keys=True), repr(s.x.shape), s.y.tobytes(),
+            s.task_id.tobytes(), "\n".join(s.sha256.tolist()))
+    return found
+
+
 def _exchange(w: World, report: dict) -> list[dict]:
     """Every rank's `report`, in rank order, on every rank. Fixed-size JSON bytes in a uint8
     tensor (all_gather; NCCL needs it on the GPU): no pickle between machines."""
@@ -107,7 +146,7 @@ def _exchange(w: World, report: dict) -> list[dict]:
 
 
 def agree(w: World, facts: Mapping[str, str] | None, *, problem: str | None = None,
-          remedy: str) -> None:
+          remedy: str = REMEDY) -> None:
     """Collective: every rank calls it. `facts` name -> digest (what this rank will train on),
     or `problem`: why this rank cannot train (then `facts` is None). Returns when every rank has
     the same facts; else raises the same WorldError on every rank, naming the first node that

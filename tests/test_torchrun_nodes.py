@@ -5,7 +5,10 @@ rendezvous on 127.0.0.1 (gloo on CPU), each running `python -m pipelines.train`.
 Each node is pinned to one core (taskset) so that a process has the threads it would have as
 one of two processes on one 2-core machine: the same world, the same threads, the same model
 file byte for byte as `torchrun --nproc_per_node 2` (CPU kernels pick their reduction order by
-thread count, so unpinned runs differ in the last bits)."""
+thread count, so unpinned runs differ in the last bits).
+
+The training split has 129 images at batch 16: the last global batch holds 1 image for 2 ranks
+(one rank got an empty batch, whose loss is NaN, before loop.steps_per_epoch dropped it)."""
 from __future__ import annotations
 
 import os
@@ -21,12 +24,12 @@ import pytest
 import torch
 import yaml
 
-from pipelines import net
+from pipelines import loop, net, packed, world
 from pipelines.files import read_json, sha256_file
 from tests import factories
 from tests.test_train import BASE, write_prepared
 
-pytestmark = pytest.mark.slow   # ~15-45 s each on 2 cores (torchrun start-up, rendezvous)
+SLOW = pytest.mark.slow   # the torchrun tests: ~15-45 s each on 2 cores (start-up, rendezvous)
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 OVERRIDES = {**BASE, "train.epochs": 3}
@@ -50,7 +53,17 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("nodes")
     sizes = write_prepared(root / "prepared")
     (root / "params.yaml").write_text(yaml.safe_dump(factories.params_dict(OVERRIDES)))
-    return {"root": root, "sizes": sizes}
+    _one_more_row(root / "prepared" / "train")   # 129 = 8 x 16 + 1
+    return {"root": root, "sizes": {**sizes, "train": sizes["train"] + 1}}
+
+
+def _one_more_row(split_dir):
+    """The split again with its first image once more (under another task id)."""
+    tr = packed.read_split(split_dir)
+    rows = [*range(len(tr)), 0]
+    packed.write_split(split_dir, (factories.png_bytes(np.asarray(tr.x[i])[..., 0]) for i in rows),
+                       y=tr.y[rows], task_id=[*tr.task_id, 10_000], sha256=[*tr.sha256, "f" * 64],
+                       spec=tr.spec)
 
 
 def _node_dir(prepared, where, name: str):
@@ -90,6 +103,7 @@ def _launch(nodes, *, port: int) -> list[tuple[int, str]]:
     return results
 
 
+@SLOW
 def test_two_nodes_train_one_model_equal_to_two_processes_on_one_node(prepared, tmp_path):
     nodes = [_node_dir(prepared, tmp_path, "node-a"), _node_dir(prepared, tmp_path, "node-b")]
     results = _launch(nodes, port=_free_port())
@@ -136,6 +150,7 @@ def _remove_split(node):
     shutil.rmtree(node / "data" / "prepared" / "val")
 
 
+@SLOW
 @pytest.mark.parametrize("spoil, expected", [
     (_change_one_label, r"node 1 \(host .*, rank 1\) has another train split than node 0 "),
     (_remove_split, r"node [01] \(host .*, rank [01]\) cannot train: .*val: not a prepared split"),
@@ -156,3 +171,49 @@ def test_a_node_with_other_data_stops_every_node_with_a_clear_error(prepared, tm
         assert "dvc pull prepare" in msg and "same git commit" in msg
     for node in nodes:
         assert not (node / "models" / "candidate" / "model.safetensors").exists()
+
+
+# -- the parts, in one process ----------------------------------------------------------------------
+
+def test_a_last_batch_smaller_than_the_world_is_dropped():
+    assert loop.steps_per_epoch(129, 16) == 9                 # one process: every image
+    assert loop.steps_per_epoch(129, 16, world=2) == 8        # 1 image for 2 ranks: dropped
+    assert loop.steps_per_epoch(130, 16, world=2) == 9        # 2 images: one each
+    assert loop.steps_per_epoch(128, 16, world=2) == 8
+    assert loop.steps_per_epoch(3, 16, world=4) == 0          # fit refuses: too few images
+
+
+def test_facts_change_with_a_label_an_image_or_a_setting_and_nothing_else(prepared, tmp_path):
+    params = factories.params(OVERRIDES)
+    split = packed.read_split(prepared["root"] / "prepared" / "train")
+
+    def facts(p=params, s=split, **init):
+        return world.facts(p, {"train": s}, init_model=init.get("model"),
+                           init_model_sha256=init.get("sha"))
+
+    base = facts()
+    assert facts() == base
+    y = split.y.copy()
+    y[5] = (y[5] + 1) % 10
+    relabelled = facts(s=packed.Split(split.x, y, split.task_id, split.sha256, split.spec))
+    sha = split.sha256.copy()
+    sha[5] = "0" * 64
+    other_image = facts(s=packed.Split(split.x, split.y, split.task_id, sha, split.spec))
+    more_epochs = facts(p=factories.params({**OVERRIDES, "train.epochs": 4}))
+    for changed in (relabelled, other_image, more_epochs):
+        differ = {k for k in base if changed[k] != base[k]}
+        assert len(differ) == 1, differ
+    assert "production model to warm-start from" not in base
+    warm = {**OVERRIDES, "train.init": "production"}
+    a = facts(p=factories.params(warm), sha="a" * 64)
+    assert a != facts(p=factories.params(warm), sha="b" * 64)
+    assert a["production model to warm-start from"] != \
+        facts(p=factories.params(warm))["production model to warm-start from"]   # none there
+
+
+def test_one_process_needs_no_group_and_reports_its_own_problem():
+    w = world.init("cpu")
+    assert (w.rank, w.size, w.nodes, w.local_size) == (0, 1, 1, 1)
+    world.agree(w, {"train split": "x"})                      # nothing to compare
+    with pytest.raises(world.WorldError, match="^data/prepared/val: missing$"):
+        world.agree(w, None, problem="data/prepared/val: missing")
