@@ -242,28 +242,26 @@ def _describe(what: object) -> str:
 # the model ("2 files pushed", the model's md5 absent from the remote); the stage name
 # (`train`) pushes, fetches and checks out its outputs every time.
 
-def remote_config(root: str | Path) -> dict[str, dict[str, str]]:
-    """{remote name: {option: value}} as DVC sees it (every config level merged), e.g.
-    {"storage": {"url": "s3://b/p", "endpointurl": "http://..."}}."""
+def remote_config(root: str | Path) -> tuple[dict[str, dict[str, str]], str | None]:
+    """({remote name: {option: value}}, the default remote's name or None) as DVC sees them,
+    every config level merged (repo, local, global, system), e.g.
+    ({"storage": {"url": "s3://b/p", "endpointurl": "http://..."}}, "storage")."""
+    # `dvc config --list`, not `dvc remote list`: that one is a table that wraps long URLs onto
+    # extra lines. One call (~1 s of DVC start-up), read once per command.
     out: dict[str, dict[str, str]] = {}
+    default = None
     for line in dvc(root, "config", "--list").splitlines():
-        if m := re.fullmatch(r"remote\.([^.]+)\.([^=]+)=(.*)", line):
+        if m := re.fullmatch(r"remote\.(.+)\.([^.=]+)=(.*)", line):
             out.setdefault(m.group(1), {})[m.group(2)] = m.group(3)
-    return out
+        elif line.startswith("core.remote="):
+            default = line.split("=", 1)[1].strip() or None
+    return out, default
 
 
 def remotes(root: str | Path) -> tuple[list[str], str | None]:
-    """The DVC remotes `root` sees (every config level: repo, local, global, system) and the
-    default one (None when unset)."""
-    # `dvc config --list` (every level merged), not `dvc remote list`: that one is a table
-    # that wraps long URLs onto extra lines
-    names, default = [], None
-    for line in dvc(root, "config", "--list").splitlines():
-        if m := re.fullmatch(r"remote\.(.+)\.url=.*", line):
-            names.append(m.group(1))
-        elif line.startswith("core.remote="):
-            default = line.split("=", 1)[1].strip() or None
-    return names, default
+    """The DVC remotes `root` sees and the default one (None when unset)."""
+    config, default = remote_config(root)
+    return list(config), default
 
 
 def outs_status(root: str | Path, targets: list[str]) -> dict[str, str]:

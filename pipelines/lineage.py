@@ -161,9 +161,11 @@ def hashes(layout: Layout) -> dict:
 
 # -- push -----------------------------------------------------------------------------------------
 
-def remote_name(layout: Layout) -> str | None:
-    """The DVC remote labelgate pushes to and fetches from: the default one, or the only one."""
-    names, default = dvcrepo.remotes(layout.root)
+def remote_name(layout: Layout, *, seen: tuple[list[str], str | None] | None = None
+                ) -> str | None:
+    """The DVC remote labelgate pushes to and fetches from: the default one, or the only one.
+    `seen`: dvcrepo.remotes' answer when the caller has it already."""
+    names, default = seen or dvcrepo.remotes(layout.root)
     if default or not names:
         return default
     if len(names) == 1:
@@ -350,11 +352,12 @@ def _record(layout: Layout, model_id: str) -> tuple[Mapping, str, str | None]:
     if model_id in local:
         return local[model_id], "local", list(local)[-1]
     from pipelines import mirror  # imports this module
-    mirrored = mirror.read(layout) if remote_name(layout) else None
+    info = mirror.configured(layout)
+    mirrored = mirror.read(layout, info) if info else None
     record = mirrored.candidate(model_id) if mirrored else None
     if record is None:
         where = (f"in the ledger or in the registry mirrored on DVC remote {mirrored.remote!r}"
-                 if mirrored else "in the ledger" + ("" if local or remote_name(layout) else
+                 if mirrored else "in the ledger" + ("" if local or info else
                                                      " (a fresh clone? add the DVC remote the "
                                                      "registry is published to)"))
         raise LineageError(f"no candidate {model_id!r} {where}; see `labelgate history`")

@@ -70,11 +70,12 @@ class Published:
 
 
 def configured(layout: Layout) -> RemoteInfo | None:
-    """The remote labelgate pushes to (the default one), or None."""
-    name = lineage.remote_name(layout)
+    """The remote labelgate pushes to (the default one, or the only one), or None."""
+    config, default = dvcrepo.remote_config(layout.root)
+    name = lineage.remote_name(layout, seen=(list(config), default))
     if name is None:
         return None
-    options = dvcrepo.remote_config(layout.root).get(name, {})
+    options = config.get(name, {})
     return RemoteInfo(name, options.get("url", ""), options.get("endpointurl") or None)
 
 
@@ -222,12 +223,9 @@ class Mirrored:
                     None)
 
 
-def read(layout: Layout) -> Mirrored | None:
-    """The mirrored registry from the default remote; None when there is no remote or nothing
-    was published there. The pointer is read before the ledger (see the module docstring)."""
-    info = configured(layout)
-    if info is None:
-        return None
+def read(layout: Layout, info: RemoteInfo) -> Mirrored | None:
+    """The registry mirrored on remote `info` (`configured(layout)`); None when nothing was
+    published there. The pointer is read before the ledger (see the module docstring)."""
     with open_remote(layout, info.name) as mirror:
         pointer_bytes = mirror.read(registry.POINTER)
         ledger_bytes = mirror.read(registry.LEDGER)
