@@ -9,8 +9,7 @@ signature, size cap), hashed and staged to disk in its worker thread, so the mai
 appends index lines. Links to other buckets keep going through Label Studio; a bare s3:// URI
 of an unlisted bucket is that task's quarantine reason, naming the bucket to list.
 
-An object that changed after an earlier pull is found by listing the ETags of the objects
-earlier pulls recorded (`changed_objects`) and fetched again.
+`ImageReaders` routes each URL to its reader: this one, or Label Studio's (imagefetch.py).
 """
 from __future__ import annotations
 
@@ -22,12 +21,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pipelines.files import append_jsonl, fsync_path, read_jsonl, sha256_bytes
-from pipelines.imagefetch import bar, looks_like_image, not_an_image
+from pipelines.imagefetch import StudioFetcher, bar, looks_like_image, not_an_image
 from pipelines.objectstore import ObjectRef, ObjectStore, StorageError
+from pipelines.labelstudio import Studio
+from pipelines.settings import Params
 from pipelines.staging import Staging
 
 _LS_LINK = re.compile(r"/(?:tasks|projects)/\d+/(?:resolve|presign)/?$")  # path's end
-MAX_LISTINGS = 64  # ETag listings per bucket and pull: one per folder of known keys, else one
 
 
 class BucketUnreachable(RuntimeError):
@@ -118,27 +118,27 @@ class BucketFetcher:
 
     def drain(self, *, wait: bool = False) -> None:
         """Stage what has finished (all of it with `wait`); BucketUnreachable when a read
-        kept failing and the bucket no longer answers a listing either."""
-        urls = list(self._pending)
-        rows, probed = [], set()
-        try:
-            for url in bar(urls, desc="bucket images", unit="img") if wait else urls:
-                ref, future = self._pending[url]
-                if not wait and not future.done():
-                    continue
-                got = future.result()
-                del self._pending[url]
-                if isinstance(got, tuple):
-                    rows.append({"url": url, "sha256": got[0], "etag": got[1]})
-                elif isinstance(got, StorageError) and got.transient:
-                    if ref.bucket not in probed:
-                        self._probe(ref.bucket, got)
-                        probed.add(ref.bucket)
-                    self.failed[url] = f"this object kept failing while the bucket answered: {got}"
-                else:
-                    self.failed[url] = str(got)
-        finally:
-            self._commit(rows)  # what was read stays staged, even when the pull stops here
+        kept failing and the bucket no longer answers a listing either -- after staging
+        every read that did finish, so the next pull does not make them again."""
+        rows, transient = [], []
+        for url in bar(list(self._pending), desc="bucket images", unit="img") if wait \
+                else list(self._pending):
+            ref, future = self._pending[url]
+            if not wait and not future.done():
+                continue
+            got = future.result()
+            del self._pending[url]
+            if isinstance(got, tuple):
+                rows.append({"url": url, "sha256": got[0], "etag": got[1]})
+            elif isinstance(got, StorageError) and got.transient:
+                transient.append((url, ref, got))
+            else:
+                self.failed[url] = str(got)
+        self._commit(rows)
+        for bucket in sorted({ref.bucket for _, ref, _ in transient}):
+            self._probe(bucket, next(exc for _, r, exc in transient if r.bucket == bucket))
+        for url, _, exc in transient:
+            self.failed[url] = f"this object kept failing while the bucket answered: {exc}"
 
     def _probe(self, bucket: str, cause: StorageError) -> None:
         try:
@@ -166,38 +166,54 @@ class BucketFetcher:
         self._pool.shutdown(wait=True)
 
 
-def _prefixes(keys: list[str]) -> list[str]:
-    """The folders to list: each known key's folder, or their common prefix when there are
-    more than MAX_LISTINGS folders."""
-    folders = sorted({k[:k.rfind("/") + 1] for k in keys})
-    if len(folders) <= MAX_LISTINGS:
-        return folders
-    return [os.path.commonprefix(folders)]
+class ImageReaders:
+    """Routes each task image URL to its reader: objects of the buckets listed in
+    storage.buckets straight from the bucket (`storage.workers` at once), everything else
+    through Label Studio (FETCH_WORKERS). An s3:// URI of a bucket not listed is refused with
+    a reason naming the bucket; Label Studio's links to such a bucket go through Label Studio."""
 
+    def __init__(self, studio: Studio, stage: Staging, *, params: Params,
+                 store: ObjectStore | None) -> None:
+        max_bytes = params.pull.max_image_bytes
+        self.studio = StudioFetcher(studio, stage, max_bytes=max_bytes)
+        self.bucket = (BucketFetcher(store, stage, max_bytes=max_bytes,
+                                     workers=params.storage.workers) if store else None)
+        self.listed = frozenset(params.storage.buckets if store else ())
+        self.refused: dict[str, str] = {}  # url -> reason, decided without a request
+        self.unlisted: set[str] = set()    # buckets named by s3:// URIs but not listed
 
-def changed_objects(store: ObjectStore, url_etag: dict[str, str]) -> tuple[dict[str, ObjectRef],
-                                                                        list[str]]:
-    """({url: object} whose listed ETag differs from the one recorded, [urls no longer
-    listed]) over the recorded bucket images of listed buckets: ListObjectsV2 of the folders
-    they sit in, 1,000 keys a call (20,000 known objects in one folder: 20 calls)."""
-    wanted: dict[str, dict[str, list[str]]] = {}  # bucket -> key -> urls
-    for url in url_etag:
-        try:
-            ref = bucket_ref(url)
-        except ValueError:
-            continue
-        if ref is not None and ref.bucket in store.storage.buckets:
-            wanted.setdefault(ref.bucket, {}).setdefault(ref.key, []).append(url)
-    changed, gone = {}, []
-    for bucket, keys in sorted(wanted.items()):
-        listed: dict[str, str] = {}
-        for prefix in _prefixes(list(keys)):
-            listed.update(store.etags(bucket, prefix))
-        for key, urls in keys.items():
-            for url in urls:
-                if key not in listed:
-                    gone.append(url)
-                elif listed[key] != url_etag[url]:
-                    changed[url] = ObjectRef(bucket, key)
-    return changed, sorted(gone)
+    @property
+    def failed(self) -> dict[str, str]:
+        return {**self.studio.failed, **(self.bucket.failed if self.bucket else {}),
+                **self.refused}
 
+    def queue(self, urls: list[str]) -> None:
+        through_studio, objects = [], {}
+        for url in urls:
+            try:
+                ref = bucket_ref(url)
+            except ValueError as exc:
+                self.refused[url] = f"malformed s3:// image URL: {exc}"
+                continue
+            if ref is None:
+                through_studio.append(url)
+            elif ref.bucket in self.listed:
+                objects[url] = ref
+            elif url.startswith("s3://"):
+                self.refused[url] = unlisted_reason(ref.bucket)
+                self.unlisted.add(ref.bucket)
+            else:
+                through_studio.append(url)
+        self.studio.queue(through_studio)
+        if objects:
+            self.bucket.queue(objects)
+
+    def drain(self, *, wait: bool = False) -> None:
+        self.studio.drain(wait=wait)
+        if self.bucket:
+            self.bucket.drain(wait=wait)
+
+    def close(self) -> None:
+        self.studio.close()
+        if self.bucket:
+            self.bucket.close()

@@ -16,15 +16,14 @@ import uuid
 from pathlib import Path
 
 from pipelines import rawstore
-from pipelines.bucketfetch import (BucketFetcher, BucketUnreachable, bucket_ref, changed_objects,
-                                   unlisted_reason)
+from pipelines.bucketfetch import BucketUnreachable, ImageReaders
 from pipelines.files import atomic_write_json, atomic_write_jsonl, exclusive, read_json, utc_now
-from pipelines.imagefetch import (FETCH_WORKERS, IMAGE_SIGNATURES, StudioFetcher, bar,
-                                  looks_like_image)
+from pipelines.imagechanges import changed_objects, image_changes
+from pipelines.imagefetch import FETCH_WORKERS, IMAGE_SIGNATURES, bar, looks_like_image
 from pipelines.labelstudio import (EXPORT_IDS_PER_CALL, LabelStudioError, Studio,
                                    connection_from_env)
 from pipelines.labelconfig import DEFAULT, UnsupportedConfig, class_change
-from pipelines.objectstore import ObjectRef, ObjectStore, StorageError
+from pipelines.objectstore import ObjectStore, StorageError
 from pipelines.staging import Staging
 from pipelines.settings import Params, brief
 
@@ -36,59 +35,6 @@ OVERLAP_S = 5     # re-list tasks updated this long before the last watermark: a
 
 class PullError(RuntimeError):
     pass
-
-
-class _Images:
-    """Routes each task image URL to its reader: objects of the buckets listed in
-    storage.buckets straight from the bucket (`storage.workers` at once), everything else
-    through Label Studio (FETCH_WORKERS). An s3:// URI of a bucket not listed is refused with
-    a reason naming the bucket; Label Studio's links to such a bucket go through Label Studio."""
-
-    def __init__(self, studio: Studio, stage: Staging, *, params: Params,
-                 store: ObjectStore | None) -> None:
-        max_bytes = params.pull.max_image_bytes
-        self.studio = StudioFetcher(studio, stage, max_bytes=max_bytes)
-        self.bucket = (BucketFetcher(store, stage, max_bytes=max_bytes,
-                                     workers=params.storage.workers) if store else None)
-        self.listed = frozenset(params.storage.buckets if store else ())
-        self.refused: dict[str, str] = {}  # url -> reason, decided without a request
-        self.unlisted: set[str] = set()    # buckets named by s3:// URIs but not listed
-
-    @property
-    def failed(self) -> dict[str, str]:
-        return {**self.studio.failed, **(self.bucket.failed if self.bucket else {}),
-                **self.refused}
-
-    def queue(self, urls: list[str]) -> None:
-        through_studio, objects = [], {}
-        for url in urls:
-            try:
-                ref = bucket_ref(url)
-            except ValueError as exc:
-                self.refused[url] = f"malformed s3:// image URL: {exc}"
-                continue
-            if ref is None:
-                through_studio.append(url)
-            elif ref.bucket in self.listed:
-                objects[url] = ref
-            elif url.startswith("s3://"):
-                self.refused[url] = unlisted_reason(ref.bucket)
-                self.unlisted.add(ref.bucket)
-            else:
-                through_studio.append(url)
-        self.studio.queue(through_studio)
-        if objects:
-            self.bucket.queue(objects)
-
-    def drain(self, *, wait: bool = False) -> None:
-        self.studio.drain(wait=wait)
-        if self.bucket:
-            self.bucket.drain(wait=wait)
-
-    def close(self) -> None:
-        self.studio.close()
-        if self.bucket:
-            self.bucket.close()
 
 
 def connect(studio_dir: str | Path, params: Params) -> Studio:
@@ -130,7 +76,7 @@ def _plan(studio: Studio, project_id: int, base: dict | None, seen: dict[str, st
 
 
 def _export(studio: Studio, project_id: int, ids: list[int], stage: Staging,
-            fetcher: _Images, image_key: str, known: dict[str, str]) -> tuple[list[dict], int]:
+            fetcher: ImageReaders, image_key: str, known: dict[str, str]) -> tuple[list[dict], int]:
     """(exported tasks, export calls reused from an earlier attempt): one bounded call per
     EXPORT_IDS_PER_CALL ids, each staged as soon as it arrives; the new image URLs of its
     annotated tasks (not in `known`) go to the fetcher right away."""
@@ -190,40 +136,6 @@ def run(raw_dir: str | Path, *, studio: Studio, project_id: int, params: Params,
             store.close()
 
 
-def _image_changes(raw_dir: Path, moved: dict[str, ObjectRef], url_sha: dict[str, str],
-                   url_etag: dict[str, str], staged: dict[str, str],
-                   staged_etags: dict[str, str], failed: dict[str, str], *,
-                   skip: set[str]) -> list[dict]:
-    """The bucket objects read again because their ETag changed since an earlier pull whose
-    bytes differ now (or can no longer be read): one change record each, with every task
-    showing it (`other_tasks`: those this snapshot does not carry already). Updates url_sha
-    and url_etag; a failed re-read drops the url's sha (its tasks are quarantined with the
-    reason) and keeps the old ETag, so the next pull tries again."""
-    if not moved:
-        return []
-    tasks_of: dict[str, list[int]] = {}
-    for task_id, row in rawstore.load(raw_dir).images.items():
-        if row.get("url") in moved:
-            tasks_of.setdefault(row["url"], []).append(task_id)
-    out = []
-    for url in sorted(moved):
-        old, new, error = url_sha.get(url), staged.get(url), None
-        if url in failed or new is None:
-            new, error = None, ("the image changed in the bucket after an earlier pull and "
-                                f"reading it again failed: {failed.get(url, 'not read')}")
-            url_sha.pop(url, None)
-        else:
-            url_etag[url] = staged_etags.get(url, url_etag[url])
-            if new == old:
-                continue  # a new ETag, the same bytes (re-uploaded)
-            url_sha[url] = new
-        ids = sorted(tasks_of.get(url, []))
-        out.append({"url": url, "change": "image changed", "old_sha256": old,
-                    "new_sha256": new, "error": error, "etag": url_etag.get(url),
-                    "task_ids": ids, "other_tasks": [i for i in ids if str(i) not in skip]})
-    return out
-
-
 def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
          full: bool, store: ObjectStore | None) -> dict:
     """The pull itself (see `run`): `{"snapshot": None, ...}` and nothing written when nothing
@@ -276,7 +188,7 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
     if plan is None:
         plan = stage.save_plan(_plan(studio, project_id, base, seen, full=full))
     url_etag: dict[str, str] = dict(prev.get("url_etag") or {}) if prev else {}
-    fetcher = _Images(studio, stage, params=params, store=store)
+    fetcher = ImageReaders(studio, stage, params=params, store=store)
     t0 = time.monotonic()
     try:
         # objects read in an earlier pull whose ETag changed since: read again, beside the export
@@ -318,14 +230,14 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
     key = config.image_key
     failed = fetcher.failed
     staged_etags = fetcher.bucket.etags if fetcher.bucket else {}
-    image_changes = _image_changes(raw_dir, moved, url_sha, url_etag, stage.images(),
+    changes_seen = image_changes(raw_dir, moved, url_sha, url_etag, stage.images(),
                                    staged_etags, failed,
                                    skip={str(t["id"]) for t in changed} | gone)
     if vanished:
         summary["images_gone"] = len(vanished)  # stored copies kept: what annotators saw
     if fetcher.unlisted:
         summary["unlisted_buckets"] = sorted(fetcher.unlisted)
-    if not changed and not removed and not image_changes:
+    if not changed and not removed and not changes_seen:
         if prev:
             _save_sync_state(state_path, seq=prev["seq"], watermark=watermark,
                              task_count=task_count, seen=seen)
@@ -334,7 +246,7 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
 
     urls = sorted({t["data"][key] for t in changed
                    if isinstance(t.get("data", {}).get(key), str) and t["data"][key] not in url_sha})
-    new_shas = {c["new_sha256"] for c in image_changes if c["new_sha256"]}
+    new_shas = {c["new_sha256"] for c in changes_seen if c["new_sha256"]}
     for url in urls:
         if url in stage.images():
             url_sha[url] = stage.images()[url]
@@ -356,7 +268,7 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
         image_rows.append(row)
     # tasks whose image changed in the bucket while the task did not: a row with the new bytes
     image_rows += [{"task_id": tid, "url": c["url"], "sha256": c["new_sha256"],
-                    "error": c["error"]} for c in image_changes for tid in c["other_tasks"]]
+                    "error": c["error"]} for c in changes_seen for tid in c["other_tasks"]]
 
     seq = int(prev["seq"]) + 1 if prev else 1
     root = raw_dir / rawstore.PULLS
@@ -367,9 +279,9 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
     atomic_write_json(tmp / "removed.json", removed)
     changes = rawstore.change_set(cursor, new_cursor,
                                   [str(t["id"]) for t in changed] + [str(r) for r in removed])
-    if image_changes:
+    if changes_seen:
         changes["images_changed"] = [{k: v for k, v in c.items() if k != "other_tasks"}
-                                     for c in image_changes]
+                                     for c in changes_seen]
     atomic_write_json(tmp / "changes.json", changes)
     if new_shas:
         stage.write_tar(new_shas, tmp / "images.tar")
@@ -383,7 +295,7 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
                                   key=lambda r: r["id"]))
     summary.update(annotations={k: len(changes[k]) for k in ("added", "changed", "removed")},
                    images_fetched=len(new_shas),
-                   images_changed=len(image_changes),
+                   images_changed=len(changes_seen),
                    image_errors=sum(1 for r in image_rows if r["error"]),
                    fetch_seconds=round(time.monotonic() - t0, 2))
     atomic_write_json(tmp / "meta.json", {
