@@ -34,8 +34,9 @@ def _git(root: Path, *args: str) -> str:
                           text=True).stdout
 
 
-def _workspace(root: Path) -> Layout:
-    """A workspace as `labelgate init` leaves it: dvc.yaml and params.yaml committed."""
+def _workspace(root: Path, *, data: bool = True) -> Layout:
+    """A workspace as `labelgate init` leaves it: dvc.yaml and params.yaml committed; `data`:
+    data/raw and data/eval versioned (`dvc add`)."""
     root.mkdir(parents=True)
     (root / "dvc.yaml").write_text(TOY_DVC_YAML)
     write_params(root / "params.yaml")
@@ -48,8 +49,9 @@ def _workspace(root: Path) -> Layout:
     _git(root, "add", "dvc.yaml", "params.yaml", ".gitignore", ".dvc")
     _git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     layout = Layout(root)
-    dvcrepo.add(root, layout.raw)
-    dvcrepo.add(root, layout.eval)
+    if data:
+        dvcrepo.add(root, layout.raw)
+        dvcrepo.add(root, layout.eval)
     return layout
 
 
@@ -164,6 +166,13 @@ def test_a_fresh_clone_restores_a_candidate_from_s3_and_names_a_missing_object(
     assert f"lacks 1 file(s) of {second['id']}: data/raw/1 (md5 {raw_one})" in err, err
     assert "the workspace is as it was" in err
     assert (third / "dvc.lock").read_bytes() == lock_before
+    # the workspace that has it puts it back (`dvc push` alone would not: the folder's listing
+    # is still there, so DVC counts data/raw as pushed)
+    assert cli.main(["--root", str(root), "remote", "push"]) == 0
+    out = capsys.readouterr().out
+    assert f"data/raw/1 (md5 {raw_one}) was missing there: uploaded again" in out, out
+    assert s3.client().head_object(Bucket=bucket,
+                                   Key=f"ws/files/md5/{raw_one[:2]}/{raw_one[2:]}")
 
 
 def _dead_endpoint() -> str:
@@ -172,11 +181,14 @@ def _dead_endpoint() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+@pytest.mark.slow
 def test_an_unreachable_remote_is_retried_then_a_clear_error(s3_env, tmp_path, monkeypatch,
                                                               capsys):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")   # botocore's own retries off: ours are counted
     monkeypatch.setattr(mirror, "BACKOFF_S", 0.05)
+    monkeypatch.setattr(dvcrepo, "BACKOFF_S", 0.05)
     layout = _workspace(tmp_path / "ws")
+    started = time.monotonic()
     dead = _dead_endpoint()
     assert cli.main(["--root", str(layout.root), "remote", "add",
                      f"s3://{_bucket(s3_env)}/x", "--endpoint", dead]) == 0
@@ -189,10 +201,18 @@ def test_an_unreachable_remote_is_retried_then_a_clear_error(s3_env, tmp_path, m
     assert cli.main(["--root", str(layout.root), "checkout", "m0001-abcdef0123"]) == 2
     err = capsys.readouterr().err
     assert "did not answer" in err and "check the endpoint" in err, err
+    # a run's push (`dvc push` in a subprocess): retried, then an error that says so
+    with pytest.raises(dvcrepo.DvcError) as failed:
+        lineage.push(layout, mode="auto")
+    assert failed.value.transient and f"did not answer {dvcrepo.ATTEMPTS} attempts" in str(
+        failed.value) and "Could not connect to the endpoint URL" in str(failed.value)
+    with capsys.disabled():
+        print(f"\nunreachable endpoint: status + checkout + push refused in "
+              f"{time.monotonic() - started:.1f} s (3 attempts each, botocore retries off)")
 
 
 def test_remote_add_refuses_what_is_not_an_s3_url_or_an_endpoint(tmp_path, capsys):
-    layout = _workspace(tmp_path / "ws")
+    layout = _workspace(tmp_path / "ws", data=False)
     for args, said in ((["gs://b/p"], "is not an s3://BUCKET/PREFIX URL"),
                        (["s3://b/p?access_key_id=x"], "carries credentials"),
                        (["s3://b/p", "--endpoint", "http://u:p@127.0.0.1:9"], "no user"),
