@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipelines import settings
+from pipelines import objectstore, settings
 from pipelines.objectstore import ObjectRef, ObjectStore, StorageError
 from tests import s3server
 from tests.s3faults import FaultProxy
@@ -108,6 +108,28 @@ def test_redirect_to_another_endpoint_is_refused_not_followed(proxy, bucket):
         assert elsewhere.requests == []
     finally:
         elsewhere.close()
+
+
+def test_region_redirects_of_writes_and_listings_are_refused(proxy, bucket):
+    proxy.canned = (301, b"<Error><Code>PermanentRedirect</Code></Error>",
+                    {"x-amz-bucket-region": "eu-west-1"})
+    store = ObjectStore(_storage(proxy.endpoint, bucket))
+    for call in (lambda: store.put_bytes(ObjectRef(bucket, "k"), b"x"),
+                 lambda: store.etags(bucket)):
+        with pytest.raises(StorageError, match="redirects are never followed"):
+            call()
+    assert all(path.startswith(f"/{bucket}") for _, path in proxy.requests)
+
+
+def test_big_files_go_up_in_parts(s3_env, bucket, tmp_path, monkeypatch):
+    monkeypatch.setattr(objectstore, "MULTIPART_BYTES", 5 << 20)  # S3's smallest part
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(bytes(range(256)) * (44 << 10))  # 11 MiB: three parts
+    store = ObjectStore(_storage(s3_env.endpoint, bucket))
+    store.put_file(ObjectRef(bucket, "blobs/m"), src)
+    assert store.etags(bucket, "blobs/")["blobs/m"].endswith("-3")  # a multipart ETag
+    store.get_file(ObjectRef(bucket, "blobs/m"), tmp_path / "back", max_bytes=12 << 20)
+    assert (tmp_path / "back").read_bytes() == src.read_bytes()
 
 
 def test_transient_failures_are_retried_then_give_up(proxy, bucket, s3_env):
