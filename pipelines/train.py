@@ -186,7 +186,7 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params,
         except packed.PackedError as exc:
             problem = str(exc)
         try:  # every rank, also one that cannot read its data, so that all stop together
-            world.agree(w, facts, problem=problem)
+            hosts = world.agree(w, facts, problem=problem)
         except world.WorldError as exc:
             raise TrainingError(str(exc)) from None
         if not len(tr) or not len(va):
@@ -207,6 +207,9 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params,
         if rank != 0:
             world.close(w)
     if rank != 0:  # one writer: rank 0, on node 0; every rank holds the same model (loop.fit)
+        if w.local_rank == 0:  # with the c10d rendezvous, node 0 is the first address in order
+            print(f"train: node {w.node} of {w.nodes} done; rank 0 writes the outputs to "
+                  f"{out_dir} on {hosts[0]}", file=sys.stderr)
         return {}
     history, lp = out.history, out.plan
     print(f"train: {out.arch}, {out.init}; {out.placement.note}"

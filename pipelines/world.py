@@ -146,15 +146,16 @@ def _exchange(w: World, report: dict) -> list[dict]:
 
 
 def agree(w: World, facts: Mapping[str, str] | None, *, problem: str | None = None,
-          remedy: str = REMEDY) -> None:
+          remedy: str = REMEDY) -> list[str]:
     """Collective: every rank calls it. `facts` name -> digest (what this rank will train on),
     or `problem`: why this rank cannot train (then `facts` is None). Returns when every rank has
-    the same facts; else raises the same WorldError on every rank, naming the first node that
-    differs from rank 0 (or cannot train) and `remedy`. One process: only `problem` matters."""
+    the same facts (then: every rank's host, by rank); else raises the same WorldError on every
+    rank, naming the first node that differs from rank 0 (or cannot train) and `remedy`. One
+    process: only `problem` matters."""
     if w.size == 1:
         if problem:
             raise WorldError(problem)
-        return
+        return [w.host]
     reports = _exchange(w, {"rank": w.rank, "node": w.node, "host": w.host,
                             "facts": None if problem else dict(facts or {}),
                             "problem": problem[:PROBLEM_CHARS] if problem else None})
@@ -173,3 +174,4 @@ def agree(w: World, facts: Mapping[str, str] | None, *, problem: str | None = No
             raise WorldError(f"{where(r)} has another {' and another '.join(differ)} than "
                              f"{where(first)}: every rank must train on the same data with the "
                              f"same settings; {remedy}")
+    return [r["host"] for r in reports]

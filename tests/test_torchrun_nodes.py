@@ -112,6 +112,9 @@ def test_two_nodes_train_one_model_equal_to_two_processes_on_one_node(prepared, 
     # One writer: global rank 0, on whichever launcher the rendezvous made node 0.
     written = [n for n in nodes if (n / "models" / "candidate").exists()]
     assert len(written) == 1, written
+    # ... and the other node says where the model is
+    other = results[1 - nodes.index(written[0])][1]
+    assert "train: node 1 of 2 done; rank 0 writes the outputs to models/candidate on " in other
     out = written[0] / "models" / "candidate"
     assert sorted(p.name for p in out.iterdir()) == ["history.csv", "metrics.json",
                                                      "model.safetensors"]
