@@ -15,7 +15,7 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from pipelines.files import sha256_file
 from pipelines.objectstore import ObjectRef, ObjectStore, StorageError
@@ -38,7 +38,7 @@ class Blob:
     size: int     # bytes; the download cap
 
     def __post_init__(self) -> None:
-        parts = PurePosixPath(self.name).parts
+        parts = self.name.split("/")
         if not _NAME.fullmatch(self.name) or ".." in parts or "." in parts:
             raise JobError(f"refused a job file name {self.name[:120]!r} (relative posix "
                            "paths of letters, digits, '.', '-', '_' only)")

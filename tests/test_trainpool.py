@@ -277,3 +277,44 @@ def test_retraining_run_on_one_pool_trains_on_the_other(
     model = "models/candidate/model.safetensors"
     assert [o for o in pooled["outs"] if o["path"] == model] == \
            [o for o in local["outs"] if o["path"] == model]
+
+
+def test_a_blob_changed_in_the_exchange_is_refused_by_name(s3_env, tmp_path):
+    from pipelines.objectstore import ObjectStore
+    from pipelines.settings import Storage
+    from pipelines.trainjob import Blob, Exchange, JobError
+    bucket = f"labelgate-pool-{uuid.uuid4().hex[:8]}"
+    s3_env.client().create_bucket(Bucket=bucket)
+    store = ObjectStore(Storage(buckets=(bucket,), endpoint_url=s3_env.endpoint, region="",
+                                profile="", workers=4))
+    ex = Exchange(store, f"s3://{bucket}/x")
+    (tmp_path / "y.npy").write_bytes(b"labels" * 100)
+    (blob,), sent = ex.upload({"data/prepared/train/y.npy": tmp_path / "y.npy"})
+    assert sent["uploaded_bytes"] == 600
+    assert ex.upload({"data/prepared/train/y.npy": tmp_path / "y.npy"})[1]["uploaded_bytes"] == 0
+    ex.download((blob,), tmp_path / "ok")
+    assert (tmp_path / "ok" / blob.name).read_bytes() == b"labels" * 100
+    store.put_bytes(ex.blob_ref(blob.sha256), b"labelz" * 100)   # same size, other bytes
+    with pytest.raises(JobError, match=f"data/prepared/train/y.npy .* not the recorded "
+                                       f"{blob.sha256}"):
+        ex.download((blob,), tmp_path / "bad")
+    assert not (tmp_path / "bad" / blob.name).exists()
+    for name in ("../../etc/passwd", "/abs/path", "a/./b", "a\\b"):
+        with pytest.raises(JobError, match="refused a job file name"):
+            Blob(name, blob.sha256, 1)
+    store.close()
+
+
+def test_a_worker_with_other_code_refuses_the_job():
+    from pipelines import codestamp
+    from pipelines.trainjob import JobError, TrainJob
+    stamp = codestamp.stamp("train", "pipelines.train")
+    job = TrainJob("20261130T000000Z-0123456789ab", "train", (), ("base",), None,
+                   stamp + "# train.init: production -- warm start from nothing yet\n", "")
+    trainpool._same_code(job)   # the same code, with the warm-start note: accepted
+    lines = stamp.splitlines()
+    edited = next(i for i, line in enumerate(lines) if line.endswith("  pipelines/loop.py"))
+    lines[edited] = "0" * 64 + "  pipelines/loop.py"
+    with pytest.raises(JobError, match="files that differ: pipelines/loop.py"):
+        trainpool._same_code(TrainJob(job.job_id, "train", (), ("base",), None,
+                                      "\n".join(lines) + "\n", ""))
