@@ -139,7 +139,15 @@ def ask(registry_dir: str | Path, promotion: Mapping, decision: Decision, *, wai
     from prefect.context import FlowRunContext
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
-    logger, run_id = get_run_logger(), str(FlowRunContext.get().flow_run.id)
+    run = FlowRunContext.get().flow_run
+    logger, run_id = get_run_logger(), str(run.id)
+    if run.state and run.state.state_details.deployment_concurrency_lease_id:
+        # Prefect 3.8 revokes a deployment's concurrency slot when its run pauses, and the
+        # engine cancels the run when it next renews that lease (every 225 s): crashed at 263 s
+        logger.warning("this run holds a deployment concurrency slot (concurrency_limit): "
+                       "Prefect ends a paused run at its next lease renewal, within ~4 minutes. "
+                       "Deploy without a concurrency limit (labelgate's run lock keeps one "
+                       "retraining at a time)")
     if not is_open(registry_dir, model_id):
         if promotion.get("event") != "pending_review":
             return None  # decided in an earlier run
