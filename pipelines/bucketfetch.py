@@ -31,7 +31,9 @@ _LS_LINK = re.compile(r"/(?:tasks|projects)/\d+/(?:resolve|presign)/?$")  # path
 
 
 class BucketUnreachable(RuntimeError):
-    """The object store stopped answering altogether (after retries): the pull stops."""
+    """The object store stopped answering altogether (after retries), or refuses the
+    credentials for the whole bucket: the pull stops (a wrong key must not quarantine
+    every task)."""
 
 
 def bucket_ref(url: str) -> ObjectRef | None:
@@ -130,7 +132,7 @@ class BucketFetcher:
             del self._pending[url]
             if isinstance(got, tuple):
                 rows.append({"url": url, "sha256": got[0], "etag": got[1]})
-            elif isinstance(got, StorageError) and got.transient:
+            elif isinstance(got, StorageError) and (got.transient or got.refused):
                 transient.append((url, ref, got))
             else:
                 self.failed[url] = str(got)
@@ -138,9 +140,11 @@ class BucketFetcher:
         for bucket in sorted({ref.bucket for _, ref, _ in transient}):
             self._probe(bucket, next(exc for _, r, exc in transient if r.bucket == bucket))
         for url, _, exc in transient:
-            self.failed[url] = f"this object kept failing while the bucket answered: {exc}"
+            self.failed[url] = (f"this object kept failing while the bucket answered: {exc}"
+                                if exc.transient else str(exc))
 
     def _probe(self, bucket: str, cause: StorageError) -> None:
+        """Is it this object, or the whole bucket? A one-key listing tells."""
         try:
             self.store.probe(bucket)
         except StorageError as exc:
@@ -149,6 +153,10 @@ class BucketFetcher:
                     f"the object store at {self.store.endpoint} stopped answering while reading "
                     f"bucket {bucket!r} ({cause}). Nothing was written: the images read so far "
                     "are staged and the next pull resumes from them") from None
+            if exc.refused:
+                raise BucketUnreachable(
+                    f"{cause}. Listing the bucket is refused too, so nothing was written (the "
+                    "images read so far are staged; fix the credentials and pull again)") from None
 
     def _commit(self, rows: list[dict]) -> None:
         if not rows:

@@ -37,11 +37,12 @@ _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 class StorageError(RuntimeError):
-    """What went wrong and what to do; never credentials. `transient`: a retry may succeed."""
+    """What went wrong and what to do; never credentials. `transient`: a retry may succeed.
+    `refused`: the credentials were refused (403), or there are none."""
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
+    def __init__(self, message: str, *, transient: bool = False, refused: bool = False) -> None:
         super().__init__(message)
-        self.transient = transient
+        self.transient, self.refused = transient, refused
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _status_error(uri: str, status: int, code: str, what: str) -> StorageError:
         return StorageError(
             f"the object store refused {where} (HTTP {status} {code}): the credentials in use "
             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws or storage.profile) are wrong or "
-            "lack permission on that bucket")
+            "lack permission on that bucket", refused=True)
     if 300 <= status < 400 or code in ("PermanentRedirect", "AuthorizationHeaderMalformed"):
         return StorageError(
             f"the object store redirected {where} (HTTP {status} {code}): the bucket lives at "
@@ -150,7 +151,7 @@ class ObjectStore:
         if creds is None:
             raise StorageError("no AWS credentials found for the object store: set "
                                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in "
-                               "storage.profile")
+                               "storage.profile", refused=True)
         return creds.get_frozen_credentials()
 
     def _client(self):

@@ -161,3 +161,26 @@ def test_bucket_unreachable_mid_pull_then_next_pull_resumes(label_studio, s3_env
         store.close()
     finally:
         front.close()
+
+
+def test_refused_credentials_stop_the_pull_instead_of_quarantining_every_task(
+        label_studio, s3_env, tmp_path, monkeypatch):
+    bucket, objects = _bucket(s3_env, 3)
+    st, pid = _project(label_studio)
+    _import(st, pid, [f"s3://{bucket}/{k}" for k in sorted(objects)])
+    front = FaultProxy(s3_env.endpoint)
+    try:
+        front.canned = (403, b"<Error><Code>InvalidAccessKeyId</Code></Error>", {})
+        with pytest.raises(pull.PullError, match="refused.*fix the credentials"):
+            pull.run(tmp_path, studio=st, project_id=pid, params=_params(front.endpoint, bucket))
+        assert rawstore.snapshot_dirs(tmp_path) == []
+    finally:
+        front.close()
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(pull.PullError, match="no AWS credentials found"):
+        pull.run(tmp_path, studio=st, project_id=pid, params=_params(s3_env.endpoint, bucket))
+    assert rawstore.snapshot_dirs(tmp_path) == []
