@@ -90,7 +90,7 @@ class Connections:
         self._ssl = ssl.create_default_context() if self._https else None
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._all: list[http.client.HTTPConnection] = []
+        self._all: list[tuple[threading.Thread, http.client.HTTPConnection]] = []
 
     def _conn(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
@@ -101,8 +101,12 @@ class Connections:
             else:
                 conn = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_s)
             self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
+            with self._lock:  # connections of threads that ended are closed here, not leaked
+                for thread, old in self._all:
+                    if not thread.is_alive():
+                        old.close()
+                self._all = [(t, c) for t, c in self._all if t.is_alive()]
+                self._all.append((threading.current_thread(), conn))
         return conn
 
     def get(self, path: str, headers: dict[str, str]
@@ -135,6 +139,6 @@ class Connections:
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._all:
+            for _, conn in self._all:
                 conn.close()
             self._all.clear()
