@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipelines import codestamp
 from pipelines.files import sha256_file
 from pipelines.objectstore import ObjectRef, ObjectStore, StorageError
 
@@ -102,6 +103,23 @@ class Beat:
     count: int        # rises with every beat: the watcher compares counts, not clocks
     phase: str        # download | train | upload | done | failed
     at: str           # the worker's utc time (shown, never compared)
+
+
+def check_code(job: TrainJob, stage: str, module: str) -> None:
+    """JobError unless this interpreter's code of `stage` (`python -m module`) is the code the
+    job was stamped with: the pool trains with the code dvc.lock will name, or not at all."""
+    mine = codestamp.stamp(stage, module)
+    extra = job.code_stamp[len(mine):] if job.code_stamp.startswith(mine) else None
+    if extra is not None and all(line.startswith("#") for line in extra.splitlines()):
+        return   # what follows the file list is the warm-start note (the init model travels)
+    theirs, ours = set(job.code_stamp.splitlines()), set(mine.splitlines())
+    differ = sorted({line.split("  ", 1)[-1] for line in theirs ^ ours
+                     if not line.startswith("#")})
+    header = (job.code_stamp.splitlines() or [""])[0][:120]
+    raise JobError(f"this worker's labelgate code is not the code the run stamped: version "
+                   f"{codestamp.version()} here; files that differ: "
+                   f"{', '.join(differ[:8]) or 'none'} (stamp header: {header!r}); install the "
+                   "same labelgate on the worker as where the run starts")
 
 
 class Exchange:

@@ -30,7 +30,7 @@ from pipelines import codestamp, dvcrepo, settings
 from pipelines.files import fsync_path, utc_now
 from pipelines.layout import Layout
 from pipelines.objectstore import ObjectStore, StorageError
-from pipelines.trainjob import Beat, Exchange, JobError, TrainJob, TrainResult
+from pipelines.trainjob import Beat, Exchange, JobError, TrainJob, TrainResult, check_code
 
 STAGE = "train"
 TRAIN_DEPLOYMENT = "labelgate-train/labelgate-train"   # flow name / deployment name
@@ -81,21 +81,6 @@ class _Heart:
         self.beat("failed" if exc[0] else "done")
 
 
-def _same_code(job: TrainJob) -> None:
-    """The pool trains with the code the stamp in dvc.lock will name, or not at all."""
-    mine = codestamp.stamp(STAGE, MODULE)
-    extra = job.code_stamp[len(mine):] if job.code_stamp.startswith(mine) else None
-    if extra is not None and all(line.startswith("#") for line in extra.splitlines()):
-        return   # what follows the file list is the warm-start note (the init model travels)
-    theirs, ours = set(job.code_stamp.splitlines()), set(mine.splitlines())
-    differ = sorted({line.split("  ", 1)[-1] for line in theirs ^ ours
-                     if not line.startswith("#")})
-    raise JobError(f"this worker's labelgate code is not the code the run stamped: version "
-                   f"{codestamp.version()} here; files that differ: {', '.join(differ[:8]) or 'none'}"
-                   f" (stamp header: {job.code_stamp.splitlines()[0][:120]!r}); install the "
-                   "same labelgate on the worker as where the run starts")
-
-
 @flow(name=FLOW_NAME, log_prints=True)
 def train_job(exchange: str, job_id: str, storage: dict, heartbeat_s: float = 30.0) -> dict:
     """Train one job from the exchange: download and verify its files into a temp dir, run the
@@ -106,7 +91,7 @@ def train_job(exchange: str, job_id: str, storage: dict, heartbeat_s: float = 30
     try:
         ex = Exchange(store, exchange)
         job = TrainJob.from_json(ex.get_json(ex.job_ref(job_id, "job.json")))
-        _same_code(job)
+        check_code(job, STAGE, MODULE)
         with _Heart(ex, job_id, heartbeat_s) as heart, \
                 tempfile.TemporaryDirectory(prefix="labelgate-train-") as tmp:
             got = ex.download(job.inputs, Path(tmp) / "in")
@@ -175,6 +160,10 @@ def _inputs(layout: Layout, params: settings.Params, stage: dict) -> tuple[dict[
         files["init/model.safetensors"] = registry.blob_path(layout.registry, ptr.sha256)
     if params.train.init == "weights" and params.train.init_weights:
         files["init/weights.safetensors"] = layout.root / params.train.init_weights
+    missing = [f"{f} ({name})" for name, f in files.items() if not f.is_file()]
+    if missing:
+        raise PoolError(f"the train stage's inputs are missing: {', '.join(missing[:5])}; "
+                        "`dvc repro prepare`, `labelgate checkout` or train.init_weights")
     return files, init_sha
 
 

@@ -169,9 +169,9 @@ def test_worker_killed_mid_training_fails_the_run_clearly_and_the_next_run_compl
         while time.monotonic() < deadline and not killed.is_set():
             keys = [o["Key"] for o in client.list_objects_v2(
                 Bucket=rig["bucket"], Prefix="exchange/jobs/").get("Contents", [])]
-            for key in keys:
-                if key.endswith("/beat.json") and b'"train"' in client.get_object(Bucket=rig["bucket"],
-                                                        Key=key)["Body"].read():
+            for key in (k for k in keys if k.endswith("/beat.json")):
+                beat = client.get_object(Bucket=rig["bucket"], Key=key)["Body"].read()
+                if b'"train"' in beat:
                     time.sleep(1.0)   # in the middle of an epoch
                     worker.kill_all()
                     killed.set()
@@ -307,14 +307,14 @@ def test_a_blob_changed_in_the_exchange_is_refused_by_name(s3_env, tmp_path):
 
 def test_a_worker_with_other_code_refuses_the_job():
     from pipelines import codestamp
-    from pipelines.trainjob import JobError, TrainJob
+    from pipelines.trainjob import JobError, TrainJob, check_code
     stamp = codestamp.stamp("train", "pipelines.train")
     job = TrainJob("20261130T000000Z-0123456789ab", "train", (), ("base",), None,
                    stamp + "# train.init: production -- warm start from nothing yet\n", "")
-    trainpool._same_code(job)   # the same code, with the warm-start note: accepted
+    check_code(job, "train", "pipelines.train")   # same code + the warm-start note: accepted
     lines = stamp.splitlines()
     edited = next(i for i, line in enumerate(lines) if line.endswith("  pipelines/loop.py"))
     lines[edited] = "0" * 64 + "  pipelines/loop.py"
     with pytest.raises(JobError, match="files that differ: pipelines/loop.py"):
-        trainpool._same_code(TrainJob(job.job_id, "train", (), ("base",), None,
-                                      "\n".join(lines) + "\n", ""))
+        check_code(TrainJob(job.job_id, "train", (), ("base",), None,
+                            "\n".join(lines) + "\n", ""), "train", "pipelines.train")
