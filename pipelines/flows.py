@@ -160,6 +160,20 @@ def _lock_hash(layout: Layout) -> str | None:
     return sha256_file(layout.dvc_lock) if layout.dvc_lock.exists() else None
 
 
+def _promote(layout: Layout, dataset_version: str, lin: dict,
+             decision: Decision) -> tuple[dict, dict | None]:
+    """promote, then, when the gate says INCONCLUSIVE and gate.on_inconclusive is
+    ask_reviewer, the run pauses for the reviewer's answer in the Prefect UI (or `labelgate
+    approve/reject`), before Label Studio follows production. (promote's event, what the
+    reviewer step did or None)."""
+    root = str(layout.root)
+    event = promote_task(root, dataset_version,
+                         {k: v for k, v in lin.items() if k != "seconds"})
+    asked = reviewer.ask(layout.registry, event, decision,
+                         wait_s=load(layout.params).gate.reviewer_wait_s)
+    return event, asked
+
+
 def _retrain(layout: Layout, *, force: bool) -> dict:
     logger = get_run_logger()
     root = str(layout.root)
@@ -189,11 +203,7 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
                              description=f"gate verdict {decision.verdict}")
     # before promote: the commit it names must exist, holding this candidate's dvc.lock
     lin = lineage_task(root, version)
-    event = promote_task(root, version, {k: v for k, v in lin.items() if k != "seconds"})
-    # INCONCLUSIVE + gate.on_inconclusive ask_reviewer: the run pauses here for the reviewer's
-    # answer in the Prefect UI (or `labelgate approve/reject`), before Label Studio follows
-    asked = reviewer.ask(layout.registry, event, decision,
-                         wait_s=load(layout.params).gate.reviewer_wait_s)
+    event, asked = _promote(layout, version, lin, decision)
     # every run, whatever the verdict: production may have moved since the last one
     pre = preannotate_task(root)
     flags = flag_task(root)

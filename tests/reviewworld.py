@@ -1,6 +1,6 @@
 """A workspace whose gate said INCONCLUSIVE with gate.on_inconclusive = ask_reviewer, and the part
-of the retraining flow after the gate as a real Prefect flow: the flow's own promote task, then
-reviewer.ask (the same two calls as pipelines/flows.py). No Label Studio, no training: the
+of the retraining flow after the gate as a real Prefect flow: pipelines/flows.py `_promote`
+(promote_task, then reviewer.ask), as the retraining flow calls it. No Label Studio, no training: the
 models are freshly built small nets, the evaluation is made by tests/factories, the gate is the
 real one. Shared by tests/test_reviewer_pause.py and tests/test_prefect_ui_browser.py."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from prefect import flow
 
-from pipelines import flows, gate, net, promote, registry, reviewer
+from pipelines import flows, gate, net, promote, registry
 from pipelines.files import atomic_write_json, sha256_file
 from pipelines.inputspec import InputSpec
 from pipelines.layout import Layout
@@ -46,7 +46,7 @@ def _predictions(accuracy: float, n: int = 200):
     return y, pred
 
 
-def make(root: Path, *, wait_s: float = 600) -> Layout:
+def make(root: Path, *, wait_s: float = 300) -> Layout:
     """Production A (promoted by a PASS gate); candidate B at models/candidate gated against it:
     2 % lower on 200 images, 4 newly wrong, none newly right (p = 1/16) -> INCONCLUSIVE."""
     layout = Layout(root)
@@ -74,17 +74,22 @@ def make(root: Path, *, wait_s: float = 600) -> Layout:
     return layout
 
 
+def set_wait(layout: Layout, seconds: float) -> None:
+    """params.yaml gate.reviewer_wait_s (what the flow reads when it pauses)."""
+    write_params(layout.params, **{"gate.on_inconclusive": "ask_reviewer",
+                                   "gate.reviewer_wait_s": seconds})
+
+
 @flow(name="labelgate-after-gate")
-def after_gate(root: str, wait_s: float, poll_s: float = 1.0) -> dict:
-    """The retraining flow from promote on: promote_task, then the reviewer's pause."""
+def after_gate(root: str) -> dict:
+    """The retraining flow from promote on (flows._promote: promote_task, then the reviewer's
+    pause), with the gate's decision as the flow has it."""
     layout = Layout(root)
-    event = flows.promote_task(root, "pulls-000002-b", {})
-    asked = reviewer.ask(layout.registry, event, Decision.read(layout.decision),
-                         wait_s=wait_s, poll_s=poll_s)
+    event, asked = flows._promote(layout, "pulls-000002-b", {}, Decision.read(layout.decision))
     return {"promotion": event, "reviewer": asked}
 
 
-def run_flow(layout: Layout, *, wait_s: float, when_paused: Callable[[str], object] | None = None,
+def run_flow(layout: Layout, *, when_paused: Callable[[str], object] | None = None,
              pause_timeout_s: float = 120) -> tuple[dict, str, dict]:
     """Run `after_gate` in this thread; `when_paused(flow_run_id)` runs in another thread once
     the run is Paused with its form saved. Returns (flow result, flow run id, what
@@ -102,13 +107,13 @@ def run_flow(layout: Layout, *, wait_s: float, when_paused: Callable[[str], obje
             seen["value"] = when_paused(run_id)
         except Exception as exc:
             seen["error"] = exc
-            with contextlib.suppress(Exception):  # end the run now, not after wait_s
+            with contextlib.suppress(Exception):  # end the run now, not after the wait
                 resume(run_id, decision="reject", reason=f"test step failed: {exc}"[:2000],
                        reviewer="tests")
     thread = threading.Thread(target=watch, daemon=True)
     if when_paused is not None:
         thread.start()
-    result = after_gate.with_options(flow_run_name=name)(str(layout.root), wait_s)
+    result = after_gate.with_options(flow_run_name=name)(str(layout.root))
     if when_paused is not None:
         thread.join(timeout=60)
     return result, flow_run_id(name), seen

@@ -86,8 +86,7 @@ def test_the_paused_run_asks_in_the_prefect_ui_and_its_form_resumes_it(tmp_path,
             finally:
                 browser.close()
 
-    result, run_id, seen = reviewworld.run_flow(layout, wait_s=300,
-                                                when_paused=review_in_the_browser)
+    result, run_id, seen = reviewworld.run_flow(layout, when_paused=review_in_the_browser)
     assert "error" not in seen, seen
     form = seen["value"]
     assert form["labels"] == ["Decision", "Reason", "Reviewer"], form

@@ -41,7 +41,7 @@ def world(tmp_path):
 def test_approve_through_the_api_makes_the_candidate_production(world, prefect_api):
     layout = world["layout"]
     result, run_id, seen = reviewworld.run_flow(
-        layout, wait_s=300, when_paused=lambda run: reviewworld.resume(
+        layout, when_paused=lambda run: reviewworld.resume(
             run, decision="approve", reason="the drop is in class 3 noise", reviewer="ana"))
     assert "error" not in seen, seen
     model_id = result["promotion"]["id"]
@@ -70,7 +70,7 @@ def test_approve_through_the_api_makes_the_candidate_production(world, prefect_a
 def test_reject_through_the_api_keeps_production(world, prefect_api):
     layout = world["layout"]
     result, run_id, seen = reviewworld.run_flow(
-        layout, wait_s=300, when_paused=lambda run: reviewworld.resume(
+        layout, when_paused=lambda run: reviewworld.resume(
             run, decision="reject", reason="class 3 got worse", reviewer="bo"))
     assert "error" not in seen, seen
     model_id = result["promotion"]["id"]
@@ -86,7 +86,8 @@ def test_reject_through_the_api_keeps_production(world, prefect_api):
 @pytest.mark.slow
 def test_no_answer_within_the_wait_keeps_production_and_says_it_timed_out(world, prefect_api):
     layout = world["layout"]
-    result, run_id, _ = reviewworld.run_flow(layout, wait_s=3)
+    reviewworld.set_wait(layout, 3)
+    result, run_id, _ = reviewworld.run_flow(layout)
     model_id = result["promotion"]["id"]
     asked = result["reviewer"]
     assert asked["outcome"] == "timed_out" and asked["reviewer"] is None
@@ -118,8 +119,7 @@ def test_a_cli_answer_while_the_run_waits_is_applied_once(world, prefect_api):
         model_id = next(e.id for e in reversed(registry.ledger(layout.registry))
                         if isinstance(e, PendingReview))
         return _cli(layout, "reject", model_id, "--reason", "seen enough", "--reviewer", "dee")
-    result, run_id, seen = reviewworld.run_flow(layout, wait_s=300,
-                                                when_paused=reject_in_a_shell)
+    result, run_id, seen = reviewworld.run_flow(layout, when_paused=reject_in_a_shell)
     assert "error" not in seen and seen["value"].returncode == 0, seen
     model_id = result["promotion"]["id"]
     asked = result["reviewer"]
