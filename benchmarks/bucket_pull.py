@@ -1,8 +1,9 @@
 """First pull of annotated tasks whose images live in a bucket, measured in one run, against
 today's path through Label Studio's server:
 
-  ceiling      the S3 server's own ceiling here: bare presigned GETs (urllib3, no checks, URLs
-               signed beforehand) from `storage.workers` threads -- what bounds the figures below
+  ceiling      the S3 server's own ceiling here: bare GETs signed beforehand (urllib3 keep-alive,
+               no checks) from `storage.workers` threads -- what bounds the figures below
+  export       Label Studio's task listing + export alone, no images (what the pull asks first)
   reader       labelgate's bucket reader alone (pipelines.objectstore, `storage.workers` threads,
                every object read, size-capped, checked as an image and hashed)
   bucket pull  `pull.run` as `labelgate pull` runs it: tasks exported from Label Studio, every
@@ -36,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines import objectstore, pull, settings, studio  # noqa: E402
 from pipelines.labelconfig import choice_result  # noqa: E402
-from pipelines.labelstudio import Studio  # noqa: E402
+from pipelines.labelstudio import EXPORT_IDS_PER_CALL, Studio  # noqa: E402
 from tests import factories, s3server  # noqa: E402
 
 CLASSES = tuple(str(i) for i in range(10))
@@ -67,23 +68,30 @@ def _upload(s3: s3server.S3Server, bucket: str, keys: list[str], *, workers: int
 
 
 def _ceiling(s3: s3server.S3Server, bucket: str, keys: list[str], *, workers: int) -> float:
-    """GET/s the server answers to a minimal client: presigned URLs made beforehand, urllib3
-    keep-alive pool, the body read and dropped."""
+    """GET/s the server answers to a minimal client: requests signed beforehand (SigV4 in the
+    headers, as labelgate's reader sends them), one urllib3 keep-alive pool, the body read and
+    dropped -- no checks, no hashing, no staging."""
     import urllib3
-    client = s3.client()
-    urls = [client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": k},
-                                          ExpiresIn=3600) for k in keys]
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    creds = Credentials(s3server.ACCESS_KEY, s3server.SECRET_KEY)
+    signed = []
+    for key in keys:
+        req = AWSRequest(method="GET", url=f"{s3.endpoint}/{bucket}/{key}")
+        S3SigV4Auth(creds, "s3", s3server.REGION).add_auth(req)
+        signed.append((req.url, dict(req.headers.items())))
     http = urllib3.PoolManager(maxsize=workers, retries=False)
 
-    def get(url: str) -> int:
-        resp = http.request("GET", url)
+    def get(request: tuple[str, dict]) -> int:
+        resp = http.request("GET", request[0], headers=request[1])
         assert resp.status == 200, resp.status
         return len(resp.data)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(get, urls))
-    return len(urls) / (time.perf_counter() - t0)
+        list(pool.map(get, signed))
+    return len(keys) / (time.perf_counter() - t0)
 
 
 def _reader(storage: settings.Storage, bucket: str, keys: list[str], *, max_bytes: int) -> float:
@@ -123,6 +131,17 @@ def _pull(raw: Path, st: Studio, pid: int, params: settings.Params) -> tuple[dic
     print(pull.describe(result), flush=True)
     assert result["image_errors"] == 0, result
     return result, seconds
+
+
+def _export_alone(st: Studio, pid: int) -> float:
+    """Seconds for what the first pull asks Label Studio for, without images: the annotated
+    task ids, then their export in calls of EXPORT_IDS_PER_CALL (run after the pull: SQLite's
+    pages are warm)."""
+    t0 = time.perf_counter()
+    ids = st.annotated_task_ids(pid)
+    for start in range(0, len(ids), EXPORT_IDS_PER_CALL):
+        st.export_tasks(pid, ids[start:start + EXPORT_IDS_PER_CALL])
+    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             base.studio, project_title=title))
         first, t_pull = _pull(work / "raw-bucket", st, pid, params)
         assert first["images_fetched"] == n, first
+        t_export = _export_alone(st, pid)
+        print(f"Label Studio export alone: {n} tasks in {t_export:.1f} s", flush=True)
 
         t_ls = float("nan")
         if m:
@@ -193,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
               f"| S3 server ceiling: bare GETs, {storage.workers} threads | "
               f"{min(CEILING_GETS, n)} | | {ceiling:,.0f} |\n"
               f"| labelgate reader alone (capped, checked, hashed) | {n} | | {reader:,.0f} |\n"
+              f"| Label Studio task export alone, no images ({n} tasks) | | {t_export:.1f} | "
+              f"({n / t_export:,.0f} tasks/s) |\n"
               f"| first pull from the bucket ({n} annotated tasks) | {n} | {t_pull:.1f} | "
               f"{bucket_rate:,.0f} |")
         if m:
