@@ -34,12 +34,12 @@ def _git(root: Path, *args: str) -> str:
                           text=True).stdout
 
 
-def _workspace(root: Path, *, data: bool = True) -> Layout:
+def _workspace(root: Path, *, data: bool = True, **params: object) -> Layout:
     """A workspace as `labelgate init` leaves it: dvc.yaml and params.yaml committed; `data`:
     data/raw and data/eval versioned (`dvc add`)."""
     root.mkdir(parents=True)
     (root / "dvc.yaml").write_text(TOY_DVC_YAML)
-    write_params(root / "params.yaml")
+    write_params(root / "params.yaml", **params)
     (root / ".gitignore").write_text(".labelgate/\nmodels/registry/\n")
     for folder in ("raw", "eval"):
         (root / "data" / folder).mkdir(parents=True)
@@ -187,12 +187,13 @@ def test_an_unreachable_remote_is_retried_then_a_clear_error(s3_env, tmp_path, m
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")   # botocore's own retries off: ours are counted
     monkeypatch.setattr(mirror, "BACKOFF_S", 0.05)
     monkeypatch.setattr(dvcrepo, "BACKOFF_S", 0.05)
-    layout = _workspace(tmp_path / "ws")
-    started = time.monotonic()
     dead = _dead_endpoint()
+    layout = _workspace(tmp_path / "ws", **{"storage.endpoint_url": dead})
+    started = time.monotonic()
+    # no --endpoint: params.yaml storage.endpoint_url is the default
     assert cli.main(["--root", str(layout.root), "remote", "add",
-                     f"s3://{_bucket(s3_env)}/x", "--endpoint", dead]) == 0
-    capsys.readouterr()
+                     f"s3://{_bucket(s3_env)}/x"]) == 0
+    assert f"at {dead}; .dvc/config committed" in capsys.readouterr().out
     assert cli.main(["--root", str(layout.root), "remote", "status"]) == 1
     out = capsys.readouterr().out
     assert "reachable         no" in out and f"did not answer {mirror.ATTEMPTS} attempts" in out
