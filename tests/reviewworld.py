@@ -1,8 +1,8 @@
 """A workspace whose gate said INCONCLUSIVE with gate.on_inconclusive = ask_reviewer, and the part
 of the retraining flow after the gate as a real Prefect flow: pipelines/flows.py `_promote`
-(promote_task, then reviewer.ask), as the retraining flow calls it. No Label Studio, no training: the
-models are freshly built small nets, the evaluation is made by tests/factories, the gate is the
-real one. Shared by tests/test_reviewer_pause.py and tests/test_prefect_ui_browser.py."""
+(promote_task, then reviewer.ask), as the retraining flow calls it. No Label Studio, no
+training: the models are freshly built small nets, the evaluation is made by tests/factories,
+the gate is the real one. Shared by tests/test_reviewer_pause.py and tests/test_prefect_ui_browser.py."""
 from __future__ import annotations
 
 import contextlib
