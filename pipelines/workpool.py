@@ -157,6 +157,6 @@ def start_run(deployment_name: str, *, say=print) -> str | None:
             if r.state.type.value != "SCHEDULED" or r.expected_start_time <= now]
     if active:
         say(f"a {deployment_name} run is already {active[0].state.name.lower()} "
-            f"({active[0].name}): not starting another")
+            f"({active[0].name}): no second run started")
         return None
     return str(run_deployment(deployment_name, timeout=0).id)

@@ -120,7 +120,7 @@ def test_a_worker_runs_the_triggered_and_the_scheduled_retraining_run(
             # `serve`'s label trigger meanwhile: a run is due or running, so it starts none
             said = []
             assert workpool.start_run(DEPLOYMENT, say=said.append) is None
-            assert "not starting another" in said[0]
+            assert "no second run started" in said[0]
             runs = _wait_for_both(client, dep.id, triggered.id, worker, log, DeploymentFilter,
                                   DeploymentFilterId)
         finally:
@@ -176,3 +176,53 @@ def _wait_for_both(client, deployment_id, triggered_id, worker, log, DeploymentF
         time.sleep(2)
     states = {r.name: (r.auto_scheduled, r.state.name) for r in runs}
     pytest.fail(f"runs not done after {_RUN_TIMEOUT_S} s: {states}\n{_tail(log)}")
+
+
+@pytest.mark.slow
+def test_serve_with_a_pool_registers_it_and_only_triggers(make_project, prefect_api,
+                                                          studio_env, tmp_path):
+    """`labelgate serve` with schedule.pool: the deployment goes on the pool, the worker
+    command is printed, and the label trigger starts exactly one run on the pool (nothing runs
+    it here: no worker; a later check sees it due and starts no second one)."""
+    import signal
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    project = make_project(limit=30, eval_tasks=5, unlabeled_tasks=0)
+    pool = f"labelgate-test-{uuid.uuid4().hex[:8]}"
+    root = make_workspace(tmp_path / "ws", **{
+        "studio.project_title": project["title"], "schedule.pool": pool,
+        "schedule.min_new_labels": 1, "schedule.check_every_s": 1})
+    out = tmp_path / "serve.log"
+    labelgate = os.path.join(os.path.dirname(prefect_bin()), "labelgate")
+    with open(out, "wb") as sink:
+        serve = subprocess.Popen([labelgate, "--root", str(root), "serve"], stdout=sink,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    client = get_client(sync_client=True)
+    client.__enter__()
+    try:
+        deadline = time.monotonic() + 180
+        while "no second run started" not in out.read_text():
+            assert serve.poll() is None, f"serve exited ({serve.returncode}):\n{_tail(out)}"
+            assert time.monotonic() < deadline, _tail(out)
+            time.sleep(1)
+        serve.send_signal(signal.SIGINT)             # Ctrl-C
+        assert serve.wait(timeout=60) == 0, _tail(out)
+        text = out.read_text()
+        assert f"prefect worker start --pool {pool}" in text
+        assert f"triggering labelgate-retrain on work pool '{pool}'" in text
+        dep = client.read_deployment_by_name(DEPLOYMENT)
+        assert dep.work_pool_name == pool
+        runs = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
+            id=DeploymentFilterId(any_=[dep.id]))) if not r.auto_scheduled]
+        assert len(runs) == 1 and runs[0].state.is_scheduled(), runs  # waits for a worker
+        assert runs[0].work_pool_name == pool
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+        try:
+            client.delete_deployment(client.read_deployment_by_name(DEPLOYMENT).id)
+            client.delete_work_pool(pool)
+        finally:
+            client.__exit__(None, None, None)
