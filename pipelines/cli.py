@@ -389,8 +389,8 @@ def cmd_deploy(args, layout: Layout, params) -> int:
     from pipelines import workpool
     pool = workpool.pool_name(params, args.pool)  # no pool named: say so before any server
     api = _prefect(layout)  # before Prefect is imported: it reads its settings then
-    done, notes = workpool.register(layout.root, params, pool=pool)
-    print(workpool.describe(done, notes, api_url=api, root=layout.root))
+    done = workpool.register(layout.root, params, pool=pool)
+    print(workpool.describe(done, api_url=api, root=layout.root))
     return 0
 
 
@@ -408,7 +408,7 @@ def cmd_serve(args, layout: Layout, params) -> int:
     # a trigger while a run is due, waiting or running starts none (a burst is one run)
     start_run = functools.partial(workpool.start_run, DEPLOYMENT)
     if params.schedule.pool:  # the pool's workers run the flows; this process only triggers
-        print(workpool.describe(*workpool.register(layout.root, params), api_url=api,
+        print(workpool.describe(workpool.register(layout.root, params), api_url=api,
                                 root=layout.root))
         print(f"triggering labelgate-retrain on work pool {params.schedule.pool!r} when >= "
               f"{params.schedule.min_new_labels} new resolved labels exist (checked every "

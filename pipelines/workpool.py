@@ -7,10 +7,11 @@ time, parameter `root` = this workspace's absolute path) and, when `train.pool` 
 training deployment on that pool. Deployments name their flow by module path
 (`pipelines.flows.retrain`), so a worker needs labelgate installed, not a copy of the source.
 
-What a retraining worker needs: this workspace at the same path (it is a git + DVC repository;
-with a DVC remote a clone at that path works), the Label Studio variables
-(LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY), storage credentials if images live in a bucket,
-and PREFECT_API_URL. Secrets stay in the worker's environment, never in a deployment.
+What a retraining worker needs: this workspace (a git + DVC repository) at the same path, as
+runs start there (the deployment's pull step sets it as the working directory), the Label
+Studio variables (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY), storage credentials if images live
+in a bucket, and PREFECT_API_URL. Secrets stay in the worker's environment, never in a
+deployment. The training pool's workers need no workspace (pipelines/trainpool.py).
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ class Registered:
 def ensure_pool(name: str) -> tuple[bool, str]:
     """Create the work pool `name` (type process, Prefect's default job template) unless it
     exists; return (created, its type). Any existing pool is kept as it is: a user's own
-    docker or kubernetes pool works too when its image has labelgate installed."""
+    docker or kubernetes pool works too when its image has labelgate installed (and, for
+    the retraining flow, the workspace mounted at the same path)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -76,16 +78,6 @@ def _apply(dep, pool: str) -> Registered:
                       pool_created=created, pool_type=kind)
 
 
-def _train_deployment(pool: str):
-    """The `labelgate-train` deployment (pipelines/trainpool.py) on `pool`, or None where
-    this labelgate has none."""
-    try:
-        from pipelines import trainpool
-    except ImportError:
-        return None
-    return trainpool.deployment(pool)
-
-
 def pool_name(params: Params, pool: str = "") -> str:
     """`pool`, else params.yaml `schedule.pool`; WorkPoolError if neither names one."""
     if not (pool or params.schedule.pool):
@@ -94,23 +86,17 @@ def pool_name(params: Params, pool: str = "") -> str:
     return pool or params.schedule.pool
 
 
-def register(root: str | Path, params: Params, *, pool: str = "") -> tuple[list[Registered],
-                                                                            list[str]]:
-    """Register labelgate's deployments on their pools (created if missing); return what was
-    registered and notes for the user. `pool` defaults to params.yaml `schedule.pool`."""
+def register(root: str | Path, params: Params, *, pool: str = "") -> list[Registered]:
+    """Register labelgate's deployments on their pools (created if missing): the retraining
+    flow on `pool` (default: params.yaml `schedule.pool`), the training job on `train.pool`
+    when set."""
     from pipelines.flows import deployment
     pool = pool_name(params, pool)
     done = [_apply(deployment(str(root), params.schedule.cron, pool=pool, env=RUN_ENV), pool)]
-    notes = []
-    if params.train.pool:
-        train = _train_deployment(params.train.pool)
-        if train is None:
-            notes.append(f"train.pool is {params.train.pool!r}, but this labelgate has no "
-                         "training deployment (pipelines/trainpool.py): training runs in the "
-                         "retraining flow's own process")
-        else:
-            done.append(_apply(train, params.train.pool))
-    return done, notes
+    if params.train.pool:  # the train stage hands training to this pool (trainpool.py)
+        from pipelines import trainpool
+        done.append(_apply(trainpool.deployment(params.train.pool), params.train.pool))
+    return done
 
 
 def worker_command(pool: str, api_url: str) -> str:
@@ -119,13 +105,11 @@ def worker_command(pool: str, api_url: str) -> str:
             f"{shlex.quote(pool)}")
 
 
-def describe(done: list[Registered], notes: list[str], *, api_url: str, root: str | Path) -> str:
+def describe(done: list[Registered], *, api_url: str, root: str | Path) -> str:
     """What `labelgate deploy` / `serve` print: what was registered and how to start workers."""
-    lines = []
-    for r in done:
-        made = f"created ({r.pool_type})" if r.pool_created else f"existing ({r.pool_type})"
-        lines.append(f"deployment {r.name} on work pool {r.pool!r} ({made} pool; id {r.id})")
-    lines += [f"note: {n}" for n in notes]
+    lines = [f"deployment {r.name} on work pool {r.pool!r} ({r.pool_type} pool, "
+             f"{'created now' if r.pool_created else 'existing'}; deployment id {r.id})"
+             for r in done]
     lines.append("start a worker per pool, on a machine with labelgate installed and "
                  "LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY (and storage credentials) set; the "
                  f"retraining pool's workers need this workspace at {Path(root).resolve()}:")
@@ -139,8 +123,9 @@ def describe(done: list[Registered], notes: list[str], *, api_url: str, root: st
 
 def start_run(deployment_name: str, *, say=print) -> str | None:
     """Start one run of `deployment_name` (the label trigger's action), unless one is already
-    due, waiting for its slot or running: a burst of labels is one run, not a queue of them
-    (cron runs still in the future do not count). The new flow run's id, or None."""
+    due, waiting for its slot, running or paused for a reviewer: a burst of labels is one run,
+    not a queue of them (cron runs still in the future do not count). The new run's id, or
+    None."""
     import datetime
 
     from prefect.client.orchestration import get_client
@@ -153,7 +138,7 @@ def start_run(deployment_name: str, *, say=print) -> str | None:
         active = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
             deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]),
             state=FlowRunFilterState(type=FlowRunFilterStateType(
-                any_=["SCHEDULED", "PENDING", "RUNNING"]))))
+                any_=["SCHEDULED", "PENDING", "RUNNING", "PAUSED"]))))
             if r.state.type.value != "SCHEDULED" or r.expected_start_time <= now]
     if active:
         say(f"a {deployment_name} run is already {active[0].state.name.lower()} "

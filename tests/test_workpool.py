@@ -57,6 +57,23 @@ def test_worker_command_quotes_what_it_prints():
             == "PREFECT_API_URL=http://10.0.0.5:4200/api prefect worker start --pool 'gpu a'")
 
 
+def test_describe_names_one_worker_command_per_pool(tmp_path):
+    done = [workpool.Registered(name="labelgate-retrain/labelgate-retrain", id="1",
+                                pool="cpu", pool_created=True, pool_type="process"),
+            workpool.Registered(name="labelgate-train/labelgate-train", id="2", pool="gpu",
+                                pool_created=False, pool_type="process")]
+    local = workpool.describe(done, api_url="http://127.0.0.1:4200/api", root=tmp_path)
+    lines = local.splitlines()
+    assert [ln.strip() for ln in lines if "worker start" in ln] == [
+        "PREFECT_API_URL=http://127.0.0.1:4200/api prefect worker start --pool cpu",
+        "PREFECT_API_URL=http://127.0.0.1:4200/api prefect worker start --pool gpu"]
+    assert "(process pool, created now;" in lines[0] and "(process pool, existing;" in lines[1]
+    assert str(tmp_path.resolve()) in local                 # where the workspace must be
+    assert "this machine only" in local
+    shared = workpool.describe(done, api_url="http://10.0.0.5:4200/api", root=tmp_path)
+    assert "this machine only" not in shared
+
+
 def _wait_online(client, pool: str, worker, log) -> float:
     from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
     started = time.monotonic()
@@ -93,7 +110,7 @@ def test_a_worker_runs_the_triggered_and_the_scheduled_retraining_run(
     capsys.readouterr()
     assert cli.main(["--root", str(root), "deploy"]) == 0     # pool from schedule.pool
     out = capsys.readouterr().out
-    assert f"prefect worker start --pool {pool}" in out and "(created (process) pool" in out
+    assert f"prefect worker start --pool {pool}" in out and "(process pool, created now;" in out
     log = tmp_path / "worker.log"
     client = get_client(sync_client=True)
     client.__enter__()
