@@ -182,12 +182,14 @@ def publish(layout: Layout) -> Published | None:
     # it is once it holds this lock; the registry lock is held only to read it (a network fault
     # must not keep reviewers waiting)
     with exclusive(layout.state / "publish.lock", wait=True):
-        with registry.lock(reg):
-            registry.reconcile(reg)   # a killed command's plan is finished: whole operations
-            ledger = _bytes(reg / registry.LEDGER) or b""
-            pointer = _bytes(reg / registry.POINTER)
-            events = registry.ledger(reg)
-            prod = registry.production(reg)
+        ledger, pointer, events, prod = b"", None, [], None   # no registry here (a clone)
+        if reg.is_dir():
+            with registry.lock(reg):
+                registry.reconcile(reg)   # a killed command's plan is finished: whole ops
+                ledger = _bytes(reg / registry.LEDGER) or b""
+                pointer = _bytes(reg / registry.POINTER)
+                events = registry.ledger(reg)
+                prod = registry.production(reg)
         with open_remote(layout, info.name) as mirror:
             theirs = mirror.read(registry.LEDGER) or b""
             if not ledger.startswith(theirs):

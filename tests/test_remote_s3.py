@@ -150,6 +150,12 @@ def test_a_fresh_clone_restores_a_candidate_from_s3_and_names_a_missing_object(
     assert _tree(restored.raw) == one["raw"] and _tree(restored.eval) == one["eval"]
     assert sha256_file(restored.candidate_model) == one["model"] == first["sha256"]
     assert not (clone / "models" / "registry").exists()  # the clone keeps no second registry
+    # the clone's (empty) registry never replaces the one the workspace publishes
+    with pytest.raises(mirror.RemoteError, match="another workspace publishes there"):
+        mirror.publish(restored)
+    assert s3.client().get_object(Bucket=bucket, Key="ws/labelgate/registry/ledger.jsonl")[
+        "Body"].read() == (layout.registry / registry.LEDGER).read_bytes()
+    assert not (clone / "models" / "registry").exists()
     with capsys.disabled():
         print(f"\nS3 remote (moto, 127.0.0.1): first candidate built + pushed + published "
               f"{first_s:.1f} s; clone `dvc pull` {pull_s:.1f} s; checkout {checkout_s:.1f} s; "
