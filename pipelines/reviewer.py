@@ -189,7 +189,8 @@ def apply(registry_dir: str | Path, model_id: str, got: ReviewerDecision, *, wai
           wait_s: float, flow_run_id: str) -> Review:
     """The form's answer, applied through registry.approve / reject unless the review was
     answered meanwhile (then nothing is written). Under the registry lock: a CLI command at the
-    same moment waits, then finds it decided."""
+    same moment waits, then finds it decided. No Label Studio sync here (the CLI's `then`): the
+    flow's next task pre-annotates from whatever production is then."""
     common = dict(model_id=model_id, waited_s=waited_s, wait_limit_s=wait_s,
                   flow_run_id=flow_run_id)
     with registry.lock(registry_dir):

@@ -152,6 +152,24 @@ def test_a_form_answer_after_a_cli_answer_is_reported_not_applied(world):
     assert [type(e) for e in _since_pending(layout, model_id)] == [PendingReview, Rejected]
 
 
+def test_an_answer_the_registry_refuses_changes_nothing_and_leaves_the_review_open(world):
+    """An approval that is no longer valid (production re-baselined on another eval set while
+    the run waited) is reported as refused; the CLI can still answer."""
+    layout = world["layout"]
+    from pipelines import promote
+    model_id = promote.run(layout.candidate_model, layout.decision, layout.registry,
+                           dataset_version="pulls-000002-b", params_hash="p" * 64)["id"]
+    registry.rebaseline(layout.registry, eval_hash="f" * 64, accuracy=0.9, reason="new set",
+                        reviewer="ana")
+    pointer = (layout.registry / registry.POINTER).read_bytes()
+    got = reviewer.ReviewerDecision(decision="approve", reason="fine", reviewer="ana")
+    review = reviewer.apply(layout.registry, model_id, got, waited_s=1.0, wait_s=60,
+                            flow_run_id="x")
+    assert review.outcome == "refused" and "gated on eval set" in review.says
+    assert (layout.registry / registry.POINTER).read_bytes() == pointer
+    assert reviewer.is_open(layout.registry, model_id)
+
+
 def test_the_form_refuses_an_empty_reason_or_an_unknown_decision():
     from pydantic import ValidationError
     with pytest.raises(ValidationError):
