@@ -35,6 +35,8 @@ def test_bucket_benchmark_prints_bucket_studio_and_ceiling_rates():
                 "first pull from the bucket (40 annotated tasks) | 40 |",
                 "today: through Label Studio's server (20 tasks, local files) | 20 |"):
         assert _rate(out, row) > 0
+    assert re.search(r"^\| Label Studio task export alone, no images \(40 tasks\) \| \| [\d.]+ \| "
+                     r"\([\d,]+ tasks/s\) \|$", out, flags=re.M), out
     assert re.search(r"^bucket pull / Label Studio path = [\d.]+x$", out, flags=re.M), out
     assert re.search(r"^bucket pull / server ceiling = [\d.]+; reader / ceiling = [\d.]+; "
                      r"load average", out, flags=re.M), out
