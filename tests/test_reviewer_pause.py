@@ -68,12 +68,19 @@ def test_approve_through_the_api_makes_the_candidate_production(world, prefect_a
 
 @pytest.mark.slow
 def test_reject_through_the_api_keeps_production(world, prefect_api):
+    """Here an earlier run recorded B and was killed while it waited: B's review is still open,
+    so this run (promote: B unchanged) asks again."""
     layout = world["layout"]
+    from pipelines import promote
+    earlier = promote.run(layout.candidate_model, layout.decision, layout.registry,
+                          dataset_version="pulls-000002-b", params_hash="p" * 64)
+    assert earlier["event"] == "pending_review"
     result, run_id, seen = reviewworld.run_flow(
         layout, when_paused=lambda run: reviewworld.resume(
             run, decision="reject", reason="class 3 got worse", reviewer="bo"))
     assert "error" not in seen, seen
     model_id = result["promotion"]["id"]
+    assert result["promotion"]["event"] == "unchanged" and model_id == earlier["id"]
     assert result["reviewer"]["outcome"] == "rejected"
     assert (layout.registry / registry.POINTER).read_bytes() == world["pointer_bytes"]
     events = _since_pending(layout, model_id)
