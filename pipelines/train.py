@@ -206,15 +206,14 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params,
     finally:
         if rank != 0:
             world.close(w)
-    if rank != 0:  # one writer: rank 0, on node 0; every rank holds the same model (loop.fit)
-        if w.local_rank == 0:  # with the c10d rendezvous, node 0 is the first address in order
-            print(f"train: node {w.node} of {w.nodes} done; rank 0 writes the outputs to "
-                  f"{out_dir} on {hosts[0]}", file=sys.stderr)
-        return {}
     history, lp = out.history, out.plan
-    print(f"train: {out.arch}, {out.init}; {out.placement.note}"
+    if rank == 0:
+        print(f"train: {out.arch}, {out.init}; {out.placement.note}"
               + (f"; {lp.note} (lr {lp.lr:.6g} for that batch)" if lp.note else ""),
               file=sys.stderr)
+    # Every rank judges (the same model, the same validation split: the same history), so that
+    # all fail together: a rank that exited 0 kept its node's torchrun in the exit barrier for
+    # 300 s (measured) waiting for a failed rank 0.
     if not math.isfinite(history[-1]["val_loss"]):
         raise TrainingError(f"validation loss is not finite after epoch {t.epochs}; lower "
                             f"train.lr (lr {lp.lr:.6g} at batch {lp.batch_size}) or check the data")
@@ -229,6 +228,11 @@ def run(prepared_dir: str | Path, out_dir: str | Path, *, params: Params,
             f"({t.lr:g} configured, {lp.lr:.6g} used at batch {lp.batch_size}), "
             f"train.batch_size, train.epochs, and the labels in {prepared_dir} (shuffled, "
             "mostly one class, or base.classes in another order than in Label Studio?)")
+    if rank != 0:  # one writer: rank 0, on node 0; every rank holds the same model (loop.fit)
+        if w.local_rank == 0:  # with the c10d rendezvous, node 0 is the first address in order
+            print(f"train: node {w.node} of {w.nodes} done; rank 0 writes the outputs, on "
+                  f"{hosts[0]} (to its --out)", file=sys.stderr)
+        return {}
     out_dir.mkdir(parents=True, exist_ok=True)
     net.save(out.module, out_dir / "model.safetensors", arch=out.arch, classes=classes,
              spec=out.spec)
