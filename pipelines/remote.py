@@ -192,5 +192,5 @@ def describe_status(s: Status) -> str:
                         s.local_production else f" (local: {s.local_lines} lines, production "
                         f"{s.local_production or 'none'}: `labelgate remote push`)"))
     for path, there in s.workspace_objects.items():
-        lines.append(f"  {path:30} {'on the remote' if there else 'NOT on the remote'}")
+        lines.append(f"  {path:36} {'on the remote' if there else 'NOT on the remote'}")
     return "\n".join(lines)
