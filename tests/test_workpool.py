@@ -74,6 +74,32 @@ def test_describe_names_one_worker_command_per_pool(tmp_path):
     assert "this machine only" not in shared
 
 
+def test_deploy_puts_training_on_the_train_pool(prefect_api, tmp_path, capsys):
+    """`--pool` names the flows' pool; train.pool gets the training deployment (no worker
+    needed to register: both wait on their pools)."""
+    from prefect.client.orchestration import get_client
+
+    from pipelines import trainpool
+    flows_pool, gpu_pool = (f"labelgate-{kind}-{uuid.uuid4().hex[:6]}" for kind in ("cpu", "gpu"))
+    root = make_workspace(tmp_path / "ws", **{
+        "train.pool": gpu_pool, "train.exchange": "s3://labelgate-exchange/jobs",
+        "storage.buckets": ["labelgate-exchange"]})
+    assert cli.main(["--root", str(root), "deploy", "--pool", flows_pool]) == 0
+    out = capsys.readouterr().out
+    assert f"--pool {flows_pool}" in out and f"--pool {gpu_pool}" in out
+    with get_client(sync_client=True) as client:
+        try:
+            flows = client.read_deployment_by_name(DEPLOYMENT)
+            train = client.read_deployment_by_name(trainpool.TRAIN_DEPLOYMENT)
+            assert (flows.work_pool_name, train.work_pool_name) == (flows_pool, gpu_pool)
+            assert {client.read_work_pool(p).type for p in (flows_pool, gpu_pool)} == {"process"}
+        finally:
+            for name in (DEPLOYMENT, trainpool.TRAIN_DEPLOYMENT):
+                client.delete_deployment(client.read_deployment_by_name(name).id)
+            for p in (flows_pool, gpu_pool):
+                client.delete_work_pool(p)
+
+
 def _wait_online(client, pool: str, worker, log) -> float:
     from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
     started = time.monotonic()
