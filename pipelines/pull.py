@@ -231,8 +231,8 @@ def _run(raw_dir: Path, *, studio: Studio, project_id: int, params: Params,
     failed = fetcher.failed
     staged_etags = fetcher.bucket.etags if fetcher.bucket else {}
     changes_seen = image_changes(raw_dir, moved, url_sha, url_etag, stage.images(),
-                                   staged_etags, failed,
-                                   skip={str(t["id"]) for t in changed} | gone)
+                                 staged_etags, failed,
+                                 skip={str(t["id"]) for t in changed} | gone)
     if vanished:
         summary["images_gone"] = len(vanished)  # stored copies kept: what annotators saw
     if fetcher.unlisted:
