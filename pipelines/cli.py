@@ -19,12 +19,9 @@ def _quiet_env(layout: Layout) -> None:
     # (10-18 s each, gone afterwards, and it misses its start-up window on a busy machine)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    # Idle OpenMP threads sleep instead of spinning (read when torch loads, here and in every
-    # stage process dvc starts from this one): on a shared 2-core machine spinning threads
-    # stalled each other, 12 epochs of the emoji demo took 123-211 s, with this 34-37 s.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from pipelines.process import QUIET_ENV  # read when torch loads, here and in every stage
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def _prefect(layout: Layout) -> str:
@@ -132,7 +129,22 @@ def _rebaseline(args, layout: Layout, params) -> int:
           + (" (finished an interrupted run of this command)" if event.get("resumed") else ""))
     if sync.message:
         print(sync.message)
+    _publish(layout)
     return 0
+
+
+def _publish(layout: Layout) -> None:
+    """The registry changed: mirror it to the DVC remote (pipelines/mirror.py) so a clone
+    elsewhere sees it. A failure is a warning: the change is made here, and `labelgate remote
+    push` sends it when the remote answers."""
+    from pipelines import mirror
+    if not (layout.root / ".dvc").is_dir():  # not a DVC repository: no remote to mirror to
+        return
+    try:
+        mirror.publish(layout)
+    except mirror.RemoteError as exc:
+        print(f"warning: registry not mirrored to the DVC remote ({exc}); run "
+              "`labelgate remote push` when it answers", file=sys.stderr)
 
 
 def cmd_approve(args, layout: Layout, params) -> int:
@@ -147,6 +159,7 @@ def cmd_approve(args, layout: Layout, params) -> int:
           + (" (finished an interrupted run of this command)" if pointer.get("resumed") else ""))
     if sync.message:
         print(sync.message)
+    _publish(layout)
     return 0
 
 
@@ -160,6 +173,7 @@ def cmd_reject(args, layout: Layout, params) -> int:
     print(f"rejected {args.id}; production unchanged")
     if sync.message:
         print(sync.message)
+    _publish(layout)
     return 0
 
 
@@ -251,6 +265,8 @@ def _print_run(summary: dict, layout: Layout) -> None:
           + (f", production {prod:.4f}" if prod is not None else ", no production model yet")
           + f" (eval set {summary['eval_hash'][:12]})")
     print(f"gate verdict     {summary['verdict']} -> {event['event']} {event.get('id', '')}")
+    if summary.get("reviewer"):
+        print(f"reviewer         {summary['reviewer']['says']}")
     if summary.get("preannotate"):
         print(f"pre-annotations  {summary['preannotate']['pushed']} unlabeled tasks "
               f"({summary['preannotate'].get('model_version')})")
@@ -336,6 +352,7 @@ def cmd_rollback(args, layout: Layout, params) -> int:
           + (" (finished an interrupted run of this command)" if pointer.get("resumed") else ""))
     if sync.message:
         print(sync.message)
+    _publish(layout)
     return 0
 
 

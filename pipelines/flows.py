@@ -123,6 +123,29 @@ def flag_task(root: str) -> dict:
                        limit=read_json(layout.review / "summary.json")["flag_limit"])
 
 
+def _remote_transient(task, task_run, state) -> bool:
+    from pipelines.mirror import RemoteError
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, RemoteError) and exc.transient
+
+
+@task(name="publish registry", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=_remote_transient)
+def publish_task(root: str) -> dict | None:
+    """The registry (ledger, production pointer, models DVC lacks) mirrored to the DVC remote,
+    so that a clone elsewhere can `labelgate checkout MODEL_ID` (pipelines/mirror.py). No
+    remote configured: nothing to do."""
+    import dataclasses
+
+    from pipelines import mirror
+    pub = mirror.publish(Layout(root))
+    if pub:
+        get_run_logger().info("registry mirrored to DVC remote %s: %d ledger lines (%d new), "
+                              "production %s, %.1f s", pub.remote, pub.ledger_lines,
+                              pub.appended, pub.production, pub.seconds)
+    return dataclasses.asdict(pub) if pub else None
+
+
 @task(name="calibrate")
 def calibrate_task(root: str, eval_hash: str) -> dict | None:
     """Seed-to-seed noise of this project's recipe (models/registry/noise.json), once a
@@ -204,6 +227,7 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
     # before promote: the commit it names must exist, holding this candidate's dvc.lock
     lin = lineage_task(root, version)
     event, asked = _promote(layout, version, lin, decision)
+    published = publish_task(root)  # after the reviewer: the ledger has the decision too
     # every run, whatever the verdict: production may have moved since the last one
     pre = preannotate_task(root)
     flags = flag_task(root)
@@ -216,7 +240,7 @@ def _retrain(layout: Layout, *, force: bool) -> dict:
                "verdict": decision.verdict, "candidate_accuracy": decision.candidate_accuracy,
                "production_accuracy": decision.production_accuracy,
                "eval_hash": decision.eval_hash, "lineage": lin, "promotion": event,
-               "reviewer": asked, "preannotate": pre, "calibration": calibration,
+               "reviewer": asked, "registry_mirror": published, "preannotate": pre, "calibration": calibration,
                "review": {**read_json(layout.review / "summary.json"), **flags},
                "report": str(layout.report_html)}
     atomic_write_json(layout.last_run, summary)
@@ -238,9 +262,12 @@ def deployment(root: str, cron: str, *, pool: str = "", env: dict[str, str] | No
     root = str(Layout(root).root)
     pooled = (dict(work_pool_name=pool, job_variables={"env": dict(env or {})},
                    entrypoint_type=EntrypointType.MODULE_PATH) if pool else {})
-    # concurrency_limit=1: Prefect queues a second run of this deployment until the first ends
-    # (the run lock then still skips one started some other way)
-    dep = retrain.to_deployment(name="labelgate-retrain", cron=cron, concurrency_limit=1,
+    # No Prefect concurrency limit: the server revokes a run's concurrency lease when it
+    # pauses for a reviewer (gate.on_inconclusive: ask_reviewer) and the engine then cancels
+    # the run at its next lease renewal (~4 min; measured with Prefect 3.8.8). One run at a
+    # time is kept by the workspace's run lock (a second run is skipped and says so) and by
+    # workpool.start_run (no trigger run while one is due, running or paused).
+    dep = retrain.to_deployment(name="labelgate-retrain", cron=cron,
                                 parameters={"root": root}, **pooled)
     if pool:
         # the pull step `set_working_directory(root)`: without one, a worker copies the folder

@@ -36,8 +36,10 @@ def action(verdict: str, params: Params) -> str:
     if verdict == regression.FAIL:
         return "Reject: production stays; see the failed tests below."
     if params.gate.on_inconclusive == "ask_reviewer":
-        return ("Waiting for a reviewer (gate.on_inconclusive = ask_reviewer): "
-                "`labelgate approve ID --reason ...` or `labelgate reject ID --reason ...`.")
+        return ("Waiting for a reviewer (gate.on_inconclusive = ask_reviewer): the flow run's "
+                "Resume form in the Prefect UI, or `labelgate approve ID --reason ...` / "
+                "`labelgate reject ID --reason ...`; no answer within gate.reviewer_wait_s "
+                "keeps production.")
     return "Keep production (gate.on_inconclusive = keep_production)."
 
 

@@ -6,6 +6,13 @@ import os
 import signal
 import time
 
+# Every labelgate process and the ones it starts (dvc stages, Prefect workers' flow runs):
+# no telemetry from any tool, and idle OpenMP threads sleep instead of spinning -- on a shared
+# 2-core machine spinning threads stalled each other: 12 epochs of the emoji demo took
+# 123-211 s, with PASSIVE 34-37 s. (cli._quiet_env sets them; work pools pass them on.)
+QUIET_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GX_ANALYTICS_ENABLED": "false",
+             "DVC_NO_ANALYTICS": "1"}
+
 
 def stop_group(pid: int, *, timeout_s: float) -> bool:
     """SIGTERM the process group `pid` leads, wait up to `timeout_s` for its leader to exit,

@@ -74,7 +74,7 @@ def watch(layout: Layout, params: Params, studio, project_id: int, start_run: Ca
             result = check(layout, params, studio, project_id)
             if result["fire"]:
                 log(f"{result['new_resolved_labels']} new resolved labels (>= "
-                    f"{result['threshold']}): starting a retraining run")
+                    f"{result['threshold']}): triggering a retraining run")
                 start_run()
         except Exception as exc:  # noqa: BLE001 — a failed look must not end the watcher
             log(f"label trigger: check failed, will retry: {exc}")

@@ -20,15 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.prefect_server import PrefectServerError
+from pipelines.process import QUIET_ENV
 from pipelines.settings import Params
 
 POOL_TYPE = "process"  # a worker runs each flow run as a child process on its own machine
 
 # Added to every pooled flow run's environment: what `labelgate` sets for its own commands
-# (pipelines/cli.py `_quiet_env`) and a bare `prefect worker start` does not. OMP_WAIT_POLICY:
-# idle OpenMP threads sleep (spinning made CPU training 4-6x slower on a shared 2-core box).
-RUN_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GX_ANALYTICS_ENABLED": "false",
-           "DVC_NO_ANALYTICS": "1"}
+# and a bare `prefect worker start` does not.
+RUN_ENV = dict(QUIET_ENV)
 
 
 class WorkPoolError(PrefectServerError):

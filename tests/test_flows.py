@@ -395,7 +395,9 @@ def test_serve_deployment_uses_the_cron_from_params(tmp_path):
     assert dep.name == "labelgate-retrain"
     assert [s.schedule.cron for s in dep.schedules] == ["15 4 * * 1"]
     assert dep.parameters == {"root": str(Layout(tmp_path).root)}
-    assert dep.concurrency_limit == 1                   # Prefect queues a second run
+    # no Prefect concurrency limit: a paused (ask_reviewer) run loses its lease and is
+    # cancelled with one; the run lock and workpool.start_run keep one run at a time
+    assert dep.concurrency_limit is None
 
 
 def test_cli_studio_status_without_server(tmp_path, capsys):

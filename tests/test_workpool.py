@@ -34,7 +34,7 @@ def test_pooled_deployment_names_the_flow_by_module_path(tmp_path):
     assert dep.work_pool_name == "gpu-a"
     assert dep.job_variables == {"env": workpool.RUN_ENV}
     assert dep.parameters == {"root": str(Layout(tmp_path).root)}
-    assert dep.concurrency_limit == 1
+    assert dep.concurrency_limit is None  # see flows.deployment: a paused run would be cancelled
     # the worker's flow run works in the workspace itself (no copy of the worker's folder)
     assert dep.storage.to_pull_step() == {"prefect.deployments.steps.set_working_directory": {
         "directory": str(Layout(tmp_path).root)}}
