@@ -516,6 +516,12 @@ def _template_span(section: str, key: str | None, lines: list[str],
     return range(first, last + 1)
 
 
+def template(name: str) -> str:
+    """A file of the workspace templates (package data, pipelines/templates/: its params.yaml
+    and dvc.yaml are this repo's own, so defaults live in one place)."""
+    return resources.files("pipelines").joinpath("templates", name).read_text(encoding="utf-8")
+
+
 def _missing(source: str, missing: list[tuple[str, str | None]]) -> str:
     """One message for every (section, key) a params file lacks (key None: the whole section),
     quoting labelgate's template params.yaml (package data: pipelines/templates/params.yaml, the
@@ -524,8 +530,7 @@ def _missing(source: str, missing: list[tuple[str, str | None]]) -> str:
     names = [f"key {sec}.{key}" if key else f"section '{sec}'" for sec, key in missing]
     plain = f"{source}: missing {', '.join(names)}"
     try:
-        text = resources.files("pipelines").joinpath("templates", "params.yaml") \
-            .read_text(encoding="utf-8")
+        text = template("params.yaml")
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return plain

@@ -23,12 +23,20 @@ import io
 import os
 import shutil
 import tarfile
+import threading
+import uuid
 from pathlib import Path
 
 from pipelines.files import (append_jsonl, atomic_write_bytes, atomic_write_json,
                              atomic_write_jsonl, read_json, read_jsonl, sha256_bytes)
 
 PLAN_VERSION = 1
+
+
+def _delete_in_background(folders: list[Path]) -> None:
+    if folders:
+        threading.Thread(target=lambda: [shutil.rmtree(f, ignore_errors=True) for f in folders],
+                         name="labelgate-staging-cleanup", daemon=True).start()
 
 
 def staging_dir(raw_dir: str | Path) -> Path:
@@ -49,6 +57,7 @@ class Staging:
         """The staging folder of this pull; a leftover of another pull (other project, or
         made before the latest snapshot) is dropped."""
         stage = cls(staging_dir(raw_dir), {"project_id": project_id, "prev_seq": prev_seq})
+        _delete_in_background(sorted(stage.root.parent.glob(f"{stage.root.name}-old-*")))
         plan = stage.plan()
         if plan is not None and plan.get("owner") != stage.owner:
             stage.discard()
@@ -122,6 +131,18 @@ class Staging:
             os.fsync(out.fileno())
 
     def discard(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Drop the staging folder. Renamed aside at once (so nothing can mistake it for a
+        pull in progress), deleted by a background thread: unlinking one staged file per image
+        cost ~3 ms each here, ~60 s of a 20,000-image first pull's 170 s, on its critical
+        path. A process that exits first leaves the renamed folder; the next pull deletes it."""
         self._urls = None
+        trash = self.root.with_name(f"{self.root.name}-old-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(self.root, trash)
+        except FileNotFoundError:
+            return
+        except OSError:  # e.g. a read-only parent: delete in place, as before
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        _delete_in_background([trash])
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -56,8 +55,7 @@ class Suggestion:
                 "input.width": self.width, "input.resize": self.resize}
 
 
-def _template(name: str) -> str:
-    return resources.files("pipelines").joinpath("templates", name).read_text(encoding="utf-8")
+_template = settings.template
 
 
 # -- the project ---------------------------------------------------------------------------------

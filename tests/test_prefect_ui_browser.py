@@ -6,8 +6,6 @@ which approves B through registry.approve, naming the reviewer in the ledger. CI
 Chromium (.ci/run) and sets LABELGATE_REQUIRE_BROWSER=1, so there this test is never skipped."""
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
 import pytest
@@ -15,21 +13,8 @@ import pytest
 from pipelines import registry
 from pipelines.records import Approved, PendingReview, ProductionChange
 from tests import reviewworld
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _browser_or_skip():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    if CHROMIUM and sync_playwright:
-        return sync_playwright
-    if os.environ.get("LABELGATE_REQUIRE_BROWSER"):
-        pytest.fail("Chromium and playwright are required here (LABELGATE_REQUIRE_BROWSER=1): "
-                    "apt-get install chromium; pip install playwright")
-    pytest.skip("no Chromium on this machine (apt-get install chromium)")
+# one copy of the browser check (test_prefect_server uses it too)
+from tests.test_report_browser import CHROMIUM, _browser_or_skip
 
 
 def field(dialog, label: str):
