@@ -413,6 +413,7 @@ def cmd_deploy(args, layout: Layout, params) -> int:
 
 def cmd_serve(args, layout: Layout, params) -> int:
     import functools
+    import signal
     import threading
     api = _prefect(layout)  # before Prefect is imported: it reads its settings then
     from prefect import serve
@@ -431,9 +432,20 @@ def cmd_serve(args, layout: Layout, params) -> int:
               f"{params.schedule.min_new_labels} new resolved labels exist (checked every "
               f"{params.schedule.check_every_s:g} s; cron {params.schedule.cron!r} runs are "
               "scheduled by the Prefect server); Ctrl-C to stop")
+        # Ctrl-C / SIGTERM end the watcher after the check in progress: a KeyboardInterrupt
+        # raised inside Prefect's or httpx's client calls could be swallowed there (seen: a
+        # SIGINT left `serve` running); a second Ctrl-C stops at once
+        stop = threading.Event()
+
+        def _stop(signum, frame) -> None:
+            print("stopping after the current check (Ctrl-C again to stop now)", flush=True)
+            stop.set()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
         try:
-            trigger.watch(layout, params, studio, project_id, stop=threading.Event(),
-                          start_run=start_run)
+            trigger.watch(layout, params, studio, project_id, stop=stop, start_run=start_run)
         except KeyboardInterrupt:
             pass
         return 0

@@ -94,14 +94,19 @@ class _Mirror:
         except FileNotFoundError:
             return None
 
+    def _into(self, path: str) -> str:
+        # a local-folder remote needs the folder (S3 has none: a no-op there)
+        self.fs.makedirs(self.fs.parent(path), exist_ok=True)
+        return path
+
     def write(self, name: str, data: bytes) -> None:
-        _retry(lambda: self.fs.pipe_file(self.path(name), data), f"write {name}")
+        _retry(lambda: self.fs.pipe_file(self._into(self.path(name)), data), f"write {name}")
 
     def has_object(self, md5: str) -> bool:
         return _retry(lambda: self.remote.odb.exists(md5), f"look up object {md5}")
 
     def put_object(self, md5: str, path: Path) -> None:
-        _retry(lambda: self.fs.put_file(str(path), self.remote.odb.oid_to_path(md5)),
+        _retry(lambda: self.fs.put_file(str(path), self._into(self.remote.odb.oid_to_path(md5))),
                f"upload object {md5}")
 
 
